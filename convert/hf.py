@@ -1,0 +1,291 @@
+"""Hugging Face OPT / Llama directories (safetensors or pytorch .bin shards) -> dejavu_jax params.
+
+transformers is used for the config only; tensors are read with safetensors (or torch for .bin),
+renamed with one table per family, re-laid out (head-major attention, neuron-major MLP, W2
+transposed) and checked against `param_shapes(cfg)` one by one.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.model import Params, check_params, param_shapes
+
+SUPPORTED = ("opt", "llama")
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+def config_from_hf(hf) -> ModelConfig:
+    """transformers PretrainedConfig (or its dict) -> ModelConfig. Raises for unsupported models."""
+    d = hf if isinstance(hf, dict) else hf.to_dict()
+    model_type = d.get("model_type")
+    if model_type == "opt":
+        if d.get("activation_function", "relu") != "relu":
+            raise ConversionError(f"OPT with activation {d['activation_function']!r} is not supported (relu only)")
+        if not d.get("enable_bias", True) or not d.get("layer_norm_elementwise_affine", True):
+            raise ConversionError("OPT without biases or without affine LayerNorm is not supported")
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        pre_norm = d.get("do_layer_norm_before", True)
+        wed = d.get("word_embed_proj_dim") or hidden
+        return ModelConfig(
+            vocab_size=d["vocab_size"], hidden_size=hidden, num_layers=d["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=heads, head_dim=hidden // heads, ffn_size=d["ffn_dim"],
+            max_positions=d["max_position_embeddings"], norm="layernorm", norm_eps=1e-5, activation="relu",
+            positions="learned", position_offset=2, attn_bias=True, mlp_bias=True, pre_norm=pre_norm,
+            final_norm=pre_norm and not d.get("_remove_final_layer_norm", False),
+            word_embed_dim=None if wed == hidden else wed, tie_embeddings=d.get("tie_word_embeddings", True),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"), family="opt", name=d.get("_name_or_path", "") or "",
+        )
+    if model_type == "llama":
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise ConversionError(f"Llama rope scaling {rope_type!r} is not supported (default RoPE only)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        return ModelConfig(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+            ffn_size=d["intermediate_size"], max_positions=d["max_position_embeddings"], norm="rmsnorm",
+            norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", positions="rope", rope_theta=float(theta),
+            attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+            pre_norm=True, final_norm=True, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
+            pad_token_id=d.get("pad_token_id"), family="llama", name=d.get("_name_or_path", "") or "",
+        )
+    raise ConversionError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor sources
+# --------------------------------------------------------------------------------------------
+def iter_hf_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, float32 numpy array) for every tensor in a HF directory's weight shards."""
+    st_files = sorted(glob.glob(str(directory / "*.safetensors")))
+    if st_files:
+        from safetensors import safe_open
+
+        for path in st_files:
+            # The "flax" framework reads bf16 too (numpy has no bfloat16).
+            with safe_open(path, framework="flax") as f:
+                for name in f.keys():
+                    yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
+        return
+    bin_files = sorted(glob.glob(str(directory / "pytorch_model*.bin")))
+    if bin_files:
+        try:
+            import torch
+        except ImportError as e:  # pragma: no cover - torch is present wherever tests run
+            raise ConversionError("reading pytorch .bin weights needs torch (pip install torch)") from e
+        for path in bin_files:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for name, t in state.items():
+                yield name, t.float().numpy()
+        return
+    raise ConversionError(f"no weights in {directory}: expected *.safetensors or pytorch_model*.bin")
+
+
+# --------------------------------------------------------------------------------------------
+# Name and layout tables
+# --------------------------------------------------------------------------------------------
+# Each table maps a HF tensor name (prefix "model." stripped; per-layer names after "layers.N.") to
+# (destination path in our tree, layout transform). A destination ending in an int is one slice of a
+# stacked tensor (kv: axis 0; up / up_bias: axis 1).
+Rules = dict[str, tuple[tuple, Callable[[np.ndarray], np.ndarray]]]
+
+
+def _same(w):
+    return w
+
+
+def _opt_rules(cfg: ModelConfig) -> tuple[Rules, Rules]:
+    H, Dh = cfg.num_heads, cfg.head_dim
+    heads = lambda w: w.reshape(H, Dh, -1)  # [H*Dh, D] -> [H, Dh, D]  # noqa: E731
+    top = {
+        "decoder.embed_tokens.weight": (("embed",), _same),
+        "decoder.embed_positions.weight": (("pos_embed",), _same),
+        "decoder.project_in.weight": (("project_in",), lambda w: w.T),  # [D, E] -> [E, D]
+        "decoder.project_out.weight": (("project_out",), lambda w: w.T),
+        "decoder.final_layer_norm.weight": (("final_norm", "scale"), _same),
+        "decoder.final_layer_norm.bias": (("final_norm", "bias"), _same),
+        "lm_head.weight": (("lm_head",), _same),
+    }
+    layer = [
+        ("self_attn.q_proj.weight", ("q",), heads),
+        ("self_attn.q_proj.bias", ("q_bias",), lambda b: b.reshape(H, Dh)),
+        ("self_attn.k_proj.weight", ("kv", 0), heads),
+        ("self_attn.v_proj.weight", ("kv", 1), heads),
+        ("self_attn.k_proj.bias", ("kv_bias", 0), lambda b: b.reshape(H, Dh)),
+        ("self_attn.v_proj.bias", ("kv_bias", 1), lambda b: b.reshape(H, Dh)),
+        ("self_attn.out_proj.weight", ("out",), lambda w: w.T.reshape(H, Dh, -1)),
+        ("self_attn.out_proj.bias", ("out_bias",), lambda b: b),
+        ("self_attn_layer_norm.weight", ("attn_norm", "scale"), lambda w: w),
+        ("self_attn_layer_norm.bias", ("attn_norm", "bias"), lambda w: w),
+        ("fc1.weight", ("up", 0), lambda w: w),  # [F, D]: already neuron-major
+        ("fc1.bias", ("up_bias", 0), lambda b: b),
+        ("fc2.weight", ("down",), lambda w: w.T),  # [D, F] -> [F, D]
+        ("fc2.bias", ("down_bias",), lambda b: b),
+        ("final_layer_norm.weight", ("mlp_norm", "scale"), lambda w: w),
+        ("final_layer_norm.bias", ("mlp_norm", "bias"), lambda w: w),
+    ]
+    return top, {name: (dest, fn) for name, dest, fn in layer}
+
+
+def _llama_rules(cfg: ModelConfig) -> tuple[Rules, Rules]:
+    H, KV, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    top = {
+        "embed_tokens.weight": (("embed",), _same),
+        "norm.weight": (("final_norm", "scale"), _same),
+        "lm_head.weight": (("lm_head",), _same),
+    }
+    layer = [
+        ("self_attn.q_proj.weight", ("q",), lambda w: w.reshape(H, Dh, -1)),
+        ("self_attn.k_proj.weight", ("kv", 0), lambda w: w.reshape(KV, Dh, -1)),
+        ("self_attn.v_proj.weight", ("kv", 1), lambda w: w.reshape(KV, Dh, -1)),
+        ("self_attn.q_proj.bias", ("q_bias",), lambda b: b.reshape(H, Dh)),
+        ("self_attn.k_proj.bias", ("kv_bias", 0), lambda b: b.reshape(KV, Dh)),
+        ("self_attn.v_proj.bias", ("kv_bias", 1), lambda b: b.reshape(KV, Dh)),
+        ("self_attn.o_proj.weight", ("out",), lambda w: w.T.reshape(H, Dh, -1)),
+        ("self_attn.o_proj.bias", ("out_bias",), lambda b: b),
+        ("input_layernorm.weight", ("attn_norm", "scale"), lambda w: w),
+        ("post_attention_layernorm.weight", ("mlp_norm", "scale"), lambda w: w),
+        ("mlp.gate_proj.weight", ("up", 0), lambda w: w),
+        ("mlp.up_proj.weight", ("up", 1), lambda w: w),
+        ("mlp.gate_proj.bias", ("up_bias", 0), lambda b: b),
+        ("mlp.up_proj.bias", ("up_bias", 1), lambda b: b),
+        ("mlp.down_proj.weight", ("down",), lambda w: w.T),
+        ("mlp.down_proj.bias", ("down_bias",), lambda b: b),
+    ]
+    return top, {name: (dest, fn) for name, dest, fn in layer}
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in ("model.", "transformer."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def hf_tensors_to_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], *,
+                         total: int | None = None, dtype=np.float32, progress: bool = True) -> Params:
+    """Assemble our parameter pytree from (HF name, array) pairs, checking every shape."""
+    shapes = param_shapes(cfg)
+    top_rules, layer_rules = _opt_rules(cfg) if cfg.family == "opt" else _llama_rules(cfg)
+    params: Params = {"layers": [{} for _ in range(cfg.num_layers)]}
+    layer_marker = "layers."
+
+    def target(tree: dict, shape_tree: dict, dest: tuple, value: np.ndarray, label: str):
+        key, rest = dest[0], dest[1:]
+        if key not in shape_tree:
+            raise ConversionError(f"{label}: the config has no parameter {key!r} for it")
+        expected = shape_tree[key]
+        if isinstance(expected, dict):  # norm {"scale", "bias"}
+            sub = tree.setdefault(key, {})
+            return target(sub, expected, rest, value, label)
+        if rest:  # one slice of a stacked tensor along its stacking axis
+            axis = 0 if key in ("kv", "kv_bias") else 1
+            if key not in tree:
+                tree[key] = np.zeros(expected, dtype)
+            slice_shape = tuple(s for i, s in enumerate(expected) if i != axis)
+            if value.shape != slice_shape:
+                raise ConversionError(f"tensor {label} has shape {value.shape}, expected {slice_shape} "
+                                      f"(from the config) for {key}[{rest[0]}]")
+            index = (slice(None),) * axis + (rest[0],)
+            tree[key][index] = value
+            return
+        if value.shape != tuple(expected):
+            raise ConversionError(f"tensor {label} has shape {value.shape}, expected {tuple(expected)} "
+                                  f"(from the config) for {key}")
+        tree[key] = value.astype(dtype)
+
+    for name, array in tqdm(tensors, total=total, desc="converting", unit="tensor", disable=not progress):
+        short = _strip_prefix(name)
+        if short in top_rules:
+            dest, fn = top_rules[short]
+            if dest == ("lm_head",) and cfg.tie_embeddings:
+                continue  # tied: the embedding is the head
+            # Reshape failures (wrong sizes) surface as the expected-shape error below.
+            target(params, shapes, dest, _safe(fn, array), name)
+        elif short.startswith(("decoder." + layer_marker, layer_marker)):
+            rest = short.split(layer_marker, 1)[1]
+            index_str, suffix = rest.split(".", 1)
+            layer = int(index_str)
+            if layer >= cfg.num_layers:
+                raise ConversionError(f"tensor {name} is for layer {layer}, but the config has {cfg.num_layers}")
+            if suffix not in layer_rules:
+                if suffix.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ConversionError(f"unexpected tensor {name} for a {cfg.family} model")
+            dest, fn = layer_rules[suffix]
+            target(params["layers"][layer], shapes["layers"][layer], dest, _safe(fn, array), name)
+        elif short.endswith("rotary_emb.inv_freq"):
+            continue
+        else:
+            raise ConversionError(f"unexpected tensor {name} for a {cfg.family} model")
+    check_params(params, cfg)
+    return params
+
+
+def _safe(fn, array):
+    try:
+        return fn(array)
+    except ValueError:
+        return array  # a reshape that cannot apply: let the shape check name the tensor
+
+
+def resolve_source(source: str) -> Path:
+    """A local HF directory, or a hub id downloaded when the network allows."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{source} is a file; expected a Hugging Face model directory (or a .gguf file)")
+        return path
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        except Exception as e:
+            raise ConversionError(f"{source!r} is not a local directory and could not be fetched from the "
+                                  f"Hugging Face hub ({type(e).__name__}: {e})") from e
+    raise ConversionError(f"model directory {source} does not exist")
+
+
+def load_hf(source: str, *, progress: bool = True) -> tuple[ModelConfig, Params, Path]:
+    """Read a HF OPT/Llama directory (or hub id) -> (config, float32 numpy params, directory)."""
+    directory = resolve_source(source)
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise ConversionError(f"{directory} has no config.json: not a Hugging Face model directory")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    tensors = list(iter_hf_tensors(directory))
+    params = hf_tensors_to_params(cfg, iter(tensors), total=len(tensors), progress=progress)
+    return cfg, params, directory
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
+
+
+def tokenizer_files(directory: Path) -> dict[str, Path]:
+    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
