@@ -1,0 +1,304 @@
+"""Gathered MLP projections for sparse decode: read only the selected neurons' weight rows.
+
+Two row-gather kernels live here; the attention projections (gather_attention.py) reuse them with a
+head's Dh rows standing in for one neuron:
+
+* `gather_rows_matvec`  h[b, e] = x[b] . W[row(e)]          (up / gate / Q projections)
+* `gather_rows_reduce`  y[b, :] = sum_e a[b, e] * W[row(e)]  (down / out projections)
+
+where entry e = k * R + r of the selection maps to row(e) = idx[k] * R + r of a row-major weight
+W [F * R, ...]. R = 1 for MLP neurons, R = Dh for attention heads.
+
+Batch-1 decode is memory-bound: each kernel streams K * R contiguous weight rows once, with fp32
+accumulation. All indexing uses integer arrays (not `pl.ds`) because Triton blocks must have power-of-
+two sizes and the tail blocks run past the real extent; masked loads keep those lanes from reading
+memory, and integer-array indexing is also what the CPU interpreter supports with masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import (
+    TARGET_PROGRAMS,
+    cdiv,
+    check_block_keys,
+    check_pow2,
+    pow2_ceil,
+    pow2_floor,
+)
+
+ACTIVATIONS = ("relu", "swiglu", "none")
+UP_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages")
+DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "num_warps", "num_stages")
+
+
+def _full(like: jax.Array, value) -> jax.Array:
+    """An int32 index array of `like`'s shape filled with `value` (a scalar row/batch index)."""
+    return jnp.full(like.shape, value, jnp.int32)
+
+
+def _selected_rows(idx_ref, e: jax.Array, e_ok: jax.Array, rows_per_idx: int) -> jax.Array:
+    """Weight row of each selection entry e = k * R + r: idx[k] * R + r. e, e_ok: [BE]."""
+    if rows_per_idx == 1:
+        # Padded entries read row idx[0]'s slot 0; their weight loads are masked off anyway.
+        return plgpu.load(idx_ref.at[e], mask=e_ok, other=0)
+    k = e // rows_per_idx
+    sel = plgpu.load(idx_ref.at[k], mask=e_ok, other=0)
+    return sel * rows_per_idx + e % rows_per_idx
+
+
+# --------------------------------------------------------------------------------------------------
+# Up projection: h[b, e, u] = x[b] . W[row(e), u*D:(u+1)*D], then bias and activation.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UpBlocks:
+    block_e: int  # selection entries (weight rows) per program
+    block_d: int  # columns of D loaded per step; block_d >= D loads a whole row block at once
+    num_warps: int = 4
+    num_stages: int | None = None
+
+
+def default_up_blocks(n_entries: int, d_model: int, n_parts: int, batch: int) -> UpBlocks:
+    """Tiles of ~16K weight elements per program, as many programs as the selection allows.
+
+    Loading a program's whole [block_e, D] tile in one step puts all its bytes in flight at once,
+    which is what a memory-bound gather needs; block_e shrinks at low density so that the grid
+    still covers every SM several times.
+    """
+    block_d = min(pow2_ceil(d_model), max(pow2_floor(4096 // max(batch, 1)), 256))
+    tile = max(16384 // (block_d * n_parts), 1)
+    spread = max(pow2_floor(max(n_entries // TARGET_PROGRAMS, 1)), 1)
+    block_e = max(min(tile, spread, pow2_ceil(n_entries)), 1)
+    return UpBlocks(block_e=block_e, block_d=block_d, num_warps=4 if block_e * block_d <= 8192 else 8)
+
+
+def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d_model, batch,
+               activation, has_bias, block_e, block_d):
+    # x_ref [B, D]; idx_ref [K]; w_ref [F*R, U*D]; b_ref [F*R*U] (optional); o_ref [B, K*R]
+    if has_bias:
+        b_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    e = pl.program_id(0) * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
+    e_ok = e < n_entries
+    row = _selected_rows(idx_ref, e, e_ok, rows_per_idx)  # [BE]
+
+    acc = [[jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)] for _ in range(batch)]
+    for d0 in range(0, d_model, block_d):  # static: the whole row block is straight-line code
+        cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+        c_ok = cols < d_model
+        xs = [plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok, other=0.0).astype(jnp.float32)
+              for b in range(batch)]  # B x [BD]
+        for u in range(n_parts):
+            w = plgpu.load(w_ref.at[row[:, None], (u * d_model + cols)[None, :]],
+                           mask=e_ok[:, None] & c_ok[None, :], other=0.0).astype(jnp.float32)
+            for b in range(batch):  # [BE, BD] * [1, BD] summed over D
+                acc[b][u] = acc[b][u] + jnp.sum(w * xs[b][None, :], axis=1)
+
+    if has_bias:
+        bias = [plgpu.load(b_ref.at[row * n_parts + u], mask=e_ok, other=0.0).astype(jnp.float32)
+                for u in range(n_parts)]
+    for b in range(batch):
+        h = [acc[b][u] + bias[u] if has_bias else acc[b][u] for u in range(n_parts)]
+        if activation == "relu":
+            out = jnp.maximum(h[0], 0.0)
+        elif activation == "swiglu":
+            out = h[0] * jax.nn.sigmoid(h[0]) * h[1]
+        else:
+            out = h[0]
+        plgpu.store(o_ref.at[_full(e, b), e], out.astype(o_ref.dtype), mask=e_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("rows_per_idx", "n_parts", "activation", "blocks",
+                                             "interpret"))
+def gather_rows_matvec(x, w, idx, b=None, *, rows_per_idx: int, n_parts: int, activation: str,
+                       blocks: UpBlocks, interpret: bool):
+    """h[b, k*R + r] = act(x[b] . w[idx[k]*R + r]) for w [F*R, n_parts*D], x [B, D] -> [B, K*R].
+
+    n_parts = 2 packs (gate, up) side by side in a row; b is [F*R*n_parts] or None.
+    """
+    batch, d_model = x.shape
+    n_entries = idx.shape[0] * rows_per_idx
+    check_pow2(block_e=blocks.block_e, block_d=blocks.block_d)
+    kernel = functools.partial(
+        _up_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, n_parts=n_parts,
+        d_model=d_model, batch=batch, activation=activation, has_bias=b is not None,
+        block_e=blocks.block_e, block_d=min(blocks.block_d, pow2_ceil(d_model)))
+    operands = (x, idx.astype(jnp.int32), w) + ((b,) if b is not None else ())
+    return pl.pallas_call(
+        kernel,
+        grid=(cdiv(n_entries, blocks.block_e),),
+        out_shape=jax.ShapeDtypeStruct((batch, n_entries), x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gather_rows_matvec",
+    )(*operands)
+
+
+def gathered_up(x, w_up, idx, b_up=None, *, activation="relu", interpret=False, **blocks):
+    """Selected neurons' MLP up projection with bias and activation fused.
+
+    x [B, D]; w_up [F, U, D] (U=2: index 0 gate, 1 up); idx [K] int32 distinct; b_up [F, U] or None.
+    Returns act(h) [B, K] in x.dtype with h[b, k, u] = x[b] . w_up[idx[k], u] (+ b_up[idx[k], u]).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_block_keys(blocks, UP_BLOCK_KEYS, "gathered_up")
+    n_feat, n_u, d_model = w_up.shape
+    if activation == "swiglu" and n_u != 2:
+        raise ValueError(f"swiglu needs w_up [F, 2, D], got {w_up.shape}")
+    n_parts = 2 if activation == "swiglu" else 1  # relu / none read only part 0
+    cfg = dataclasses.replace(default_up_blocks(idx.shape[0], d_model, n_parts, x.shape[0]),
+                              **blocks)
+    w2 = w_up.reshape(n_feat, n_u * d_model)  # [F, U*D], free: rows are contiguous
+    b2 = None
+    if b_up is not None:
+        # The kernel reads bias at row * n_parts + u, so keep only the parts it uses.
+        b2 = b_up[:, :n_parts].reshape(n_feat * n_parts) if n_parts != n_u else b_up.reshape(-1)
+    return gather_rows_matvec(x, w2, idx, b2, rows_per_idx=1, n_parts=n_parts,
+                              activation=activation, blocks=cfg, interpret=interpret)
+
+
+def gathered_up_reference(x, w_up, idx, b_up=None, *, activation="relu"):
+    """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot."""
+    w_sel = jnp.take(w_up, idx, axis=0)  # [K, U, D]
+    h = jnp.einsum("BD,KUD->BKU", x, w_sel, preferred_element_type=jnp.float32)
+    if b_up is not None:
+        h = h + jnp.take(b_up, idx, axis=0).astype(jnp.float32)[None]
+    if activation == "relu":
+        out = jax.nn.relu(h[..., 0])
+    elif activation == "swiglu":
+        out = jax.nn.silu(h[..., 0]) * h[..., 1]
+    elif activation == "none":
+        out = h[..., 0]
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Down projection: y[b, :] = sum_e a[b, e] * W[row(e), :].
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DownBlocks:
+    block_e: int  # selected rows loaded per loop step
+    block_d: int  # output columns per program
+    k_splits: int = 1  # >1: split the selected rows over programs, fp32 atomic_add into the output
+    num_warps: int = 4
+    num_stages: int | None = None
+
+
+def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
+    """Split-K over the selected rows with whole-row column blocks.
+
+    Each program reads block_e full rows ([block_e, block_d] tiles, block_d up to 1024 columns, 2 KiB
+    contiguous per row in fp16) and adds its partial sums into an fp32 output with atomic_add; the
+    number of splits keeps ~TARGET_PROGRAMS programs in flight at any density.
+    """
+    block_d = min(pow2_ceil(d_model), 1024)
+    n_dblocks = cdiv(d_model, block_d)
+    block_e = pow2_floor(max(min(16384 // block_d // max(batch, 1), n_entries), 1))
+    steps = cdiv(n_entries, block_e)
+    k_splits = max(min(steps, TARGET_PROGRAMS // n_dblocks), 1)
+    return DownBlocks(block_e=block_e, block_d=block_d, k_splits=k_splits, num_warps=4)
+
+
+def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model, batch,
+                 steps_per_split, atomic, block_e, block_d):
+    # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref [B, D] (fp32 when atomic). With atomic
+    # the zeroed fp32 input buffer is aliased to the output and comes first in refs.
+    o_ref = refs[-1]
+    cols = pl.program_id(0) * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+    c_ok = cols < d_model
+    first = pl.program_id(1) * steps_per_split * block_e
+
+    def step(t, acc):
+        e = first + t * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
+        e_ok = e < n_entries
+        row = _selected_rows(idx_ref, e, e_ok, rows_per_idx)
+        w = plgpu.load(w_ref.at[row[:, None], cols[None, :]],
+                       mask=e_ok[:, None] & c_ok[None, :], other=0.0).astype(jnp.float32)
+        out = []
+        for b in range(batch):  # [BE, 1] * [BE, BD] summed over the selected rows
+            a_b = plgpu.load(a_ref.at[_full(e, b), e], mask=e_ok, other=0.0).astype(jnp.float32)
+            out.append(acc[b] + jnp.sum(a_b[:, None] * w, axis=0))
+        return tuple(out)
+
+    zeros = tuple(jnp.zeros((block_d,), jnp.float32) for _ in range(batch))
+    if steps_per_split == 1:
+        acc = step(0, zeros)
+    else:
+        acc = jax.lax.fori_loop(0, steps_per_split, step, zeros)
+    for b in range(batch):
+        if atomic:  # the fp32 buffer is padded to whole column blocks: no mask needed
+            plgpu.atomic_add(o_ref, (_full(cols, b), cols), acc[b])
+        else:
+            plgpu.store(o_ref.at[_full(cols, b), cols], acc[b].astype(o_ref.dtype), mask=c_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("rows_per_idx", "blocks", "interpret"))
+def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, interpret: bool):
+    """y[b] = sum_{k,r} a[b, k*R + r] * w[idx[k]*R + r] for a [B, K*R], w [F*R, D] -> [B, D]."""
+    batch, n_entries = a.shape
+    d_model = w.shape[1]
+    check_pow2(block_e=blocks.block_e, block_d=blocks.block_d)
+    block_d = min(blocks.block_d, pow2_ceil(d_model))
+    steps = cdiv(n_entries, blocks.block_e)
+    k_splits = max(min(blocks.k_splits, steps), 1)
+    steps_per_split = cdiv(steps, k_splits)
+    k_splits = cdiv(steps, steps_per_split)  # drop splits that would own no rows
+    atomic = k_splits > 1
+    kernel = functools.partial(
+        _down_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, d_model=d_model,
+        batch=batch, steps_per_split=steps_per_split, atomic=atomic, block_e=blocks.block_e,
+        block_d=block_d)
+    n_dblocks = cdiv(d_model, block_d)
+    # Atomic partial sums go to an fp32 buffer padded to whole column blocks (unmasked atomics).
+    out_shape = (jax.ShapeDtypeStruct((batch, n_dblocks * block_d), jnp.float32) if atomic
+                 else jax.ShapeDtypeStruct((batch, d_model), a.dtype))
+    call = pl.pallas_call(
+        kernel,
+        grid=(n_dblocks, k_splits),
+        out_shape=out_shape,
+        # Atomic partial sums accumulate into a zeroed fp32 buffer passed in as the output.
+        input_output_aliases={3: 0} if atomic else {},
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gather_rows_reduce",
+    )
+    operands = (a, idx.astype(jnp.int32), w)
+    if atomic:
+        acc = call(*operands, jnp.zeros(out_shape.shape, jnp.float32))  # [B, Dp] fp32
+        return acc[:, :d_model].astype(a.dtype)
+    return call(*operands)
+
+
+def gathered_down(a, w_down, idx, *, interpret=False, **blocks):
+    """Selected neurons' MLP down projection from the transposed weight.
+
+    a [B, K] activations of the selected neurons; w_down [F, D] (row f = neuron f's output
+    weights); idx [K]. Returns y [B, D] = sum_k a[b, k] * w_down[idx[k]] in a.dtype, fp32 sums.
+    """
+    check_block_keys(blocks, DOWN_BLOCK_KEYS, "gathered_down")
+    cfg = dataclasses.replace(default_down_blocks(idx.shape[0], w_down.shape[1], a.shape[0]),
+                              **blocks)
+    return gather_rows_reduce(a, w_down, idx, rows_per_idx=1, blocks=cfg, interpret=interpret)
+
+
+def gathered_down_reference(a, w_down, idx):
+    """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot."""
+    w_sel = jnp.take(w_down, idx, axis=0)  # [K, D]
+    y = jnp.einsum("BK,KD->BD", a, w_sel, preferred_element_type=jnp.float32)
+    return y.astype(a.dtype)
