@@ -1,0 +1,63 @@
+"""Gathered matmuls for sparse decode, as Pallas (Triton) kernels with plain-XLA references.
+
+`get_ops("xla")` returns the references (jnp.take + dot), `get_ops("pallas")` the kernels; both
+expose the same five functions with the same signatures, so the model code picks a backend once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+from pallas_kernels._common import on_cpu
+from pallas_kernels.gather_attention import (
+    gathered_head_proj,
+    gathered_head_proj_reference,
+    gathered_out_proj,
+    gathered_out_proj_reference,
+    sparse_decode_attention,
+    sparse_decode_attention_reference,
+)
+from pallas_kernels.gather_mlp import (
+    gathered_down,
+    gathered_down_reference,
+    gathered_up,
+    gathered_up_reference,
+)
+
+BACKENDS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The five gathered ops of one backend (see gather_mlp.py and gather_attention.py)."""
+
+    backend: str
+    gathered_up: Callable
+    gathered_down: Callable
+    gathered_head_proj: Callable
+    gathered_out_proj: Callable
+    sparse_decode_attention: Callable
+
+
+def get_ops(backend: str) -> Ops:
+    """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU)."""
+    if backend == "xla":
+        return Ops(backend, gathered_up_reference, gathered_down_reference,
+                   gathered_head_proj_reference, gathered_out_proj_reference,
+                   sparse_decode_attention_reference)
+    if backend == "pallas":
+        fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
+               sparse_decode_attention)
+        if on_cpu():
+            fns = tuple(functools.partial(f, interpret=True) for f in fns)
+        return Ops(backend, *fns)
+    raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
+
+
+__all__ = [
+    "BACKENDS", "Ops", "get_ops",
+    "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
+    "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
+    "gathered_out_proj_reference", "sparse_decode_attention", "sparse_decode_attention_reference",
+]
