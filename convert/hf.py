@@ -191,16 +191,17 @@ def hf_tensors_to_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarr
     shapes = param_shapes(cfg)
     top_rules, layer_rules = _opt_rules(cfg) if cfg.family == "opt" else _llama_rules(cfg)
     params: Params = {"layers": [{} for _ in range(cfg.num_layers)]}
+    stacked_filled: dict[tuple[int, str], set[int]] = {}  # (layer, key) -> slices seen
     layer_marker = "layers."
 
-    def target(tree: dict, shape_tree: dict, dest: tuple, value: np.ndarray, label: str):
+    def target(tree: dict, shape_tree: dict, dest: tuple, value: np.ndarray, label: str, layer: int = -1):
         key, rest = dest[0], dest[1:]
         if key not in shape_tree:
             raise ConversionError(f"{label}: the config has no parameter {key!r} for it")
         expected = shape_tree[key]
         if isinstance(expected, dict):  # norm {"scale", "bias"}
             sub = tree.setdefault(key, {})
-            return target(sub, expected, rest, value, label)
+            return target(sub, expected, rest, value, label, layer)
         if rest:  # one slice of a stacked tensor along its stacking axis
             axis = 0 if key in ("kv", "kv_bias") else 1
             if key not in tree:
@@ -211,6 +212,7 @@ def hf_tensors_to_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarr
                                       f"(from the config) for {key}[{rest[0]}]")
             index = (slice(None),) * axis + (rest[0],)
             tree[key][index] = value
+            stacked_filled.setdefault((layer, key), set()).add(rest[0])
             return
         if value.shape != tuple(expected):
             raise ConversionError(f"tensor {label} has shape {value.shape}, expected {tuple(expected)} "
@@ -236,11 +238,16 @@ def hf_tensors_to_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarr
                     continue
                 raise ConversionError(f"unexpected tensor {name} for a {cfg.family} model")
             dest, fn = layer_rules[suffix]
-            target(params["layers"][layer], shapes["layers"][layer], dest, _safe(fn, array), name)
+            target(params["layers"][layer], shapes["layers"][layer], dest, _safe(fn, array), name, layer)
         elif short.endswith("rotary_emb.inv_freq"):
             continue
         else:
             raise ConversionError(f"unexpected tensor {name} for a {cfg.family} model")
+    for (layer, key), seen in stacked_filled.items():
+        n = shapes["layers"][layer][key][0 if key in ("kv", "kv_bias") else 1]
+        if len(seen) != n:
+            raise ConversionError(f"layer {layer}: {key} is incomplete (got parts {sorted(seen)} of {n}); "
+                                  f"a k/v or gate/up tensor is missing")
     check_params(params, cfg)
     return params
 

@@ -1,0 +1,341 @@
+"""Text generation: dense prefill, then a decode loop that runs entirely inside `jax.jit`.
+
+    python -m dejavu_jax.generate --prompt "What is the capital of France?"
+    python -m dejavu_jax.generate --model checkpoints/opt-125m --prompt-file prompts.txt --max-new-tokens 64
+
+The decode loop is a `lax.while_loop` over a donated KV cache: the host launches it once and waits
+once, so there is no host round trip per token. Sampling: greedy (temperature 0), temperature,
+top-k, top-p, a seed; rows stop at EOS or after max-new-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dejavu_jax import model as M
+from dejavu_jax.config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    seed: int = 0
+
+    def __post_init__(self):
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """logits [B, V] float32 -> token ids [B] int32."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, M.NEG_INF, logits)
+    if sampling.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, M.NEG_INF, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill and the decode loop
+# --------------------------------------------------------------------------------------------
+def _partition(tree):
+    """Split a selector into array leaves (traced) and everything else (static, closed over)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [isinstance(x, (jax.Array, np.ndarray)) for x in leaves]
+    dynamic = [x for x, a in zip(leaves, is_array) if a]
+    static = [None if a else x for x, a in zip(leaves, is_array)]
+    return dynamic, (treedef, static, is_array)
+
+
+def _combine(dynamic, meta):
+    treedef, static, is_array = meta
+    it = iter(dynamic)
+    return jax.tree_util.tree_unflatten(treedef, [next(it) if a else s for s, a in zip(static, is_array)])
+
+
+@dataclasses.dataclass
+class Generator:
+    """Jitted prefill and decode loop for one model config, selector and sampling setup."""
+
+    cfg: ModelConfig
+    sampling: SamplingConfig = SamplingConfig()
+    selector: Any = None  # a model.Selector; sparsity applies to decode only (prefill is dense)
+    ops: Any = None  # pallas_kernels ops for gathered decode
+
+    def __post_init__(self):
+        self._sel_dynamic, self._sel_meta = _partition(self.selector)
+        self.prefill = jax.jit(self._prefill, donate_argnames=("cache",))
+        self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+
+    def _prefill(self, params, tokens, valid, cache):
+        """tokens/valid [B, T] (left padded) -> (last logits [B, V], cache, next positions [B])."""
+        positions = M.positions_from_valid(valid)
+        logits, cache = M.forward(params, self.cfg, tokens, positions, cache, valid)
+        return logits[:, -1], cache, positions[:, -1] + 1
+
+    def _decode(self, params, sel_dynamic, cache, first_logits, positions, key, *, max_new_tokens: int):
+        """Sample max_new_tokens tokens per row. Returns (tokens [B, N] int32, lengths [B], cache)."""
+        selector = _combine(sel_dynamic, self._sel_meta)
+        B = first_logits.shape[0]
+        eos = -1 if self.cfg.eos_token_id is None else self.cfg.eos_token_id
+        pad = 0 if self.cfg.pad_token_id is None else self.cfg.pad_token_id
+        out = jnp.full((B, max_new_tokens), pad, jnp.int32)
+
+        def cond(state):
+            step, _, _, _, done, _, _ = state
+            return (step < max_new_tokens) & ~jnp.all(done)
+
+        def body(state):
+            step, logits, cache, pos, done, out, key = state
+            key, sub = jax.random.split(key)
+            tok = sample_logits(logits, sub, self.sampling)
+            tok = jnp.where(done, pad, tok)
+            out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+            done = done | (tok == eos)
+            logits, cache = M.forward(params, self.cfg, tok[:, None], pos[:, None], cache,
+                                      selector=selector, ops=self.ops)
+            return step + 1, logits[:, 0], cache, pos + 1, done, out, key
+
+        state = (jnp.zeros((), jnp.int32), first_logits, cache, positions, jnp.zeros((B,), bool), out, key)
+        step, _, cache, _, done, out, _ = jax.lax.while_loop(cond, body, state)
+        is_eos = out == eos
+        first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, step)
+        return out, jnp.minimum(first_eos, step), cache
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per row (EOS included when hit)
+    prompt_lengths: list[int]
+    compile_s: float
+    prefill_s: float  # time to first token, compile excluded
+    decode_s: float
+    new_tokens: int  # total over rows
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(len(t) for t in self.tokens) if self.tokens else 0
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def validate_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if not prompts:
+        raise ValueError("no prompts given")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not (0 <= int(t) < cfg.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+        if len(p) + max_new_tokens > cfg.max_positions:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens that exceeds the "
+                             f"model's {cfg.max_positions} positions (shorten the prompt or --max-new-tokens)")
+
+
+def _bucket(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+             sampling: SamplingConfig = SamplingConfig(), selector=None, ops=None, cache_dtype=None,
+             generator: Generator | None = None) -> GenerationResult:
+    """Generate from token-id prompts (batched, left padded). Times compile, prefill and decode."""
+    validate_prompts(cfg, prompts, max_new_tokens)
+    gen = generator or Generator(cfg, sampling, selector, ops)
+    B = len(prompts)
+    T = _bucket(max(len(p) for p in prompts))  # bucketed so nearby prompt lengths share a compile
+    tokens = np.full((B, T), cfg.pad_token_id or 0, np.int32)
+    valid = np.zeros((B, T), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p):] = p
+        valid[i, T - len(p):] = True
+    cache_dtype = cache_dtype or params["layers"][0]["up"].dtype
+    max_len = _bucket(T + max_new_tokens)
+    key = jax.random.PRNGKey(sampling.seed)
+    tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+
+    t0 = time.perf_counter()
+    cache_shape = jax.eval_shape(lambda: M.init_cache(cfg, B, max_len, cache_dtype))
+    prefill_c = gen.prefill.lower(params, tokens, valid, cache_shape).compile()
+    logits_shape, cache_shape2, pos_shape = jax.eval_shape(gen._prefill, params, tokens, valid, cache_shape)
+    decode_c = gen.decode.lower(params, gen._sel_dynamic, cache_shape2, logits_shape, pos_shape, key,
+                                max_new_tokens=max_new_tokens).compile()
+    compile_s = time.perf_counter() - t0
+
+    cache = M.init_cache(cfg, B, max_len, cache_dtype)
+    t0 = time.perf_counter()
+    logits, cache, pos = prefill_c(params, tokens, valid, cache)
+    logits.block_until_ready()
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out, lengths, cache = decode_c(params, gen._sel_dynamic, cache, logits, pos, key)
+    out = np.asarray(out)
+    decode_s = time.perf_counter() - t0
+    lengths = np.asarray(lengths)
+    rows = [out[i, : lengths[i]].tolist() for i in range(B)]
+    return GenerationResult(rows, [len(p) for p in prompts], compile_s, prefill_s, decode_s, int(lengths.sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# Text front end
+# --------------------------------------------------------------------------------------------
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text)["input_ids"]
+
+
+def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                  sampling: SamplingConfig = SamplingConfig(), dtype=None, chat: bool | None = None,
+                  selector_args: dict | None = None, kernels: str = "xla") -> tuple[list[str], GenerationResult]:
+    """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode."""
+    from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
+
+    if model_dir is None:
+        from dejavu_jax.default_model import default_checkpoint
+
+        model_dir = default_checkpoint()
+    if dtype is None:
+        dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    cfg, params = load_checkpoint(model_dir, dtype)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer files; pass token ids to generate() instead")
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    selector, ops = None, None
+    if selector_args and selector_args.get("mode", "dense") != "dense":
+        from dejavu_jax.sparse import build_selector
+        from pallas_kernels import get_ops
+
+        selector = build_selector(cfg, params, **selector_args)
+        ops = get_ops(kernels)
+    result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+    return texts, result
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ValueError(f"prompt file {path} does not exist")
+        text = path.read_text()
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"no prompts in {args.prompt_file} (one prompt per non-empty line)")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dejavu_jax.generate",
+        description="Generate text with a dejavu_jax checkpoint, dense or contextually sparse. Without --model "
+                    "it uses the embedded SmolLM2-135M-Instruct (converted once and cached).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("input")
+    src.add_argument("--model", help="checkpoint directory made by `python -m convert` (default: embedded SmolLM2)")
+    which = src.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the prompt text")
+    which.add_argument("--prompt-file", help="file with one prompt per line ('-' reads stdin); prompts run as a batch")
+    src.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap prompts in the tokenizer's chat template (default: when the model has one)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    s.add_argument("--seed", type=int, default=0)
+    r = p.add_argument_group("runtime")
+    r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on GPU")
+    r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    sp = p.add_argument_group("contextual sparsity (decode only; prefill is dense)")
+    sp.add_argument("--mode", choices=["dense", "oracle", "predictor", "threshold"], default="dense")
+    sp.add_argument("--mlp-density", type=float, default=1.0, help="fraction of MLP neurons kept per layer")
+    sp.add_argument("--head-density", type=float, default=1.0, help="fraction of attention heads kept per layer")
+    sp.add_argument("--predictors", help="predictor directory (default: MODEL/predictors)")
+    sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                    help="predict layer l+1's neurons/heads from layer l's input")
+    sp.add_argument("--kernels", choices=["xla", "pallas"], default="xla", help="gathered-matmul backend")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from dejavu_jax.checkpoint import CheckpointError, parse_dtype
+
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+        prompts = _read_prompts(args)
+        selector_args = None
+        if args.mode != "dense":
+            selector_args = dict(mode=args.mode, mlp_density=args.mlp_density, head_density=args.head_density,
+                                 predictors=args.predictors, lookahead=args.lookahead)
+        texts, result = generate_text(args.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                      dtype=parse_dtype(args.dtype) if args.dtype else None, chat=args.chat,
+                                      selector_args=selector_args, kernels=args.kernels)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    stats = {"prompt_tokens": result.prompt_lengths, "new_tokens": result.new_tokens,
+             "compile_s": round(result.compile_s, 3), "time_to_first_token_s": round(result.prefill_s, 4),
+             "decode_s": round(result.decode_s, 4), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+             "backend": jax.default_backend()}
+    if args.json:
+        print(json.dumps({"texts": texts, **stats}))
+    else:
+        for prompt, text in zip(prompts, texts):
+            if len(prompts) > 1:
+                print(f"### {prompt}")
+            print(text)
+        print(f"\n[{result.new_tokens} new tokens | time to first token {result.prefill_s * 1e3:.1f} ms | "
+              f"decode {result.decode_tokens_per_s:.1f} tokens/s | compile {result.compile_s:.1f} s | "
+              f"{jax.default_backend()}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random Hugging Face models (the torch parity oracle) and their conversions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+TINY_CONFIGS = {
+    # pre-LayerNorm OPT, like 125m..66b
+    "opt-pre": dict(kind="opt", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    ffn_dim=64, max_position_embeddings=96, do_layer_norm_before=True, word_embed_proj_dim=32),
+    # post-LayerNorm OPT with project_in/out, like 350m
+    "opt-post": dict(kind="opt", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     ffn_dim=64, max_position_embeddings=96, do_layer_norm_before=False, word_embed_proj_dim=16),
+    "llama-gqa": dict(kind="llama", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=96,
+                      tie_word_embeddings=False),
+    "llama-mha": dict(kind="llama", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=48, max_position_embeddings=96,
+                      tie_word_embeddings=True),
+}
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A tiny random transformers model (fp32, eval mode) with weights large enough to give varied tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    spec = dict(TINY_CONFIGS[name])
+    kind = spec.pop("kind")
+    torch.manual_seed(seed)
+    if kind == "opt":
+        model = OPTForCausalLM(OPTConfig(**spec, init_std=0.2, eos_token_id=2, bos_token_id=2, pad_token_id=1))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**spec, initializer_range=0.2, eos_token_id=2, bos_token_id=1))
+    return model.eval()
+
+
+def hf_to_jax(model):
+    """Convert an in-memory transformers model with our converter -> (cfg, params as jnp fp32)."""
+    from convert.hf import config_from_hf, hf_tensors_to_params
+
+    cfg = config_from_hf(model.config)
+    tensors = ((k, v.detach().float().numpy()) for k, v in model.state_dict().items())
+    params = hf_tensors_to_params(cfg, tensors, progress=False)
+    return cfg, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+@pytest.fixture(scope="session", params=list(TINY_CONFIGS))
+def tiny_pair(request):
+    """(name, torch model, cfg, params) for each tiny family variant."""
+    model = make_hf_model(request.param)
+    cfg, params = hf_to_jax(model)
+    return request.param, model, cfg, params
+
+
+def make_tokenizer(vocab_size: int = 97):
+    """A real byte-level BPE tokenizer trained offline on a few sentences (transformers fast tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the capital of france is paris", "hello world, this is a tiny test", "deja vu sparse decoding"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 3, special_tokens=["<unk>", "<pad>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60])
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def save_hf_dir(path, name: str = "opt-pre", safe: bool = True):
+    """save_pretrained a tiny model (safetensors or pytorch .bin) with a tokenizer; returns the model."""
+    model = make_hf_model(name)
+    model.save_pretrained(path, safe_serialization=safe)
+    make_tokenizer(model.config.vocab_size).save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf") / "tiny-opt"
+    save_hf_dir(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_ckpt(tiny_opt_dir, tmp_path_factory):
+    """The tiny OPT converted to a dejavu_jax checkpoint directory (fp32)."""
+    from convert.__main__ import convert
+
+    return convert(str(tiny_opt_dir), tmp_path_factory.mktemp("ckpt") / "tiny-opt", progress=False)
