@@ -73,8 +73,14 @@ def make_tokenizer(vocab_size: int = 97):
 
 def save_hf_dir(path, name: str = "opt-pre", safe: bool = True):
     """save_pretrained a tiny model (safetensors or pytorch .bin) with a tokenizer; returns the model."""
+    import torch
+
     model = make_hf_model(name)
-    model.save_pretrained(path, safe_serialization=safe)
+    model.save_pretrained(path)
+    if not safe:  # transformers 5 always writes safetensors; write the legacy pytorch .bin layout by hand
+        for f in path.glob("*.safetensors"):
+            f.unlink()
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
     make_tokenizer(model.config.vocab_size).save_pretrained(path)
     return model
 

@@ -1,0 +1,111 @@
+"""Sampling, the jitted decode loop and the generate CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import hf_to_jax, make_hf_model
+from dejavu_jax.generate import SamplingConfig, generate, main as generate_main, sample_logits
+
+
+@pytest.fixture(scope="module")
+def opt():
+    return hf_to_jax(make_hf_model("opt-pre"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-2), "top_k must be a non-negative integer"),
+])
+def test_invalid_sampling_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    draw = lambda s: np.array([int(sample_logits(logits, k, s)[0]) for k in keys[:200]])  # noqa: E731
+    assert set(draw(SamplingConfig(temperature=1.0, top_k=2))) <= {0, 1}
+    assert set(draw(SamplingConfig(temperature=1.0, top_p=0.75))) <= {0, 1}  # 0.5 + 0.3 reaches 0.75
+    assert set(draw(SamplingConfig(temperature=1.0, top_p=0.4))) == {0}
+    full = draw(SamplingConfig(temperature=1.0))
+    assert set(full) == {0, 1, 2, 3} and 0.35 < (full == 0).mean() < 0.65
+    assert int(sample_logits(logits, keys[0], SamplingConfig())[0]) == 0
+
+
+def test_prompt_validation(opt):
+    cfg, params = opt
+    with pytest.raises(ValueError, match="exceeds the model's 96 positions"):
+        generate(params, cfg, [[5] * 90], max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 97\): \[97, -1\]"):
+        generate(params, cfg, [[5, 97, -1]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(params, cfg, [[5], []], max_new_tokens=4)
+
+
+def test_batch_with_left_padding_equals_single_rows(opt):
+    cfg, params = opt
+    cfg = cfg.replace(eos_token_id=None)
+    prompts = [[5, 17, 33, 8, 60, 12, 9], [44, 3], [70, 71, 72, 73]]
+    batch = generate(params, cfg, prompts, max_new_tokens=12)
+    for prompt, row in zip(prompts, batch.tokens):
+        assert generate(params, cfg, [prompt], max_new_tokens=12).tokens[0] == row
+
+
+def test_sampling_is_seeded_and_stops_at_eos(opt):
+    cfg, params = opt
+    s = SamplingConfig(temperature=1.0, top_k=20, seed=7)
+    a = generate(params, cfg.replace(eos_token_id=None), [[5, 6, 7]], max_new_tokens=16, sampling=s).tokens
+    b = generate(params, cfg.replace(eos_token_id=None), [[5, 6, 7]], max_new_tokens=16, sampling=s).tokens
+    c = generate(params, cfg.replace(eos_token_id=None), [[5, 6, 7]], max_new_tokens=16,
+                 sampling=SamplingConfig(temperature=1.0, top_k=20, seed=8)).tokens
+    assert a == b and a != c
+    # Make the first sampled token the EOS id: generation must stop right after it.
+    eos = a[0][3]
+    stopped = generate(params, cfg.replace(eos_token_id=eos), [[5, 6, 7]], max_new_tokens=16, sampling=s)
+    assert stopped.tokens[0] == a[0][: a[0].index(eos) + 1]
+
+
+def test_cli_generates_text_from_a_checkpoint(tiny_opt_ckpt, tmp_path, capsys, monkeypatch):
+    assert generate_main(["--model", str(tiny_opt_ckpt), "--prompt", "the capital of", "--max-new-tokens", "8",
+                          "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["texts"]) == 1 and out["new_tokens"] >= 1 and out["decode_tokens_per_s"] > 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n\nthe capital of france\n")
+    assert generate_main(["--model", str(tiny_opt_ckpt), "--prompt-file", str(prompts), "--max-new-tokens", "4",
+                          "--temperature", "0.7", "--top-p", "0.9", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["texts"]) == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("deja vu\n"))
+    assert generate_main(["--model", str(tiny_opt_ckpt), "--prompt-file", "-", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and captured.out.strip()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "x", "--top-p", "0"], "top_p must be in"),
+    (["--prompt", "x", "--top-k", "-3"], "top_k must be"),
+    (["--prompt", "x " * 200], "exceeds the model's 96 positions"),
+    (["--prompt-file", "/nonexistent/prompts.txt"], "does not exist"),
+])
+def test_cli_bad_input(tiny_opt_ckpt, capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--model", str(tiny_opt_ckpt), "--max-new-tokens", "4", *argv])
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_missing_model(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        generate_main(["--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert "does not exist" in capsys.readouterr().err
