@@ -137,12 +137,17 @@ class KVCache:
     k, v:  per layer [B, KV, S, Dh]
     valid: [B, S] bool, slots holding real tokens (left padding and unwritten slots are False)
     index: [] int32, next slot to write (shared by the batch; rows are aligned by left padding)
+    win_x, win_pos: only in the lazy KV mode (`sparse.init_sparse_cache`): per layer [B, W, D], the
+      normed attention inputs of the last W tokens (ring buffer, slot t at t % W), and their
+      positions [B, W]; None in the exact mode.
     """
 
     k: list[jax.Array]
     v: list[jax.Array]
     valid: jax.Array
     index: jax.Array
+    win_x: list[jax.Array] | None = None
+    win_pos: jax.Array | None = None
 
     @property
     def max_len(self) -> int:
@@ -273,6 +278,20 @@ def _project_heads(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array
     return y + b if b is not None else y
 
 
+def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Array, b: jax.Array | None):
+    """Keys and values of some KV heads. x [B, T, D]; positions [B, T]; w [2, N, Dh, D]; b [2, N, Dh].
+
+    Returns (k, v), each [B, N, T, Dh], k with RoPE applied where the model uses it.
+    """
+    kv = jnp.einsum("btd,ckhd->cbtkh", x, w)  # [2, B, T, N, Dh]
+    if b is not None:
+        kv = kv + b[:, None, None]
+    k_new, v_new = kv[0], kv[1]
+    if cfg.positions == "rope":
+        k_new = rope(k_new, positions, cfg.rope_theta)
+    return k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
+
+
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
               key_valid: jax.Array, query_slot: jax.Array, key_slot: jax.Array, sel: Selection | None,
               ops: Ops | None, record: dict | None = None):
@@ -284,22 +303,22 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
     """
     B, T, D = x.shape
     H, KV, Dh, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.kv_group_size
-    kv = jnp.einsum("btd,ckhd->cbtkh", x, lp["kv"])  # [2, B, T, KV, Dh]
-    if "kv_bias" in lp:
-        kv = kv + lp["kv_bias"][:, None, None]
-    k_new, v_new = kv[0], kv[1]
-    if cfg.positions == "rope":
-        k_new = rope(k_new, positions, cfg.rope_theta)
-    k_new = k_new.transpose(0, 2, 1, 3)  # [B, KV, T, Dh]
-    v_new = v_new.transpose(0, 2, 1, 3)
-    if layer_cache is None:
-        k_all, v_all = k_new, v_new
-        new_cache = None
+    if layer_cache is not None and len(layer_cache) == 5:
+        # Lazy KV mode (dejavu_jax.sparse): K/V only for the selected heads' KV groups.
+        from dejavu_jax.sparse import lazy_kv_update
+
+        k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel)
+        new_cache = (k_all, v_all, win_x)
     else:
-        k_cache, v_cache, index = layer_cache
-        k_all = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), (0, 0, index, 0))
-        v_all = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), (0, 0, index, 0))
-        new_cache = (k_all, v_all)
+        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))  # [B, KV, T, Dh]
+        if layer_cache is None:
+            k_all, v_all = k_new, v_new
+            new_cache = None
+        else:
+            k_cache, v_cache, index = layer_cache
+            k_all = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), (0, 0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), (0, 0, index, 0))
+            new_cache = (k_all, v_all)
 
     scale = 1.0 / math.sqrt(Dh)
     if sel is not None and sel.idx is not None:
@@ -309,7 +328,8 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         if cfg.positions == "rope":
             q = rope(q[:, None], positions, cfg.rope_theta)[:, 0]
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
-        o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale)  # [B, K, Dh]
+        o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
+                                        num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
         out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
     else:
         q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]
@@ -400,11 +420,18 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.index))
         query_slot = cache.index + jnp.arange(T)
         key_slot = jnp.arange(cache.max_len)
-    new_k, new_v = [], []
+    new_k, new_v, new_win = [], [], []
+    lazy = cache is not None and cache.win_x is not None
+    if lazy:  # the ring buffer keeps the positions of the last W tokens (slot t at t % W)
+        from dejavu_jax.sparse import ring_write
+
+        win_pos = ring_write(cache.win_pos, positions, cache.index)
     prev_input = None
     for layer, lp in enumerate(params["layers"]):
         rec = {"input": h} if record is not None else None
         layer_cache = None if cache is None else (cache.k[layer], cache.v[layer], cache.index)
+        if lazy:
+            layer_cache = layer_cache + (cache.win_x[layer], win_pos)
         h_next, kv = block(lp, cfg, h, prev_input, positions, layer_cache, key_valid, query_slot, key_slot,
                            layer=layer, selector=selector, ops=ops, record=rec)
         prev_input, h = h, h_next
@@ -413,7 +440,11 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         if kv is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])
+            if lazy:
+                new_win.append(kv[2])
     new_cache = None if cache is None else KVCache(new_k, new_v, key_valid, cache.index + T)
+    if lazy:
+        new_cache = dataclasses.replace(new_cache, win_x=new_win, win_pos=win_pos)
     if return_hidden:
         return h, new_cache
     return unembed(params, cfg, h), new_cache

@@ -1,0 +1,624 @@
+"""Contextual sparsity: K schedules, selectors (oracle, threshold, predictor) and the lazy KV cache.
+
+A selector implements `model.Selector`: at every block it says which attention heads and which MLP
+neurons to compute. Four modes share one config (`SparsityConfig`):
+
+* dense      no selector at all.
+* oracle     per token, the top-K neurons / heads by their *true* importance (|activation| and the
+             L2 norm of each head's output), computed densely and then masked: the quality ceiling.
+* threshold  TEAL-style: one magnitude threshold per layer and site, calibrated on data so that the
+             average kept fraction equals the target density (neurons: |activation| < t is zeroed;
+             heads: output norm < t). Training-free baseline; the kept count varies per token.
+* predictor  Deja Vu: a low-rank predictor `D -> r -> N` per layer and site scores the neurons /
+             heads from the residual stream, and the top-K scores are kept.
+
+Lookahead pairing (one function, `input_source`, used by training-data collection, fitting and
+inference, so the three cannot drift apart):
+* lookahead:    layer l's heads AND neurons are predicted from the residual entering layer l-1
+                (`SelectContext.prev_input`), so the predictor can run alongside layer l-1; layer 0
+                has no previous layer and uses its own block input.
+* no lookahead: heads from the residual entering layer l (`block_input`), neurons from the residual
+                entering layer l's MLP (`mlp_input`), as in the original Deja Vu predictors.
+
+Predictors see the residual divided by its RMS (parameter-free): residual magnitudes grow by orders
+of magnitude with depth, and normalising keeps one learning rate good for every layer.
+
+Evaluation chunks (T > 1) get per-token keep-masks. A decode step with batch 1 (T == 1, B == 1) in
+predictor mode gets `Selection(idx=...)` (sorted top-K rows) so the gathered path of `ops` runs and
+only the selected weight rows are read. Oracle and threshold modes always mask (they need the dense
+activations to know what to keep).
+
+GQA: the query heads are selected (model.py's choice). In the exact KV mode the K/V of every KV head
+are written each token; in the lazy mode only the KV heads whose query heads are selected.
+
+Lazy KV mode (Deja Vu's scheme, `init_sparse_cache(..., kv_mode="lazy")`): the cache also keeps the
+attention inputs of the last W tokens per layer (a ring buffer). A gathered decode step computes K/V
+only for the KV heads of the selected query heads, over all W window tokens (the same weight rows
+are read once, so on a memory-bound GPU recomputing W tokens costs about as much as one), and every
+W tokens all heads are refreshed over the window. Every slot is therefore up to date for a head by
+the time the head is used: slot t is recomputed either when its head becomes active within W steps
+of t, or by the refresh at the end of t's W-block. The outputs equal exact mode's (test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.model import KVCache, Params, SelectContext, Selection
+
+MODES = ("dense", "oracle", "predictor", "threshold")
+KV_MODES = ("exact", "lazy")
+KINDS = ("mlp", "heads")  # the two sites a selector chooses for
+
+PREDICTOR_CONFIG = "predictor_config.json"
+PREDICTOR_PARAMS = "params"
+THRESHOLDS_FILE = "thresholds.json"
+QUANTILE_LEVELS = np.linspace(0.0, 1.0, 201)  # importance quantile table resolution (0.5% steps)
+
+
+class SparsityError(ValueError):
+    """Bad sparsity settings or predictors that do not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config: per-layer K schedules as data
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """Everything that decides how sparse each layer runs. JSON round-trips via to_dict/from_dict.
+
+    mlp_density / head_density: fraction of neurons / query heads kept in the sparse layers
+    (K = max(1, round(density * N))). dense_first / dense_last: how many leading / trailing layers
+    run dense. mlp_k / head_k: explicit per-layer K lists (length L) that override the densities
+    and dense_first/last when given. lookahead: predictor input pairing (see module docstring).
+    kv_mode: "exact" or "lazy"; lazy_window: W, the lazy mode's token window and refresh period.
+    """
+
+    mode: str = "dense"
+    mlp_density: float = 1.0
+    head_density: float = 1.0
+    dense_first: int = 0
+    dense_last: int = 0
+    mlp_k: tuple[int, ...] | None = None
+    head_k: tuple[int, ...] | None = None
+    lookahead: bool = True
+    kv_mode: str = "exact"
+    lazy_window: int = 16
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SparsityError(f"unknown sparsity mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        for name in ("mlp_density", "head_density"):
+            d = getattr(self, name)
+            if not isinstance(d, (int, float)) or not (0.0 < float(d) <= 1.0) or math.isnan(float(d)):
+                raise SparsityError(f"{name} must be in (0, 1], got {d!r}")
+        for name in ("dense_first", "dense_last"):
+            if int(getattr(self, name)) < 0:
+                raise SparsityError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kv_mode not in KV_MODES:
+            raise SparsityError(f"unknown kv_mode {self.kv_mode!r}; choose one of {', '.join(KV_MODES)}")
+        if int(self.lazy_window) < 1:
+            raise SparsityError(f"lazy_window must be >= 1, got {self.lazy_window}")
+        for name in ("mlp_k", "head_k"):
+            ks = getattr(self, name)
+            if ks is not None:
+                ks = tuple(int(k) for k in ks)
+                if any(k < 1 for k in ks):
+                    raise SparsityError(f"{name} entries must be >= 1, got {list(ks)}")
+                object.__setattr__(self, name, ks)
+
+    # Schedules ------------------------------------------------------------------------------
+    def _schedule(self, cfg: ModelConfig, explicit, density: float, width: int, what: str) -> tuple[int, ...]:
+        L = cfg.num_layers
+        if explicit is not None:
+            if len(explicit) != L:
+                raise SparsityError(f"{what} K list has {len(explicit)} entries, the model has {L} layers")
+            for layer, k in enumerate(explicit):
+                if k > width:
+                    raise SparsityError(f"{what} K={k} at layer {layer} is larger than the layer width {width}")
+            return tuple(explicit)
+        if self.dense_first + self.dense_last > L:
+            raise SparsityError(f"dense_first + dense_last = {self.dense_first + self.dense_last} "
+                                f"exceeds the {L} layers")
+        k = max(1, min(width, int(round(density * width))))
+        return tuple(width if (i < self.dense_first or i >= L - self.dense_last) else k for i in range(L))
+
+    def mlp_schedule(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """Neurons kept per layer (== ffn_size for dense layers)."""
+        return self._schedule(cfg, self.mlp_k, self.mlp_density, cfg.ffn_size, "MLP")
+
+    def head_schedule(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """Query heads kept per layer (== num_heads for dense layers)."""
+        return self._schedule(cfg, self.head_k, self.head_density, cfg.num_heads, "attention head")
+
+    def validate(self, cfg: ModelConfig) -> None:
+        self.mlp_schedule(cfg)
+        self.head_schedule(cfg)
+
+    # Serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for name in ("mlp_k", "head_k"):
+            if d[name] is not None:
+                d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparsityConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SparsityError(f"unknown SparsityConfig fields: {sorted(unknown)}")
+        data = dict(data)
+        for name in ("mlp_k", "head_k"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers: lookahead pairing, top-K masks, predictor math, model fingerprint
+# --------------------------------------------------------------------------------------------
+def input_source(kind: str, layer: int, lookahead: bool) -> tuple[str, int]:
+    """Which residual the `kind` predictor of `layer` reads: ("block" | "mlp", layer index).
+
+    ("block", j) is the residual entering layer j; ("mlp", j) the residual entering layer j's MLP.
+    The one definition of the lookahead pairing, for collection, fitting and inference alike.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown predictor kind {kind!r}")
+    if lookahead:
+        return ("block", max(layer - 1, 0))
+    return ("block", layer) if kind == "heads" else ("mlp", layer)
+
+
+def _context_input(ctx: SelectContext, kind: str, lookahead: bool) -> jax.Array:
+    site, j = input_source(kind, ctx.layer, lookahead)
+    if site == "mlp":
+        return ctx.mlp_input
+    return ctx.block_input if j == ctx.layer else ctx.prev_input
+
+
+def topk_mask(scores: jax.Array, k: int) -> jax.Array:
+    """Keep-mask of the k largest entries along the last axis. scores [..., N] -> bool [..., N].
+
+    Uses the k-th largest value as a threshold (no [.., K, N] one-hot): exact unless scores tie at
+    the boundary, where ties are kept (for ReLU importance, zeros: keeping them changes nothing).
+    """
+    n = scores.shape[-1]
+    if k >= n:
+        return jnp.ones(scores.shape, bool)
+    kth = jax.lax.top_k(scores, k)[0][..., -1:]
+    return scores >= kth
+
+
+def normalize_input(x: jax.Array) -> jax.Array:
+    """Predictor input: the residual divided by its RMS, in float32. x [..., D] -> [..., D]."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+def predictor_logits(p: Params, x: jax.Array) -> jax.Array:
+    """Low-rank predictor scores. p: {"a": [D, r], "b": [r, N]}; x [..., D] residual -> [..., N] f32."""
+    z = jnp.einsum("...d,dr->...r", normalize_input(x), p["a"].astype(jnp.float32))
+    return jnp.einsum("...r,rn->...n", z, p["b"].astype(jnp.float32))
+
+
+def model_fingerprint(cfg: ModelConfig) -> str:
+    """Hash of the architecture (every config field except the free-text name)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def params_digest(params: Params) -> list[float]:
+    """A few weight statistics that tell two models of one architecture apart (dtype-robust)."""
+    layers = params["layers"]
+    picks = [layers[0]["up"], layers[-1]["down"], layers[len(layers) // 2]["q"]]
+    return [float(np.mean(np.abs(np.asarray(a[:8], np.float32)))) for a in picks]
+
+
+def check_digest(expected: Sequence[float], params: Params, what: str) -> None:
+    actual = params_digest(params)
+    for e, a in zip(expected, actual):
+        if abs(e - a) > 2e-2 * max(abs(e), 1e-8):
+            raise SparsityError(f"{what} were made for other weights of this architecture "
+                                f"(weight digest {list(expected)} vs this model's {actual}); re-run "
+                                f"train.collect and train.fit_predictors on this model")
+
+
+# --------------------------------------------------------------------------------------------
+# Selectors (pytrees: arrays are leaves, schedules are static metadata)
+# --------------------------------------------------------------------------------------------
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
+                   meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads"])
+@dataclasses.dataclass(frozen=True)
+class OracleSelector:
+    """Per token, the top-K neurons / heads by true importance (computed densely, then masked)."""
+
+    mlp_k: tuple[int, ...]
+    head_k: tuple[int, ...]
+    num_neurons: int
+    num_heads: int
+
+    def heads(self, ctx: SelectContext) -> Selection | None:
+        k = self.head_k[ctx.layer]
+        return None if k >= self.num_heads else Selection(from_importance=functools.partial(topk_mask, k=k))
+
+    def neurons(self, ctx: SelectContext) -> Selection | None:
+        k = self.mlp_k[ctx.layer]
+        return None if k >= self.num_neurons else Selection(from_importance=functools.partial(topk_mask, k=k))
+
+
+def _above(importance: jax.Array, threshold: jax.Array) -> jax.Array:
+    return importance >= threshold
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["mlp_threshold", "head_threshold"],
+                   meta_fields=["mlp_dense", "head_dense"])
+@dataclasses.dataclass(frozen=True)
+class ThresholdSelector:
+    """TEAL-style: keep neurons with |activation| >= t_l and heads with output norm >= s_l.
+
+    mlp_threshold, head_threshold: [L] float32 per-layer thresholds; *_dense: per-layer flags for
+    layers that run dense (density 1 or dense_first/last).
+    """
+
+    mlp_threshold: jax.Array
+    head_threshold: jax.Array
+    mlp_dense: tuple[bool, ...]
+    head_dense: tuple[bool, ...]
+
+    def heads(self, ctx: SelectContext) -> Selection | None:
+        if self.head_dense[ctx.layer]:
+            return None
+        return Selection(from_importance=functools.partial(_above, threshold=self.head_threshold[ctx.layer]))
+
+    def neurons(self, ctx: SelectContext) -> Selection | None:
+        if self.mlp_dense[ctx.layer]:
+            return None
+        return Selection(from_importance=functools.partial(_above, threshold=self.mlp_threshold[ctx.layer]))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["predictors"],
+                   meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads", "lookahead", "gather"])
+@dataclasses.dataclass(frozen=True)
+class PredictorSelector:
+    """Deja Vu: low-rank predictors score neurons / heads from the residual; the top-K are kept.
+
+    predictors: per layer {"mlp": {"a": [D, r], "b": [r, F]}, "heads": {"a": [D, r], "b": [r, H]}}.
+    gather: for a batch-1 decode step (B == T == 1) return row indices so the gathered `ops` path
+    runs (the forward call must then be given `ops`); otherwise per-token masks.
+    """
+
+    predictors: list[dict[str, dict[str, jax.Array]]]
+    mlp_k: tuple[int, ...]
+    head_k: tuple[int, ...]
+    num_neurons: int
+    num_heads: int
+    lookahead: bool = True
+    gather: bool = True
+
+    def _select(self, ctx: SelectContext, kind: str, k: int, n: int) -> Selection | None:
+        if k >= n:
+            return None
+        x = _context_input(ctx, kind, self.lookahead)  # [B, T, D]
+        scores = predictor_logits(self.predictors[ctx.layer][kind], x)  # [B, T, N]
+        B, T = scores.shape[:2]
+        if self.gather and B == 1 and T == 1:
+            idx = jax.lax.top_k(scores[0, 0], k)[1]
+            return Selection(idx=jnp.sort(idx).astype(jnp.int32))  # sorted: ascending row reads
+        return Selection(mask=topk_mask(scores, k))
+
+    def heads(self, ctx: SelectContext) -> Selection | None:
+        return self._select(ctx, "heads", self.head_k[ctx.layer], self.num_heads)
+
+    def neurons(self, ctx: SelectContext) -> Selection | None:
+        return self._select(ctx, "mlp", self.mlp_k[ctx.layer], self.num_neurons)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSelector:
+    """Fixed index (or mask) selections per layer, for tests and latency benchmarks at a fixed K.
+
+    mlp_idx / head_idx: per layer a [K] int array (or None for dense). With as_mask the same sets
+    are applied as keep-masks instead, which must give the same outputs as the gathered path.
+    """
+
+    mlp_idx: list
+    head_idx: list
+    num_neurons: int
+    num_heads: int
+    as_mask: bool = False
+
+    def _sel(self, idx, n: int, x: jax.Array) -> Selection | None:
+        if idx is None:
+            return None
+        idx = jnp.asarray(idx, jnp.int32)
+        if not self.as_mask:
+            return Selection(idx=idx)
+        keep = jnp.zeros((n,), bool).at[idx].set(True)
+        return Selection(mask=jnp.broadcast_to(keep, x.shape[:2] + (n,)))
+
+    def heads(self, ctx: SelectContext) -> Selection | None:
+        return self._sel(self.head_idx[ctx.layer], self.num_heads, ctx.block_input)
+
+    def neurons(self, ctx: SelectContext) -> Selection | None:
+        return self._sel(self.mlp_idx[ctx.layer], self.num_neurons, ctx.block_input)
+
+
+# --------------------------------------------------------------------------------------------
+# Threshold calibration
+# --------------------------------------------------------------------------------------------
+def importance_quantiles(values: np.ndarray) -> np.ndarray:
+    """Quantile table of importance values [..., N] at QUANTILE_LEVELS -> [len(levels)] float64."""
+    return np.quantile(np.asarray(values, np.float32).reshape(-1), QUANTILE_LEVELS)
+
+
+def threshold_for_density(table: Sequence[float], density: float) -> float:
+    """The importance value that keeps a `density` fraction of the calibration values."""
+    return float(np.interp(1.0 - density, QUANTILE_LEVELS, np.asarray(table, np.float64)))
+
+
+def calibrate_quantiles(params: Params, cfg: ModelConfig, tokens: np.ndarray,
+                        valid: np.ndarray | None = None) -> dict[str, list[list[float]]]:
+    """Per-layer importance quantile tables from a dense pass over calibration tokens [B, T]."""
+    from dejavu_jax.model import forward, positions_from_valid
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    valid = jnp.ones(tokens.shape, bool) if valid is None else jnp.asarray(valid, bool)
+
+    @jax.jit
+    def run(params, tokens, valid):
+        rec: list = []
+        forward(params, cfg, tokens, positions_from_valid(valid), valid=valid, record=rec)
+        return [r["neuron_importance"] for r in rec], [r["head_importance"] for r in rec]
+
+    neurons, heads = run(params, tokens, valid)
+    keep = np.asarray(valid)
+    return {"mlp": [importance_quantiles(np.asarray(n)[keep]).tolist() for n in neurons],
+            "heads": [importance_quantiles(np.asarray(h)[keep]).tolist() for h in heads]}
+
+
+def save_thresholds(path: str | Path, tables: dict, cfg: ModelConfig) -> None:
+    data = {"model_fingerprint": model_fingerprint(cfg), "levels": QUANTILE_LEVELS.tolist(), **tables}
+    Path(path).write_text(json.dumps(data) + "\n")
+
+
+def load_thresholds(path: str | Path, cfg: ModelConfig) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SparsityError(f"no threshold calibration at {path} (train.fit_predictors writes it)")
+    data = json.loads(path.read_text())
+    if data.get("model_fingerprint") != model_fingerprint(cfg):
+        raise SparsityError(f"threshold calibration {path} was made for another model architecture")
+    if len(data["levels"]) != len(QUANTILE_LEVELS):
+        raise SparsityError(f"{path}: unexpected quantile table size")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Predictors on disk
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Predictors:
+    """Loaded predictors: params (per layer {"mlp", "heads"} -> {"a", "b"}) and their config dict."""
+
+    params: list
+    config: dict
+
+    @property
+    def lookahead(self) -> bool:
+        return bool(self.config["lookahead"])
+
+    @property
+    def rank(self) -> int:
+        return int(self.config["rank"])
+
+
+def predictor_shapes(cfg: ModelConfig, rank: int) -> list:
+    D = cfg.hidden_size
+    return [{"mlp": {"a": (D, rank), "b": (rank, cfg.ffn_size)},
+             "heads": {"a": (D, rank), "b": (rank, cfg.num_heads)}} for _ in range(cfg.num_layers)]
+
+
+def save_predictors(directory: str | Path, params: list, config: dict, *, overwrite: bool = True,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Atomically write predictors/: predictor_config.json, orbax params/, and extra text files."""
+    from dejavu_jax.checkpoint import atomic_directory, save_params
+
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        (tmp / PREDICTOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_params(tmp / PREDICTOR_PARAMS, jax.tree_util.tree_map(jnp.asarray, params))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(directory)
+
+
+def load_predictors(directory: str | Path, cfg: ModelConfig, params: Params | None = None) -> Predictors:
+    """Load predictors and check they were trained for this architecture (and these weights)."""
+    from dejavu_jax.checkpoint import restore_params
+
+    directory = Path(directory)
+    cfg_path = directory / PREDICTOR_CONFIG
+    if not cfg_path.is_file():
+        raise SparsityError(f"{directory} holds no predictors (no {PREDICTOR_CONFIG}); train them with "
+                            f"`python -m train.fit_predictors`")
+    config = json.loads(cfg_path.read_text())
+    if config.get("model_fingerprint") != model_fingerprint(cfg):
+        raise SparsityError(f"predictors in {directory} were trained for another model "
+                            f"({config.get('model_name') or config.get('model_fingerprint')}: "
+                            f"{_shape_summary(config.get('model_config', {}))}) but this model is "
+                            f"{cfg.name or model_fingerprint(cfg)}: {_shape_summary(cfg.to_dict())}")
+    if params is not None and config.get("params_digest"):
+        check_digest(config["params_digest"], params, f"predictors in {directory}")
+    shapes = predictor_shapes(cfg, int(config["rank"]))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding), shapes,
+                                      is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        restored = restore_params(directory / PREDICTOR_PARAMS, abstract)
+    except Exception as e:  # orbax raises many kinds of errors for mismatched trees
+        raise SparsityError(f"could not restore predictor params from {directory / PREDICTOR_PARAMS}: {e}") from e
+    return Predictors(list(restored), config)
+
+
+def _shape_summary(d: dict) -> str:
+    keys = ("hidden_size", "num_layers", "num_heads", "ffn_size", "activation")
+    return ", ".join(f"{k}={d.get(k)}" for k in keys)
+
+
+# --------------------------------------------------------------------------------------------
+# The one entry point for generate / eval / bench
+# --------------------------------------------------------------------------------------------
+def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: float = 1.0,
+                   head_density: float = 1.0, predictors: str | Path | Predictors | None = None,
+                   lookahead: bool = True, dense_first: int = 0, dense_last: int = 0,
+                   mlp_k: Sequence[int] | None = None, head_k: Sequence[int] | None = None,
+                   kv_mode: str = "exact", lazy_window: int = 16, gather: bool = True,
+                   thresholds: str | Path | dict | None = None, calibration_tokens: np.ndarray | None = None,
+                   sparsity: SparsityConfig | None = None):
+    """A `model.Selector` for `mode` (None for dense).
+
+    predictor mode needs `predictors` (a predictors/ directory or a loaded `Predictors`); their
+    lookahead setting must equal `lookahead`. threshold mode needs a calibration: `thresholds`
+    (a thresholds.json path or its loaded dict), or a predictors/ dir holding thresholds.json, or
+    `calibration_tokens` [B, T] to calibrate on now. `sparsity` overrides the keyword settings.
+    kv_mode only matters for the cache (`init_sparse_cache`); it is validated here.
+    """
+    sp = sparsity or SparsityConfig(mode=mode, mlp_density=mlp_density, head_density=head_density,
+                                    dense_first=dense_first, dense_last=dense_last,
+                                    mlp_k=None if mlp_k is None else tuple(mlp_k),
+                                    head_k=None if head_k is None else tuple(head_k),
+                                    lookahead=lookahead, kv_mode=kv_mode, lazy_window=lazy_window)
+    mk, hk = sp.mlp_schedule(cfg), sp.head_schedule(cfg)
+    F, H = cfg.ffn_size, cfg.num_heads
+    if sp.mode == "dense":
+        return None
+    if sp.mode == "oracle":
+        return OracleSelector(mk, hk, F, H)
+    if sp.mode == "threshold":
+        if thresholds is None and calibration_tokens is None and predictors is not None:
+            pdir = predictors if not isinstance(predictors, Predictors) else None
+            if pdir is not None:
+                thresholds = Path(pdir) / THRESHOLDS_FILE
+        if isinstance(thresholds, (str, Path)):
+            tables = load_thresholds(thresholds, cfg)
+        elif isinstance(thresholds, dict):
+            tables = thresholds
+        elif calibration_tokens is not None:
+            tables = calibrate_quantiles(params, cfg, calibration_tokens)
+        else:
+            raise SparsityError("threshold mode needs a calibration: pass --predictors DIR (train.fit_predictors "
+                                "writes thresholds.json there) or calibration tokens")
+        mlp_t = [threshold_for_density(tables["mlp"][l], mk[l] / F) for l in range(cfg.num_layers)]
+        head_t = [threshold_for_density(tables["heads"][l], hk[l] / H) for l in range(cfg.num_layers)]
+        return ThresholdSelector(jnp.asarray(mlp_t, jnp.float32), jnp.asarray(head_t, jnp.float32),
+                                 tuple(k >= F for k in mk), tuple(k >= H for k in hk))
+    # predictor
+    if predictors is None:
+        raise SparsityError("predictor mode needs --predictors DIR (trained with `python -m train.fit_predictors`)")
+    preds = predictors if isinstance(predictors, Predictors) else load_predictors(predictors, cfg, params)
+    if preds.config.get("model_fingerprint") != model_fingerprint(cfg):
+        raise SparsityError("predictors were trained for another model architecture")
+    if preds.lookahead != sp.lookahead:
+        have = "with" if preds.lookahead else "without"
+        want = "with" if sp.lookahead else "without"
+        raise SparsityError(f"predictors were trained {have} lookahead but the run asks for {want} lookahead; "
+                            f"pass {'--lookahead' if preds.lookahead else '--no-lookahead'} or retrain with "
+                            f"the other setting")
+    if len(preds.params) != cfg.num_layers:
+        raise SparsityError(f"predictors cover {len(preds.params)} layers, the model has {cfg.num_layers}")
+    return PredictorSelector(preds.params, mk, hk, F, H, sp.lookahead, gather)
+
+
+# --------------------------------------------------------------------------------------------
+# Lazy KV cache
+# --------------------------------------------------------------------------------------------
+def init_sparse_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *,
+                      kv_mode: str = "exact", lazy_window: int = 16) -> KVCache:
+    """A KV cache for sparse decoding; kv_mode="lazy" adds the W-token input window per layer."""
+    from dejavu_jax.model import init_cache
+
+    if kv_mode not in KV_MODES:
+        raise SparsityError(f"unknown kv_mode {kv_mode!r}; choose one of {', '.join(KV_MODES)}")
+    cache = init_cache(cfg, batch, max_len, dtype)
+    if kv_mode == "exact":
+        return cache
+    if lazy_window < 1:
+        raise SparsityError(f"lazy_window must be >= 1, got {lazy_window}")
+    return dataclasses.replace(
+        cache,
+        win_x=[jnp.zeros((batch, lazy_window, cfg.hidden_size), dtype) for _ in range(cfg.num_layers)],
+        win_pos=jnp.zeros((batch, lazy_window), jnp.int32),
+    )
+
+
+def ring_write(ring: jax.Array, values: jax.Array, index: jax.Array) -> jax.Array:
+    """Write a chunk's last min(T, W) entries into a ring buffer, slot t at ring position t % W.
+
+    ring [B, W, ...]; values [B, T, ...] for slots index .. index+T-1 -> updated ring. Only the last
+    W entries are written so that no ring position is written twice (scatter order is undefined).
+    """
+    W, T = ring.shape[1], values.shape[1]
+    n = min(T, W)
+    where = jnp.mod(index + (T - n) + jnp.arange(n), W)
+    return ring.at[:, where].set(values[:, T - n:].astype(ring.dtype))
+
+
+def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
+                   sel: Selection | None):
+    """K/V cache update of one layer in the lazy mode. Called by `model.attention`.
+
+    x [B, T, D] normed attention input; positions [B, T]; layer_cache = (k, v [B, KV, S, Dh],
+    index, win_x [B, W, D], win_pos [B, W] already holding this chunk's positions).
+    A gathered decode step (sel.idx set, T == 1) recomputes the K/V of the selected heads' KV
+    groups over the W-token window (all KV heads when the step closes a W-block); anything else
+    (prefill, mask selections) writes every head, like the exact mode.
+    Returns (k, v, win_x) updated.
+    """
+    from dejavu_jax.model import kv_project
+
+    k_cache, v_cache, index, win_x, win_pos = layer_cache
+    T = x.shape[1]
+    win_x = ring_write(win_x, x, index)
+    if sel is None or sel.idx is None:
+        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))
+        k_all = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), (0, 0, index, 0))
+        v_all = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), (0, 0, index, 0))
+        return k_all, v_all, win_x
+    assert T == 1, "the lazy KV recompute is a decode-only path (one token per row)"
+    W, S, KV = win_x.shape[1], k_cache.shape[2], cfg.num_kv_heads
+    s = index  # this token's slot
+    ring = jnp.arange(W)
+    slots = s - jnp.mod(s - ring, W)  # [W] cache slot held at each ring position
+    slots = jnp.where(slots >= 0, slots, S)  # not yet written: out of range, dropped by the scatter
+
+    def recompute(kv_heads):  # kv_heads [Ka] int32 -> (k, v) with those heads' window slots rewritten
+        w = jnp.take(lp["kv"], kv_heads, axis=1)  # [2, Ka, Dh, D]: only these weight rows are read
+        b = jnp.take(lp["kv_bias"], kv_heads, axis=1) if "kv_bias" in lp else None
+        k_w, v_w = kv_project(cfg, win_x, win_pos, w, b)  # [B, Ka, W, Dh]
+        at = (slice(None), kv_heads[:, None], slots[None, :])
+        return (k_cache.at[at].set(k_w.astype(k_cache.dtype), mode="drop"),
+                v_cache.at[at].set(v_w.astype(v_cache.dtype), mode="drop"))
+
+    n_active = min(sel.idx.shape[0], KV)
+    # Duplicates (fewer distinct groups than n_active) rewrite one head twice with equal values.
+    active = jnp.unique(sel.idx // cfg.kv_group_size, size=n_active, fill_value=sel.idx[0] // cfg.kv_group_size)
+    refresh = jnp.mod(s + 1, W) == 0
+    k_all, v_all = jax.lax.cond(refresh, lambda: recompute(jnp.arange(KV, dtype=jnp.int32)),
+                                lambda: recompute(active.astype(jnp.int32)))
+    return k_all, v_all, win_x

@@ -1,0 +1,290 @@
+"""Sparse forward vs dense: masks, gathered decode, oracle/threshold/predictor selectors, lazy KV."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dejavu_jax import model as M
+from dejavu_jax.config import ModelConfig
+from dejavu_jax.sparse import (
+    FixedSelector,
+    OracleSelector,
+    PredictorSelector,
+    SparsityConfig,
+    SparsityError,
+    build_selector,
+    init_sparse_cache,
+    input_source,
+    predictor_shapes,
+    topk_mask,
+)
+from pallas_kernels import get_ops
+
+OPS = get_ops("xla")
+
+TINY = {
+    "opt": ModelConfig(vocab_size=67, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=8,
+                       ffn_size=64, max_positions=128, norm="layernorm", activation="relu", positions="learned",
+                       position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="tiny-opt"),
+    "llama": ModelConfig(vocab_size=67, hidden_size=32, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
+                         ffn_size=48, max_positions=128, norm="rmsnorm", activation="swiglu", positions="rope",
+                         attn_bias=False, mlp_bias=False, tie_embeddings=False, family="llama", name="tiny-llama"),
+}
+
+
+def scaled_params(cfg: ModelConfig, seed: int = 0):
+    """Random params with weights large enough that sparsity visibly changes the outputs."""
+    params = M.init_params(cfg, jax.random.PRNGKey(seed), jnp.float32)
+    return jax.tree_util.tree_map(lambda a: a * 8.0 if a.ndim >= 2 else a, params)
+
+
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def tiny(request):
+    cfg = TINY[request.param]
+    return cfg, scaled_params(cfg)
+
+
+def tokens_for(cfg, B=2, T=12, seed=1):
+    toks = jax.random.randint(jax.random.PRNGKey(seed), (B, T), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    return toks, pos
+
+
+def kl_to_dense(dense_logits, logits):
+    p = jax.nn.log_softmax(dense_logits, -1)
+    q = jax.nn.log_softmax(logits, -1)
+    return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+
+
+def decode_steps(params, cfg, prompt, n_steps, selector=None, ops=None, cache=None):
+    """Dense prefill, then n_steps greedy-free decode steps on fixed tokens. Returns logits [n, V]."""
+    B, T = prompt.shape
+    cache = cache if cache is not None else M.init_cache(cfg, B, T + n_steps + 1, jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    _, cache = M.forward(params, cfg, prompt, pos, cache)
+    step = jax.jit(lambda p, t, q, c: M.forward(p, cfg, t, q, c, selector=selector, ops=ops))
+    toks = jax.random.randint(jax.random.PRNGKey(7), (B, n_steps), 0, cfg.vocab_size)
+    out = []
+    for i in range(n_steps):
+        logits, cache = step(params, toks[:, i:i + 1], jnp.full((B, 1), T + i), cache)
+        out.append(logits[:, 0])
+    return jnp.stack(out, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# All selected == dense
+# ------------------------------------------------------------------------------------------
+def test_all_selected_mask_equals_dense(tiny):
+    cfg, params = tiny
+    toks, pos = tokens_for(cfg)
+    dense, _ = M.forward(params, cfg, toks, pos)
+    L = cfg.num_layers
+    sel = FixedSelector([np.arange(cfg.ffn_size)] * L, [np.arange(cfg.num_heads)] * L, cfg.ffn_size,
+                        cfg.num_heads, as_mask=True)
+    sparse, _ = M.forward(params, cfg, toks, pos, selector=sel)
+    np.testing.assert_allclose(sparse, dense, atol=1e-5, rtol=1e-5)
+    oracle = build_selector(cfg, params, mode="oracle", mlp_density=1.0, head_density=1.0)
+    np.testing.assert_allclose(M.forward(params, cfg, toks, pos, selector=oracle)[0], dense, atol=1e-5, rtol=1e-5)
+
+
+def test_all_selected_gather_decode_equals_dense(tiny):
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    L = cfg.num_layers
+    dense = decode_steps(params, cfg, prompt, 4)
+    sel = FixedSelector([np.arange(cfg.ffn_size)] * L, [np.arange(cfg.num_heads)] * L, cfg.ffn_size, cfg.num_heads)
+    gathered = decode_steps(params, cfg, prompt, 4, selector=sel, ops=OPS)
+    np.testing.assert_allclose(gathered, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_gathered_decode_equals_mask_decode(tiny):
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    rng = np.random.default_rng(0)
+    L = cfg.num_layers
+    mlp_idx = [np.sort(rng.choice(cfg.ffn_size, cfg.ffn_size // 3, replace=False)) for _ in range(L)]
+    head_idx = [np.sort(rng.choice(cfg.num_heads, 2, replace=False)) for _ in range(L)]
+    mlp_idx[0] = None  # a dense layer mixed in
+    as_idx = FixedSelector(mlp_idx, head_idx, cfg.ffn_size, cfg.num_heads)
+    as_mask = FixedSelector(mlp_idx, head_idx, cfg.ffn_size, cfg.num_heads, as_mask=True)
+    gathered = decode_steps(params, cfg, prompt, 4, selector=as_idx, ops=OPS)
+    masked = decode_steps(params, cfg, prompt, 4, selector=as_mask)
+    dense = decode_steps(params, cfg, prompt, 4)
+    np.testing.assert_allclose(gathered, masked, atol=1e-4, rtol=1e-4)
+    assert float(jnp.max(jnp.abs(gathered - dense))) > 1e-2  # the selection really changed something
+
+
+# ------------------------------------------------------------------------------------------
+# Oracle and threshold
+# ------------------------------------------------------------------------------------------
+def test_oracle_degrades_roughly_monotonically(tiny):
+    cfg, params = tiny
+    toks, pos = tokens_for(cfg, B=2, T=24)
+    dense, _ = M.forward(params, cfg, toks, pos)
+    mlp_kl = []
+    for d in (1.0, 0.75, 0.5, 0.25, 0.1):
+        sel = build_selector(cfg, params, mode="oracle", mlp_density=d)
+        mlp_kl.append(kl_to_dense(dense, M.forward(params, cfg, toks, pos, selector=sel)[0]))
+    assert mlp_kl[0] < 1e-9
+    # monotone up to small noise, and clearly worse at the sparsest setting
+    assert all(b >= a - 1e-3 for a, b in zip(mlp_kl, mlp_kl[1:])), mlp_kl
+    assert mlp_kl[-1] > 10 * max(mlp_kl[1], 1e-6) or mlp_kl[-1] > 0.05, mlp_kl
+    head_kl = []
+    for d in (1.0, 0.5, 0.25):
+        sel = build_selector(cfg, params, mode="oracle", head_density=d)
+        head_kl.append(kl_to_dense(dense, M.forward(params, cfg, toks, pos, selector=sel)[0]))
+    assert head_kl[0] < 1e-9 and head_kl[1] > 0 and head_kl[2] >= head_kl[1] - 1e-3, head_kl
+
+
+def test_oracle_keeps_exactly_k_per_token():
+    scores = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 40))
+    mask = topk_mask(scores, 7)
+    assert mask.shape == scores.shape and bool(jnp.all(mask.sum(-1) == 7))
+    assert bool(jnp.all(jnp.where(mask, scores, jnp.inf).min(-1) >= jnp.where(mask, -jnp.inf, scores).max(-1)))
+
+
+def test_threshold_calibration_hits_target_density(tiny):
+    cfg, params = tiny
+    toks, pos = tokens_for(cfg, B=4, T=32, seed=3)
+    sel = build_selector(cfg, params, mode="threshold", mlp_density=0.5, head_density=0.5,
+                         calibration_tokens=np.asarray(toks))
+    rec: list = []
+    M.forward(params, cfg, toks, pos, record=rec)
+    for layer, r in enumerate(rec):
+        kept = float(jnp.mean(r["neuron_importance"] >= sel.mlp_threshold[layer]))
+        kept_h = float(jnp.mean(r["head_importance"] >= sel.head_threshold[layer]))
+        # ReLU zeros: the threshold may fall on 0 where fewer than half the neurons fire
+        assert 0.4 <= kept <= 0.6 or float(sel.mlp_threshold[layer]) == 0.0, (layer, kept)
+        assert 0.4 <= kept_h <= 0.6, (layer, kept_h)
+    dense, _ = M.forward(params, cfg, toks, pos)
+    assert kl_to_dense(dense, M.forward(params, cfg, toks, pos, selector=sel)[0]) > 0
+
+
+def test_threshold_needs_calibration(tiny):
+    cfg, params = tiny
+    with pytest.raises(SparsityError, match="calibration"):
+        build_selector(cfg, params, mode="threshold", mlp_density=0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# Predictor selector: lookahead inputs and the gathered decode path
+# ------------------------------------------------------------------------------------------
+def random_predictors(cfg, rank=8, seed=0):
+    shapes = predictor_shapes(cfg, rank)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, s) for k, s in zip(keys, leaves)])
+
+
+def test_input_source_pairing():
+    assert input_source("mlp", 0, True) == ("block", 0)
+    assert input_source("heads", 5, True) == ("block", 4)
+    assert input_source("mlp", 5, True) == ("block", 4)
+    assert input_source("heads", 5, False) == ("block", 5)
+    assert input_source("mlp", 5, False) == ("mlp", 5)
+
+
+def test_predictor_gather_equals_predictor_mask(tiny):
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    preds = random_predictors(cfg)
+    L = cfg.num_layers
+    mk, hk = (cfg.ffn_size // 2,) * L, (2,) * L
+    for lookahead in (True, False):
+        gat = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, lookahead, gather=True)
+        msk = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, lookahead, gather=False)
+        a = decode_steps(params, cfg, prompt, 3, selector=gat, ops=OPS)
+        b = decode_steps(params, cfg, prompt, 3, selector=msk)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_selector_is_a_pytree_with_predictor_leaves(tiny):
+    cfg, _ = tiny
+    preds = random_predictors(cfg)
+    sel = PredictorSelector(preds, (4,) * cfg.num_layers, (2,) * cfg.num_layers, cfg.ffn_size, cfg.num_heads)
+    leaves, treedef = jax.tree_util.tree_flatten(sel)
+    assert len(leaves) == 4 * cfg.num_layers
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert again.mlp_k == sel.mlp_k and again.lookahead == sel.lookahead
+
+
+# ------------------------------------------------------------------------------------------
+# Lazy KV mode
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window", [1, 4])
+def test_lazy_kv_equals_exact(tiny, window):
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=5)
+    preds = random_predictors(cfg, seed=3)
+    L = cfg.num_layers
+    # one head per layer, chosen anew each step: heads go idle and come back, across refreshes
+    sel = PredictorSelector(preds, (cfg.ffn_size // 2,) * L, (1,) * L, cfg.ffn_size, cfg.num_heads, True, True)
+    n = 11
+    exact = decode_steps(params, cfg, prompt, n, selector=sel, ops=OPS)
+    lazy_cache = init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=window)
+    lazy = decode_steps(params, cfg, prompt, n, selector=sel, ops=OPS, cache=lazy_cache)
+    np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
+
+
+def test_lazy_kv_skips_idle_heads(tiny):
+    """Between refreshes, K/V of heads nobody selected are not written (that is the saving)."""
+    cfg, params = tiny
+    L, T = cfg.num_layers, 5
+    prompt, _ = tokens_for(cfg, B=1, T=T)
+    only0 = FixedSelector([None] * L, [np.array([0])] * L, cfg.ffn_size, cfg.num_heads)
+    cache = init_sparse_cache(cfg, 1, 16, jnp.float32, kv_mode="lazy", lazy_window=8)
+    _, cache = M.forward(params, cfg, prompt, jnp.arange(T)[None], cache)
+    _, cache = M.forward(params, cfg, prompt[:, :1], jnp.array([[T]]), cache, selector=only0, ops=OPS)
+    k = cache.k[1]  # [B, KV, S, Dh]
+    assert float(jnp.abs(k[0, 0, T]).sum()) > 0  # head 0's group written at the new slot
+    assert float(jnp.abs(k[0, -1, T]).sum()) == 0  # the last KV group (no selected head) not written
+    assert int(cache.index) == T + 1 and cache.win_x[0].shape == (1, 8, cfg.hidden_size)
+
+
+# ------------------------------------------------------------------------------------------
+# Config and bad input
+# ------------------------------------------------------------------------------------------
+def test_sparsity_config_json_roundtrip_and_schedules():
+    cfg = TINY["opt"]
+    sp = SparsityConfig(mode="predictor", mlp_density=0.25, head_density=0.5, dense_first=1, dense_last=1,
+                        kv_mode="lazy", lazy_window=8)
+    again = SparsityConfig.from_dict(json.loads(sp.to_json()))
+    assert again == sp
+    assert sp.mlp_schedule(cfg) == (64, 16, 64)
+    assert sp.head_schedule(cfg) == (4, 2, 4)
+    explicit = SparsityConfig(mode="oracle", mlp_k=[8, 16, 32], head_k=[1, 2, 3])
+    assert SparsityConfig.from_dict(explicit.to_dict()).mlp_schedule(cfg) == (8, 16, 32)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mlp_density=0.0), r"mlp_density must be in \(0, 1\]"),
+    (dict(mlp_density=1.5), r"mlp_density must be in \(0, 1\]"),
+    (dict(head_density=-0.1), r"head_density must be in \(0, 1\]"),
+    (dict(mode="sparse"), "unknown sparsity mode"),
+    (dict(kv_mode="fast"), "unknown kv_mode"),
+    (dict(mlp_k=[8, 16, 999]), "larger than the layer width 64"),
+    (dict(head_k=[1, 2, 5]), "larger than the layer width 4"),
+    (dict(mlp_k=[8, 16]), "2 entries, the model has 3 layers"),
+    (dict(dense_first=2, dense_last=2), "exceeds the 3 layers"),
+])
+def test_bad_settings_raise_clear_errors(kwargs, match):
+    cfg = TINY["opt"]
+    params = None  # settings are validated before any weight is looked at
+    args = dict(mode="oracle", mlp_density=0.5)
+    args.update(kwargs)
+    with pytest.raises(SparsityError, match=match):
+        build_selector(cfg, params, **args)
+
+
+def test_predictor_mode_needs_predictors():
+    cfg = TINY["llama"]
+    params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    with pytest.raises(SparsityError, match="needs --predictors"):
+        build_selector(cfg, params, mode="predictor", mlp_density=0.5)
+    assert build_selector(cfg, params, mode="dense") is None
+    assert isinstance(build_selector(cfg, params, mode="oracle", mlp_density=0.5), OracleSelector)
