@@ -1,0 +1,62 @@
+"""The embedded SmolLM2-135M-Instruct end to end: GGUF -> cached checkpoint -> generate / perplexity.
+
+These run the real model (slow): the default checkpoint is converted once per session into a
+temporary cache, then used for a greedy chat answer and for WikiText-2 perplexity compared with
+transformers torch (its own GGUF loader) on the same windows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dejavu_jax.default_model import DefaultModelError, default_checkpoint, default_gguf_path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "../shared/data"
+
+
+def _parity_module():
+    spec = importlib.util.spec_from_file_location("wikitext_parity", REPO_ROOT / "scripts" / "wikitext_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    try:
+        return default_gguf_path()
+    except DefaultModelError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(gguf_path, tmp_path_factory) -> Path:
+    return default_checkpoint(False, cache_dir=tmp_path_factory.mktemp("dejavu_cache"))
+
+
+@pytest.mark.slow
+def test_greedy_chat_answer_is_sensible(checkpoint):
+    from dejavu_jax.generate import generate_text
+
+    texts, result = generate_text(checkpoint, ["What is the capital of France?"], max_new_tokens=16)
+    assert "Paris" in texts[0], texts[0]
+    assert result.new_tokens >= 2 and result.prefill_s > 0 and result.decode_s > 0
+
+
+@pytest.mark.slow
+def test_wikitext2_perplexity_matches_transformers(checkpoint, gguf_path):
+    if not (DATA_DIR / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip(f"no WikiText-2 at {DATA_DIR}")
+    res = _parity_module().parity(2, data_dir=DATA_DIR, checkpoint=checkpoint, gguf_path=gguf_path,
+                                  progress=False)
+    assert res["windows"] == 2 and res["tokens_scored"] == 2048
+    # A sane language-model perplexity (SmolLM2-135M Q4_1 on WikiText-2 is ~20 on these windows) ...
+    assert 5 < res["ppl_jax"] < 60, res
+    # ... and the same number as transformers torch on the same windows (issue: within 0.5%).
+    assert res["rel_diff"] < 0.005, res
+    for w in res["per_window"]:
+        assert abs(w["ppl_jax"] - w["ppl_torch"]) / w["ppl_torch"] < 0.005, w
