@@ -73,16 +73,39 @@ def main(argv=None) -> int:
         model = AutoModelForCausalLM.from_config(hf_config_for(cfg), torch_dtype=dtype).eval()
     input_ids = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        print(json.dumps({"impl": "torch device copy", "copy_bandwidth_gbs": copy_bandwidth_gbs()}), flush=True)
     for variant in args.variants.split(","):
         if variant == "static-compile":
+            # transformers compiles the forward itself (CUDA graphs, fullgraph) when generate runs with a
+            # static cache on a GPU; wrapping it in torch.compile by hand breaks its cache updates.
             model.generation_config.cache_implementation = "static"
-            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         elif variant != "eager":
             raise SystemExit(f"unknown variant {variant!r}")
         with torch.inference_mode():
             result = time_generate(model, input_ids, args.new_tokens, args.reps, sync)
-        print(json.dumps({"impl": f"transformers {variant}", "torch": torch.__version__, **result}), flush=True)
+        compiled = bool(getattr(model, "_compiled_call", None))
+        print(json.dumps({"impl": f"transformers {variant}", "torch": torch.__version__, "compiled": compiled,
+                          **result}), flush=True)
     return 0
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """cudaMemcpy device-to-device bandwidth, counting bytes read plus bytes written."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times) / 1e9
 
 
 if __name__ == "__main__":
