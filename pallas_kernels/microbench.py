@@ -1,0 +1,499 @@
+"""Microbenchmark of the gathered kernels against XLA take+dot and the dense matvec.
+
+Batch-1 decode is memory-bound, so every row reports the bytes the op must read (the selected
+weight rows, plus activations) and the floor those bytes take at the measured copy bandwidth.
+
+Timing: each measured function is one jit that applies the op to L distinct weight copies R times
+(L * R applications, chained through `optimization_barrier` so XLA neither merges nor reorders them,
+with no extra kernels). The L copies hold more selected bytes than the L2 cache, so every application
+streams from HBM. The median wall time of many calls (each ending in block_until_ready), minus the
+median time of an empty jit call (dispatch + sync), divided by L * R is the time per application.
+
+    python -m pallas_kernels.microbench --out results/kernels [--quick] [--sweep]
+writes kernels.json (all rows) and kernels.md (tables).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import gather_attention as ga
+from pallas_kernels._common import on_cpu
+from pallas_kernels import gather_mlp as gm
+
+OPT_6_7B_MLP = dict(D=4096, F=16384)
+OPT_6_7B_ATTN = dict(D=4096, H=32, Dh=128)
+DENSITIES = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def _median_call_s(fn: Callable, args: Sequence, n_trials: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(n_trials):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_OVERHEAD_S: float | None = None
+
+
+def dispatch_overhead_s() -> float:
+    """Median time of a jit call that does almost nothing: what a timed call costs besides work."""
+    global _OVERHEAD_S
+    if _OVERHEAD_S is None:
+        tiny = jax.jit(lambda v: v + 1)
+        _OVERHEAD_S = _median_call_s(tiny, (jnp.ones((8,), jnp.float32),), 200)
+    return _OVERHEAD_S
+
+
+def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
+    """Device copy bandwidth counting bytes read plus written (the floor's denominator)."""
+    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.float16)
+    add = jax.jit(lambda v: v + jnp.float16(1))  # one read, one write, no reuse
+    t = _median_call_s(add, (x,), 20) - dispatch_overhead_s()
+    try:  # prefer the kernel's own duration from the profiler
+        calls = _device_events(add, (x,), 5)
+    except Exception:
+        calls = []
+    if calls:
+        t = statistics.median(sum(e[2] for e in c) for c in calls) / 1e9
+    return 2 * n_bytes / t / 1e9
+
+
+def chain(apply: Callable, n_layers: int, reps: int) -> Callable:
+    """jit of reps x n_layers applications of apply(x, layer_params) -> y (any shape).
+
+    Each application's input is the next fresh x, routed through an optimization_barrier together
+    with the previous output, so the applications run one after another and none can be merged.
+    """
+
+    def run(xs, layers):  # xs: reps x [B, D]; layers: n_layers x params pytree
+        outs, prev = [], None
+        for r in range(reps):
+            for layer in layers:
+                x = xs[r]
+                if prev is not None:
+                    x, prev = jax.lax.optimization_barrier((x, prev))
+                prev = apply(x, layer)
+                outs.append(prev)
+        return outs
+
+    return jax.jit(run)
+
+
+def _device_events(fn, args, n_calls: int) -> list[list[tuple[str, float, float]]]:
+    """GPU activity (name, start_ns, duration_ns) of each of n_calls calls, from a profiler trace.
+
+    Returns [] where the profiler yields no device plane (CPU, or CUPTI unavailable).
+    """
+    from jax.profiler import ProfileData
+
+    calls = []
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        try:
+            for _ in range(n_calls):
+                jax.block_until_ready(fn(*args))
+                calls.append(None)
+        finally:
+            jax.profiler.stop_trace()
+        paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+        if not paths:
+            return []
+        events = []
+        for plane in ProfileData.from_file(paths[0]).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                if not line.name.startswith("Stream"):
+                    continue
+                events += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+    if not events:
+        return []
+    # Calls are separated by host syncs: split the sorted events at the n_calls - 1 largest gaps.
+    events.sort(key=lambda e: e[1])
+    gaps = sorted(range(1, len(events)), key=lambda i: events[i][1] - (events[i - 1][1] +
+                                                                     events[i - 1][2]))
+    cuts = sorted(gaps[-(n_calls - 1):]) if n_calls > 1 else []
+    bounds = [0] + cuts + [len(events)]
+    return [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def time_per_application(apply, xs, layers, n_trials) -> dict:
+    """Times per application of `apply` in microseconds.
+
+    time_us: GPU time per application from profiler events (first kernel start to last kernel end
+    of a call, median over calls, divided by applications), gaps between kernels included;
+    kernel_us: summed kernel durations only (what a CUDA-graph launch would approach);
+    wall_us: host wall time minus the empty-call overhead. time_us falls back to wall_us where no
+    device trace is available.
+    """
+    n_apps = len(xs) * len(layers)
+    fn = chain(apply, len(layers), len(xs))
+    total = _median_call_s(fn, (xs, layers), n_trials)
+    out = dict(wall_us=max(total - dispatch_overhead_s(), 0.0) / n_apps * 1e6)
+    try:
+        calls = _device_events(fn, (xs, layers), 5)
+    except Exception as e:  # profiler unavailable: keep the wall-clock number
+        print(f"profiler failed: {e!r}", file=sys.stderr)
+        calls = []
+    if calls:
+        spans = [(c[-1][1] + c[-1][2] - c[0][1]) / 1e3 / n_apps for c in calls]
+        busy = [sum(e[2] for e in c) / 1e3 / n_apps for c in calls]
+        per_name: dict[str, float] = {}
+        for name, _, dur in calls[len(calls) // 2]:
+            key = name[:48]
+            per_name[key] = per_name.get(key, 0.0) + dur / 1e3 / n_apps
+        out.update(time_us=statistics.median(spans), kernel_us=statistics.median(busy),
+                   kernels={k: round(v, 2) for k, v in per_name.items()})
+    else:
+        out["time_us"] = out["wall_us"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpCase:
+    D: int
+    F: int
+    density: float
+    dtype: str = "float16"
+
+    @property
+    def K(self) -> int:
+        return max(int(round(self.F * self.density)), 1)
+
+
+def _mlp_layers(case: MlpCase, n_layers: int, key):
+    """n_layers independent (w_up [F,1,D], b_up [F,1], w_down [F,D], idx [K]) with random values."""
+    dt = jnp.dtype(case.dtype)
+    layers = []
+    for l in range(n_layers):
+        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, l), 4)
+        w_up = (jax.random.normal(k1, (case.F, 1, case.D), jnp.float32) * case.D ** -0.5).astype(dt)
+        b_up = (jax.random.normal(k2, (case.F, 1), jnp.float32) * 0.1).astype(dt)
+        w_down = (jax.random.normal(k3, (case.F, case.D), jnp.float32) * case.F ** -0.5).astype(dt)
+        idx = jax.random.permutation(k4, case.F)[: case.K].astype(jnp.int32)
+        layers.append((w_up, b_up, w_down, idx))
+    return layers
+
+
+def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None):
+    # On CPU (smoke runs only) the kernels run in interpret mode.
+    up_blocks = dict(up_blocks or {}, interpret=on_cpu())
+    down_blocks = dict(down_blocks or {}, interpret=on_cpu())
+
+    def pallas_mlp(x, layer):
+        w_up, b_up, w_down, idx = layer
+        a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
+        return gm.gathered_down(a, w_down, idx, **down_blocks)
+
+    def xla_mlp(x, layer):
+        w_up, b_up, w_down, idx = layer
+        a = gm.gathered_up_reference(x, w_up, idx, b_up)
+        return gm.gathered_down_reference(a, w_down, idx)
+
+    def dense_mlp(x, layer):
+        w_up, b_up, w_down, _ = layer
+        h = jnp.einsum("BD,FD->BF", x, w_up[:, 0], preferred_element_type=jnp.float32)
+        a = jax.nn.relu(h + b_up[:, 0]).astype(x.dtype)
+        return jnp.einsum("BF,FD->BD", a, w_down, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def pallas_up(x, layer):  # x [B, D] -> [B, K]
+        w_up, b_up, _, idx = layer
+        return gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
+
+    def pallas_down(a, layer):  # a [B, K] -> [B, D]
+        _, _, w_down, idx = layer
+        return gm.gathered_down(a, w_down, idx, **down_blocks)
+
+    return dict(pallas=pallas_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
+                pallas_down=pallas_down)
+
+
+def _mlp_bytes(case: MlpCase, method: str) -> int:
+    item = jnp.dtype(case.dtype).itemsize
+    rows = case.F if method == "dense" else case.K
+    n_mats = 1 if method in ("pallas_up", "pallas_down") else 2
+    return n_mats * rows * case.D * item  # weight rows read; activations are negligible
+
+
+def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
+                      densities: Sequence[float] = DENSITIES, dtype: str = "float16", *,
+                      methods: Sequence[str] = ("pallas", "xla", "dense"), batch: int = 1,
+                      n_layers: int = 8, reps: int = 4, n_trials: int = 30,
+                      up_blocks: dict | None = None, down_blocks: dict | None = None,
+                      bandwidth_gbs: float | None = None, log: Callable = print,
+                      deadline: float = float("inf")) -> list[dict]:
+    """Time the gathered MLP (up + down) per method, shape and density; one dict per row.
+
+    Stops early (returning the rows so far) once time.perf_counter() passes `deadline`.
+
+    Rows carry: time_us per application, bytes read, floor_us = bytes / copy bandwidth,
+    x_floor = time / floor and achieved GB/s.
+    """
+    bw = bandwidth_gbs or copy_bandwidth_gbs()
+    appliers = mlp_appliers(up_blocks, down_blocks)
+    rows = []
+    for shape in shapes:
+        for density in densities:
+            case = MlpCase(D=shape["D"], F=shape["F"], density=density, dtype=dtype)
+            key = jax.random.key(hash((case.D, case.F, case.K)) % (2 ** 31))
+            layers = _mlp_layers(case, n_layers, key)
+            xs = [jax.random.normal(jax.random.fold_in(key, 10_000 + r), (batch, case.D),
+                                    jnp.float32).astype(dtype) for r in range(reps)]
+            acts = [jax.random.normal(jax.random.fold_in(key, 20_000 + r), (batch, case.K),
+                                      jnp.float32).astype(dtype) for r in range(reps)]
+            for method in methods:
+                if time.perf_counter() > deadline:
+                    return rows
+                if method == "dense" and any(r["method"] == "dense" and r["D"] == case.D
+                                             and r["F"] == case.F for r in rows):
+                    dense_row = next(r for r in rows if r["method"] == "dense"
+                                     and r["D"] == case.D and r["F"] == case.F)
+                    rows.append({**dense_row, "density": density, "K": case.K})
+                    continue
+                inputs = acts if method == "pallas_down" else xs
+                timing = time_per_application(appliers[method], inputs, layers, n_trials)
+                t_us = timing.pop("time_us")
+                n_bytes = _mlp_bytes(case, method)
+                floor_us = n_bytes / (bw * 1e3)
+                row = dict(op="mlp", method=method, D=case.D, F=case.F, K=case.K, density=density,
+                           batch=batch, dtype=dtype, time_us=round(t_us, 2), bytes=n_bytes,
+                           floor_us=round(floor_us, 2), x_floor=round(t_us / floor_us, 3),
+                           gbs=round(n_bytes / (t_us * 1e3), 1), bandwidth_gbs=round(bw, 1),
+                           up_blocks=up_blocks or {}, down_blocks=down_blocks or {},
+                           **{k: (round(v, 2) if isinstance(v, float) else v)
+                              for k, v in timing.items()})
+                log(json.dumps(row))
+                rows.append(row)
+            del layers
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_microbench(head_densities: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,
+                         D: int = 4096, H: int = 32, Dh: int = 128, seq_len: int = 2048,
+                         dtype: str = "float16", n_layers: int = 8, reps: int = 4,
+                         n_trials: int = 20, bandwidth_gbs: float | None = None,
+                         log: Callable = print, deadline: float = float("inf")) -> list[dict]:
+    """Q projection + decode attention + out projection of the selected heads (MHA, batch 1)."""
+    bw = bandwidth_gbs or copy_bandwidth_gbs()
+    dt = jnp.dtype(dtype)
+    rows = []
+    for density in head_densities:
+        Kh = max(int(round(H * density)), 1)
+        key = jax.random.key(Kh)
+        layers = []
+        for l in range(n_layers):
+            k1, k2, k3, k4, k5 = jax.random.split(jax.random.fold_in(key, l), 5)
+            w_q = (jax.random.normal(k1, (H, Dh, D), jnp.float32) * D ** -0.5).astype(dt)
+            w_o = (jax.random.normal(k2, (H, Dh, D), jnp.float32) * (H * Dh) ** -0.5).astype(dt)
+            kc = jax.random.normal(k3, (1, H, seq_len, Dh), jnp.float32).astype(dt)
+            vc = jax.random.normal(k4, (1, H, seq_len, Dh), jnp.float32).astype(dt)
+            idx = jax.random.permutation(k5, H)[:Kh].astype(jnp.int32)
+            layers.append((w_q, w_o, kc, vc, idx))
+        valid = jnp.ones((1, seq_len), bool)
+        xs = [jax.random.normal(jax.random.fold_in(key, 99 + r), (1, D), jnp.float32).astype(dt)
+              for r in range(reps)]
+        scale = Dh ** -0.5
+
+        def pallas_attn(x, layer):
+            w_q, w_o, kc, vc, idx = layer
+            q = ga.gathered_head_proj(x, w_q, idx, interpret=on_cpu())
+            o = ga.sparse_decode_attention(q, kc, vc, valid, idx, scale=scale, interpret=on_cpu())
+            return ga.gathered_out_proj(o, w_o, idx, interpret=on_cpu())
+
+        def xla_attn(x, layer):
+            w_q, w_o, kc, vc, idx = layer
+            q = ga.gathered_head_proj_reference(x, w_q, idx)
+            o = ga.sparse_decode_attention_reference(q, kc, vc, valid, idx, scale=scale)
+            return ga.gathered_out_proj_reference(o, w_o, idx)
+
+        def dense_attn(x, layer):
+            w_q, w_o, kc, vc, _ = layer
+            all_heads = jnp.arange(H, dtype=jnp.int32)
+            q = ga.gathered_head_proj_reference(x, w_q, all_heads)
+            o = ga.sparse_decode_attention_reference(q, kc, vc, valid, all_heads, scale=scale)
+            return ga.gathered_out_proj_reference(o, w_o, all_heads)
+
+        def pallas_attn_core(q, layer):  # attention alone: q [1, Kh, Dh]
+            _, _, kc, vc, idx = layer
+            return ga.sparse_decode_attention(q, kc, vc, valid, idx, scale=scale,
+                                              interpret=on_cpu())
+
+        qs = [jax.random.normal(jax.random.fold_in(key, 199 + r), (1, Kh, Dh),
+                                jnp.float32).astype(dt) for r in range(reps)]
+        item = dt.itemsize
+        proj_bytes = 2 * Kh * Dh * D * item
+        kv_bytes = 2 * Kh * seq_len * Dh * item
+        for method, fn, inputs, n_bytes in (
+                ("pallas", pallas_attn, xs, proj_bytes + kv_bytes),
+                ("xla", xla_attn, xs, proj_bytes + kv_bytes),
+                ("dense", dense_attn, xs, 2 * H * Dh * D * item + 2 * H * seq_len * Dh * item),
+                ("pallas_attention_only", pallas_attn_core, qs, kv_bytes)):
+            if time.perf_counter() > deadline:
+                return rows
+            timing = time_per_application(fn, inputs, layers, n_trials)
+            t_us = timing.pop("time_us")
+            floor_us = n_bytes / (bw * 1e3)
+            row = dict(op="attention", method=method, D=D, H=H, Dh=Dh, Kh=Kh, seq_len=seq_len,
+                       density=density, dtype=dtype, time_us=round(t_us, 2), bytes=n_bytes,
+                       floor_us=round(floor_us, 2), x_floor=round(t_us / floor_us, 3),
+                       gbs=round(n_bytes / (t_us * 1e3), 1), bandwidth_gbs=round(bw, 1),
+                       **{k: (round(v, 2) if isinstance(v, float) else v)
+                          for k, v in timing.items()})
+            log(json.dumps(row))
+            rows.append(row)
+        del layers
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-size sweep (tuning) and report
+# --------------------------------------------------------------------------------------------------
+
+UP_SWEEP = (
+    dict(block_e=1, block_d=4096, num_warps=4), dict(block_e=2, block_d=4096, num_warps=4),
+    dict(block_e=4, block_d=4096, num_warps=4), dict(block_e=4, block_d=4096, num_warps=8),
+    dict(block_e=8, block_d=2048, num_warps=8), dict(block_e=4, block_d=1024, num_warps=4),
+    dict(block_e=16, block_d=512, num_warps=4), dict(block_e=8, block_d=512, num_warps=2),
+)
+DOWN_SWEEP = (
+    dict(block_e=16, block_d=1024, num_warps=4), dict(block_e=8, block_d=1024, num_warps=4),
+    dict(block_e=32, block_d=512, num_warps=4), dict(block_e=16, block_d=2048, num_warps=8),
+    dict(block_e=64, block_d=256, num_warps=4), dict(block_e=4, block_d=4096, num_warps=8),
+    dict(block_e=256, block_d=32, k_splits=1, num_warps=4),
+    dict(block_e=128, block_d=64, k_splits=1, num_warps=4),
+    dict(block_e=128, block_d=64, k_splits=4, num_warps=4),
+)
+
+
+def sweep(densities=(0.1, 0.5), deadline: float = float("inf"), log: Callable = print,
+          bandwidth_gbs: float | None = None) -> list[dict]:
+    """Up and down kernels alone over UP_SWEEP / DOWN_SWEEP configs, until the deadline."""
+    rows = []
+    for density in densities:
+        for method, configs in (("pallas_up", UP_SWEEP), ("pallas_down", DOWN_SWEEP)):
+            for blocks in configs:
+                kw = dict(up_blocks=blocks) if method == "pallas_up" else dict(down_blocks=blocks)
+                rows += kernel_microbench(densities=(density,), methods=(method,), reps=2,
+                                          n_trials=15, bandwidth_gbs=bandwidth_gbs, log=log,
+                                          deadline=deadline, **kw)
+    return rows
+
+
+def to_markdown(rows: list[dict], device: str) -> str:
+    lines = [f"# Kernel microbenchmark\n\ndevice: {device}\n"]
+    mlp = [r for r in rows if r["op"] == "mlp" and r["method"] in ("pallas", "xla", "dense")]
+    if mlp:
+        lines += ["## MLP up+down (batch 1), time per layer\n",
+                  "time = GPU span per layer from profiler events (gaps included); kernel = summed"
+                  " kernel durations; wall = host wall time per layer.\n",
+                  "| D | F | density | K | pallas us | pallas kernel us | pallas wall us | xla us |"
+                  " dense us | floor us | pallas x floor | pallas GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["D"], r["F"], r["density"]) for r in mlp})
+        for D, F, d in keys:
+            by = {r["method"]: r for r in mlp if (r["D"], r["F"], r["density"]) == (D, F, d)}
+            p = by.get("pallas", {})
+            lines.append(f"| {D} | {F} | {d} | {p.get('K', '')} | {p.get('time_us', '')} | "
+                         f"{p.get('kernel_us', '')} | {p.get('wall_us', '')} | "
+                         f"{by.get('xla', {}).get('time_us', '')} | "
+                         f"{by.get('dense', {}).get('time_us', '')} | {p.get('floor_us', '')} | "
+                         f"{p.get('x_floor', '')} | {p.get('gbs', '')} |")
+    single = [r for r in rows if r["op"] == "mlp" and r["method"] in ("pallas_up", "pallas_down")]
+    if single:
+        lines += ["\n## Single kernels and block sizes\n",
+                  "| kernel | density | blocks | us | kernel us | x floor | GB/s | kernels (us) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in single:
+            blocks = r["up_blocks"] if r["method"] == "pallas_up" else r["down_blocks"]
+            lines.append(f"| {r['method']} | {r['density']} | {blocks or 'default'} | "
+                         f"{r['time_us']} | {r.get('kernel_us', '')} | {r['x_floor']} | "
+                         f"{r['gbs']} | {r.get('kernels', '')} |")
+    attn = [r for r in rows if r["op"] == "attention"]
+    if attn:
+        lines += ["\n## Attention: Q proj + decode attention + out proj (batch 1, MHA)\n",
+                  "| heads kept | seq | method | us | kernel us | floor us | x floor | GB/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in attn:
+            lines.append(f"| {r['Kh']}/{r['H']} | {r['seq_len']} | {r['method']} | {r['time_us']} |"
+                         f" {r.get('kernel_us', '')} | {r['floor_us']} | {r['x_floor']} |"
+                         f" {r['gbs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for kernels.json and kernels.md")
+    p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    p.add_argument("--sweep", action="store_true", help="also sweep block sizes of each kernel")
+    p.add_argument("--seconds", type=float, default=float("inf"),
+                   help="stop starting new measurements after this many seconds")
+    p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "kernels.jsonl")
+    log_file = open(log_path, "w")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    deadline = time.perf_counter() + args.seconds
+    device = str(jax.devices()[0].device_kind)
+    bw = copy_bandwidth_gbs()
+    log(json.dumps(dict(device=device, jax=jax.__version__, copy_bandwidth_gbs=round(bw, 1),
+                        dispatch_overhead_us=round(dispatch_overhead_s() * 1e6, 1))))
+    trials = 10 if args.quick else 30
+    common = dict(bandwidth_gbs=bw, log=log, deadline=deadline)
+    rows = kernel_microbench(densities=args.densities, n_trials=trials, **common)
+    rows += kernel_microbench(densities=(0.1, 0.5), methods=("pallas_up", "pallas_down"),
+                              n_trials=trials, **common)
+    if not args.no_attention:
+        rows += attention_microbench(n_trials=trials // 2 or 1, **common)
+    if args.sweep:
+        rows += sweep(**common)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(dict(device=device, jax=jax.__version__, copy_bandwidth_gbs=bw,
+                       argv=sys.argv, rows=rows), f, indent=1)
+    md = to_markdown(rows, device)
+    with open(os.path.join(args.out, "kernels.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

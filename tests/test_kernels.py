@@ -1,0 +1,351 @@
+"""pallas_kernels: every kernel against its XLA reference.
+
+On CPU the kernels run in Pallas interpret mode (small shapes, odd sizes that exercise the power-of-
+two padding and masks); the Triton lowering itself is checked on CPU too by lowering for CUDA. Tests
+marked gpu compile the kernels on a GPU at model-sized shapes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import gather_attention as ga
+from pallas_kernels import gather_mlp as gm
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+gpu = pytest.mark.gpu
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU backend")
+
+# Relative L2 error bounds: fp32 sums differ from XLA's only by summation order; bf16 outputs
+# differ by at most a rounding step of the output (2^-8 relative).
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_references():
+    """XLA on GPU runs fp32 dots as TF32 by default (~1e-3 error); the references must not."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert np.all(np.isfinite(out)), "kernel output has non-finite values"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def normal(key, shape, dtype, scale=1.0):
+    return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
+
+
+def pick(key, n, k):
+    """k distinct indices of range(n) in random order."""
+    return jax.random.permutation(key, n)[:k].astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------------
+
+UP_CASES = [
+    # B, D, F, U, K, activation, bias
+    (1, 64, 32, 1, 1, "relu", True),  # K = 1
+    (1, 300, 96, 1, 37, "relu", True),  # odd D and K
+    (3, 576, 64, 2, 21, "swiglu", False),  # Llama-style stacked gate/up, batch 3
+    (2, 160, 48, 2, 48, "none", True),  # K = F, part 0 of a U=2 weight
+    (1, 128, 40, 2, 40, "relu", True),  # K = F, relu reads only part 0
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,D,F,U,K,activation,bias", UP_CASES)
+def test_gathered_up_matches_reference(B, D, F, U, K, activation, bias, dtype):
+    ks = jax.random.split(jax.random.key(B * 1000 + D + K), 4)
+    x = normal(ks[0], (B, D), dtype)
+    w = normal(ks[1], (F, U, D), dtype, D ** -0.5)
+    b = normal(ks[2], (F, U), dtype) if bias else None
+    idx = pick(ks[3], F, K)
+    out = gm.gathered_up(x, w, idx, b, activation=activation, interpret=INTERPRET)
+    ref = gm.gathered_up_reference(x, w, idx, b, activation=activation)
+    assert out.dtype == x.dtype and out.shape == (B, K)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("blocks", [dict(block_e=4, block_d=64), dict(block_e=1, block_d=512),
+                                    dict(block_e=16, block_d=32, num_warps=2)])
+def test_gathered_up_block_sizes(blocks):
+    """Any power-of-two tiling gives the same result, including tiles larger than the problem."""
+    ks = jax.random.split(jax.random.key(7), 4)
+    x, w = normal(ks[0], (2, 200), jnp.float32), normal(ks[1], (50, 2, 200), jnp.float32)
+    b, idx = normal(ks[2], (50, 2), jnp.float32), pick(ks[3], 50, 13)
+    out = gm.gathered_up(x, w, idx, b, activation="swiglu", interpret=INTERPRET, **blocks)
+    ref = gm.gathered_up_reference(x, w, idx, b, activation="swiglu")
+    assert rel_err(out, ref) < TOL[jnp.float32]
+
+
+def test_gathered_up_all_rows_is_dense():
+    """Selecting every neuron (in order) equals the dense matmul with bias and ReLU."""
+    ks = jax.random.split(jax.random.key(3), 3)
+    F, D = 72, 136
+    x, w, b = normal(ks[0], (2, D), jnp.float32), normal(ks[1], (F, 1, D), jnp.float32), \
+        normal(ks[2], (F, 1), jnp.float32)
+    out = gm.gathered_up(x, w, jnp.arange(F, dtype=jnp.int32), b, interpret=INTERPRET)
+    dense = jax.nn.relu(jnp.einsum("BD,FD->BF", x, w[:, 0], precision="highest") + b[:, 0])
+    assert rel_err(out, dense) < TOL[jnp.float32]
+
+
+DOWN_CASES = [
+    # B, D, F, K, blocks
+    (1, 64, 32, 1, {}),  # K = 1
+    (1, 300, 96, 37, {}),  # odd sizes, default split-K with atomics
+    (3, 576, 64, 21, dict(k_splits=1)),  # one program per column block, direct store
+    (2, 100, 48, 48, dict(block_e=4, block_d=32, k_splits=5)),  # K = F, uneven splits
+    (1, 257, 40, 39, dict(block_e=2, block_d=512, k_splits=1)),  # tile wider than D, long loop
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,D,F,K,blocks", DOWN_CASES)
+def test_gathered_down_matches_reference(B, D, F, K, blocks, dtype):
+    ks = jax.random.split(jax.random.key(B * 1000 + D + K), 3)
+    a = normal(ks[0], (B, K), dtype)
+    w = normal(ks[1], (F, D), dtype, K ** -0.5)
+    idx = pick(ks[2], F, K)
+    out = gm.gathered_down(a, w, idx, interpret=INTERPRET, **blocks)
+    ref = gm.gathered_down_reference(a, w, idx)
+    assert out.dtype == a.dtype and out.shape == (B, D)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("k_splits", [1, 3])
+def test_gathered_down_all_rows_is_dense(k_splits):
+    """All neurons selected in a shuffled order: the permuted sum equals the dense matmul."""
+    ks = jax.random.split(jax.random.key(5), 3)
+    F, D = 64, 120
+    a_dense, w = normal(ks[0], (2, F), jnp.float32), normal(ks[1], (F, D), jnp.float32)
+    idx = pick(ks[2], F, F)
+    out = gm.gathered_down(a_dense[:, idx], w, idx, interpret=INTERPRET, k_splits=k_splits,
+                           block_e=8)
+    dense = jnp.einsum("BF,FD->BD", a_dense, w, precision="highest")
+    assert rel_err(out, dense) < TOL[jnp.float32]
+
+
+def test_mlp_sparse_equals_masked_dense():
+    """up -> down over the selected neurons equals the dense MLP with the other neurons zeroed."""
+    ks = jax.random.split(jax.random.key(11), 5)
+    F, D, K = 80, 96, 30
+    x, w_up = normal(ks[0], (1, D), jnp.float32), normal(ks[1], (F, 1, D), jnp.float32)
+    b_up, w_down = normal(ks[2], (F, 1), jnp.float32), normal(ks[3], (F, D), jnp.float32)
+    idx = pick(ks[4], F, K)
+    y = gm.gathered_down(gm.gathered_up(x, w_up, idx, b_up, interpret=INTERPRET), w_down, idx,
+                         interpret=INTERPRET)
+    keep = jnp.zeros((F,), bool).at[idx].set(True)
+    h = jax.nn.relu(jnp.einsum("BD,FD->BF", x, w_up[:, 0], precision="highest") + b_up[:, 0])
+    dense = jnp.einsum("BF,FD->BD", jnp.where(keep, h, 0.0), w_down, precision="highest")
+    assert rel_err(y, dense) < TOL[jnp.float32]
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+HEAD_CASES = [
+    # B, H, Dh, D, Kh
+    (1, 9, 64, 576, 1),  # SmolLM2 shape, one head
+    (1, 9, 64, 576, 9),  # all heads
+    (2, 6, 48, 100, 4),  # non power-of-two Dh and D
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,H,Dh,D,Kh", HEAD_CASES)
+def test_gathered_head_proj_matches_reference(B, H, Dh, D, Kh, dtype):
+    ks = jax.random.split(jax.random.key(H * 100 + Kh), 4)
+    x, w = normal(ks[0], (B, D), dtype), normal(ks[1], (H, Dh, D), dtype, D ** -0.5)
+    b, idx = normal(ks[2], (H, Dh), dtype), pick(ks[3], H, Kh)
+    out = ga.gathered_head_proj(x, w, idx, b, interpret=INTERPRET)
+    ref = ga.gathered_head_proj_reference(x, w, idx, b)
+    assert out.shape == (B, Kh, Dh)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,H,Dh,D,Kh", HEAD_CASES)
+def test_gathered_out_proj_matches_reference(B, H, Dh, D, Kh, dtype):
+    ks = jax.random.split(jax.random.key(H * 100 + Kh + 1), 3)
+    o, w = normal(ks[0], (B, Kh, Dh), dtype), normal(ks[1], (H, Dh, D), dtype, (Kh * Dh) ** -0.5)
+    idx = pick(ks[2], H, Kh)
+    out = ga.gathered_out_proj(o, w, idx, interpret=INTERPRET)
+    ref = ga.gathered_out_proj_reference(o, w, idx)
+    assert out.shape == (B, D)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_head_proj_all_heads_is_dense():
+    ks = jax.random.split(jax.random.key(13), 3)
+    H, Dh, D = 5, 24, 72
+    x, w, b = normal(ks[0], (1, D), jnp.float32), normal(ks[1], (H, Dh, D), jnp.float32), \
+        normal(ks[2], (H, Dh), jnp.float32)
+    all_heads = jnp.arange(H, dtype=jnp.int32)
+    q = ga.gathered_head_proj(x, w, all_heads, b, interpret=INTERPRET)
+    assert rel_err(q, jnp.einsum("BD,NHD->BNH", x, w, precision="highest") + b) < TOL[jnp.float32]
+    o = normal(ks[0], (1, H, Dh), jnp.float32)
+    y = ga.gathered_out_proj(o, w, all_heads, interpret=INTERPRET)
+    assert rel_err(y, jnp.einsum("BNH,NHD->BD", o, w, precision="highest")) < TOL[jnp.float32]
+
+
+ATTN_CASES = [
+    # B, H, KV, Dh, S, Kh, blocks
+    (1, 4, 4, 64, 40, 2, {}),  # MHA, default sequence splits
+    (2, 9, 3, 64, 37, 5, dict(block_s=16, seq_splits=1)),  # GQA (SmolLM2 heads), one split
+    (1, 6, 2, 48, 100, 6, dict(block_s=16, seq_splits=3)),  # odd Dh, all heads, uneven splits
+    (1, 8, 8, 32, 16, 1, dict(block_s=32)),  # one head, block longer than the cache
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,H,KV,Dh,S,Kh,blocks", ATTN_CASES)
+def test_sparse_decode_attention_matches_reference(B, H, KV, Dh, S, Kh, blocks, dtype):
+    ks = jax.random.split(jax.random.key(S * 10 + Kh), 5)
+    q = normal(ks[0], (B, Kh, Dh), dtype)
+    k, v = normal(ks[1], (B, KV, S, Dh), dtype), normal(ks[2], (B, KV, S, Dh), dtype)
+    valid = jax.random.bernoulli(ks[3], 0.6, (B, S)).at[:, 0].set(True)
+    idx = pick(ks[4], H, Kh)
+    kw = dict(scale=Dh ** -0.5, num_heads=H)
+    out = ga.sparse_decode_attention(q, k, v, valid, idx, interpret=INTERPRET, **kw, **blocks)
+    ref = ga.sparse_decode_attention_reference(q, k, v, valid, idx, **kw)
+    assert out.shape == (B, Kh, Dh) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_sparse_decode_attention_is_dense_softmax_attention():
+    """All heads, GQA: equals softmax(q k^T) v written out per query head, masked slots ignored."""
+    ks = jax.random.split(jax.random.key(17), 4)
+    B, H, KV, Dh, S = 2, 6, 3, 16, 24
+    q = normal(ks[0], (B, H, Dh), jnp.float32)
+    k, v = normal(ks[1], (B, KV, S, Dh), jnp.float32), normal(ks[2], (B, KV, S, Dh), jnp.float32)
+    valid = jnp.arange(S)[None, :] < jnp.array([[S], [9]])  # second row: only 9 tokens so far
+    out = ga.sparse_decode_attention(q, k, v, valid, jnp.arange(H, dtype=jnp.int32),
+                                     scale=0.3, num_heads=H, interpret=INTERPRET, block_s=16)
+    k_h, v_h = jnp.repeat(k, H // KV, axis=1), jnp.repeat(v, H // KV, axis=1)  # [B, H, S, Dh]
+    s = jnp.einsum("bhd,bhsd->bhs", q, k_h, precision="highest") * 0.3
+    p = jax.nn.softmax(jnp.where(valid[:, None], s, -jnp.inf), axis=-1)
+    assert rel_err(out, jnp.einsum("bhs,bhsd->bhd", p, v_h, precision="highest")) < 1e-5
+
+
+def test_sparse_decode_attention_row_without_valid_slots_is_zero():
+    ks = jax.random.split(jax.random.key(19), 3)
+    q = normal(ks[0], (2, 2, 8), jnp.float32)
+    k, v = normal(ks[1], (2, 2, 20, 8), jnp.float32), normal(ks[2], (2, 2, 20, 8), jnp.float32)
+    valid = jnp.zeros((2, 20), bool).at[0, 3].set(True)
+    idx = jnp.array([1, 0], jnp.int32)
+    out = ga.sparse_decode_attention(q, k, v, valid, idx, scale=1.0, interpret=INTERPRET)
+    ref = ga.sparse_decode_attention_reference(q, k, v, valid, idx, scale=1.0)
+    assert np.all(np.asarray(out[1]) == 0.0)
+    np.testing.assert_allclose(out[0], v[0, idx, 3], rtol=1e-6)  # one valid slot: its value row
+    assert rel_err(out, ref) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend switch, argument checks, Triton lowering
+# --------------------------------------------------------------------------------------------------
+
+
+def test_get_ops_backends():
+    xla = pk.get_ops("xla")
+    assert xla.gathered_up is gm.gathered_up_reference
+    assert xla.sparse_decode_attention is ga.sparse_decode_attention_reference
+    pallas = pk.get_ops("pallas")
+    ks = jax.random.split(jax.random.key(23), 3)
+    x, w, idx = normal(ks[0], (1, 48), jnp.float32), normal(ks[1], (20, 1, 48), jnp.float32), \
+        pick(ks[2], 20, 7)
+    # Interpret mode is switched on automatically on CPU, so this call runs anywhere.
+    assert rel_err(pallas.gathered_up(x, w, idx), xla.gathered_up(x, w, idx)) < TOL[jnp.float32]
+    with pytest.raises(ValueError, match="xla.*pallas"):
+        pk.get_ops("triton")
+
+
+def test_bad_arguments_are_rejected():
+    x, w, idx = jnp.ones((1, 8)), jnp.ones((4, 1, 8)), jnp.arange(2, dtype=jnp.int32)
+    with pytest.raises(ValueError, match="power of two"):
+        gm.gathered_up(x, w, idx, interpret=True, block_e=3)
+    with pytest.raises(TypeError, match="unknown block"):
+        gm.gathered_down(jnp.ones((1, 2)), jnp.ones((4, 8)), idx, interpret=True, block_k=4)
+    with pytest.raises(ValueError, match="swiglu"):
+        gm.gathered_up(x, w, idx, activation="swiglu", interpret=True)
+    with pytest.raises(ValueError, match="activation"):
+        gm.gathered_up(x, w, idx, activation="gelu", interpret=True)
+
+
+def _lowers_to_triton(fn, *args) -> bool:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return "__gpu$xla.gpu.triton" in text
+
+
+def test_kernels_lower_to_triton_for_odd_shapes():
+    """Lowering for CUDA runs the Triton lowering rules (power-of-two shapes, supported ops) on
+    CPU; the SmolLM2 sizes (D=576, F=1536, Dh=64, H=9) and an odd K must all lower."""
+    f16 = jnp.float16
+    x, idx = jnp.ones((1, 576), f16), jnp.arange(37, dtype=jnp.int32)
+    w_up, w_down = jnp.ones((1536, 2, 576), f16), jnp.ones((1536, 576), f16)
+    assert _lowers_to_triton(functools.partial(gm.gathered_up, activation="swiglu"), x, w_up, idx)
+    assert _lowers_to_triton(gm.gathered_down, jnp.ones((1, 37), f16), w_down, idx)
+    assert _lowers_to_triton(functools.partial(gm.gathered_down, k_splits=1),
+                             jnp.ones((1, 37), f16), w_down, idx)
+    w_q, heads = jnp.ones((9, 64, 576), f16), jnp.arange(5, dtype=jnp.int32)
+    assert _lowers_to_triton(ga.gathered_head_proj, x, w_q, heads, jnp.ones((9, 64), f16))
+    assert _lowers_to_triton(ga.gathered_out_proj, jnp.ones((1, 5, 64), f16), w_q, heads)
+    kv = jnp.ones((1, 3, 70, 64), f16)
+    attn = functools.partial(ga.sparse_decode_attention, scale=0.125, num_heads=9)
+    assert _lowers_to_triton(attn, jnp.ones((1, 5, 64), f16), kv, kv, jnp.ones((1, 70), bool), heads)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at model sizes
+# --------------------------------------------------------------------------------------------------
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("U,activation", [(1, "relu"), (2, "swiglu")])
+def test_gpu_mlp_model_size(density, U, activation):
+    D, F = 4096, 16384
+    K = max(int(F * density), 1)
+    ks = jax.random.split(jax.random.key(29), 5)
+    x, w_up = normal(ks[0], (1, D), jnp.float16), normal(ks[1], (F, U, D), jnp.float16, D ** -0.5)
+    b_up = normal(ks[2], (F, U), jnp.float16) if U == 1 else None
+    w_down, idx = normal(ks[3], (F, D), jnp.float16, K ** -0.5), pick(ks[4], F, K)
+    a = gm.gathered_up(x, w_up, idx, b_up, activation=activation)
+    assert rel_err(a, gm.gathered_up_reference(x, w_up, idx, b_up, activation=activation)) < 2e-3
+    y = gm.gathered_down(a, w_down, idx)
+    assert rel_err(y, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
+    y1 = gm.gathered_down(a, w_down, idx, k_splits=1)
+    assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("B", [1, 4])
+def test_gpu_attention_model_size(B):
+    H, KV, Dh, D, S, Kh = 32, 8, 128, 4096, 1000, 12
+    ks = jax.random.split(jax.random.key(31), 7)
+    x, w = normal(ks[0], (B, D), jnp.float16), normal(ks[1], (H, Dh, D), jnp.float16, D ** -0.5)
+    idx = pick(ks[2], H, Kh)
+    q = ga.gathered_head_proj(x, w, idx)
+    assert rel_err(q, ga.gathered_head_proj_reference(x, w, idx)) < 2e-3
+    k, v = normal(ks[3], (B, KV, S, Dh), jnp.float16), normal(ks[4], (B, KV, S, Dh), jnp.float16)
+    valid = jnp.arange(S)[None, :] < jnp.arange(S - B, S)[:, None] + 1
+    kw = dict(scale=Dh ** -0.5, num_heads=H)
+    o = ga.sparse_decode_attention(q, k, v, valid, idx, **kw)
+    assert rel_err(o, ga.sparse_decode_attention_reference(q, k, v, valid, idx, **kw)) < 2e-3
+    y = ga.gathered_out_proj(o, w, idx)
+    assert rel_err(y, ga.gathered_out_proj_reference(o, w, idx)) < 2e-3
