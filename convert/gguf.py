@@ -135,17 +135,19 @@ def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return halves.swapaxes(1, 2).reshape(w.shape)
 
 
-def _tensor_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int | None]]:
-    """GGUF tensor suffix -> (Hugging Face name, expected numpy shape, heads to un-permute or None).
+def _tensor_table(cfg: ModelConfig) -> tuple[dict, dict]:
+    """GGUF name -> (Hugging Face name, expected numpy shape, heads to un-permute or None).
 
-    Per-layer entries are keyed by the suffix after "blk.N."; top-level ones by the full name.
+    Returns (top-level table keyed by full name, per-layer table keyed by the suffix after "blk.N.").
     """
     D, F, H, KV, Dh, V = (cfg.hidden_size, cfg.ffn_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.vocab_size)
-    table = {
+    top = {
         "token_embd.weight": ("model.embed_tokens.weight", (V, D), None),
         "output_norm.weight": ("model.norm.weight", (D,), None),
         "output.weight": ("lm_head.weight", (V, D), None),
+    }
+    layer = {
         "attn_q.weight": ("self_attn.q_proj.weight", (H * Dh, D), H),
         "attn_k.weight": ("self_attn.k_proj.weight", (KV * Dh, D), KV),
         "attn_v.weight": ("self_attn.v_proj.weight", (KV * Dh, D), None),
@@ -157,19 +159,19 @@ def _tensor_table(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], int
         "ffn_down.weight": ("mlp.down_proj.weight", (D, F), None),
     }
     if cfg.attn_bias:
-        table.update({
+        layer.update({
             "attn_q.bias": ("self_attn.q_proj.bias", (H * Dh,), H),
             "attn_k.bias": ("self_attn.k_proj.bias", (KV * Dh,), KV),
             "attn_v.bias": ("self_attn.v_proj.bias", (KV * Dh,), None),
             "attn_output.bias": ("self_attn.o_proj.bias", (D,), None),
         })
     if cfg.mlp_bias:
-        table.update({
+        layer.update({
             "ffn_gate.bias": ("mlp.gate_proj.bias", (F,), None),
             "ffn_up.bias": ("mlp.up_proj.bias", (F,), None),
             "ffn_down.bias": ("mlp.down_proj.bias", (D,), None),
         })
-    return table
+    return top, layer
 
 
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
@@ -184,22 +186,23 @@ def plan_tensors(reader, cfg: ModelConfig) -> list[tuple[Any, str, int | None]]:
 
     Returns [(reader tensor, Hugging Face name, heads to un-permute or None)] in file order.
     """
-    table = _tensor_table(cfg)
+    top, layer_table = _tensor_table(cfg)
     plan, seen = [], set()
     for t in reader.tensors:
         m = _LAYER.fullmatch(t.name)
+        entry = hf_name = None
         if m:
             layer, suffix = int(m.group(1)), m.group(2)
             if layer >= cfg.num_layers:
                 raise ConversionError(f"GGUF tensor {t.name} is for layer {layer}, but the metadata says "
                                       f"{cfg.num_layers} layers")
-            entry = table.get(suffix) if suffix.split(".")[0] not in ("token_embd", "output", "output_norm") else None
-            hf_name = f"model.layers.{layer}.{entry[0]}" if entry else None
-        else:
-            entry = table.get(t.name) if t.name.split(".")[0] in ("token_embd", "output", "output_norm") else None
-            hf_name = entry[0] if entry else None
+            entry = layer_table.get(suffix)
+            hf_name = entry and f"model.layers.{layer}.{entry[0]}"
+        elif t.name in top:
+            entry = top[t.name]
+            hf_name = entry[0]
         if entry is None:
-            if t.name in ("rope_freqs.weight",):
+            if t.name == "rope_freqs.weight":
                 raise ConversionError(f"GGUF tensor {t.name}: RoPE frequency factors (Llama 3.1-style rope "
                                       f"scaling) are not supported")
             raise ConversionError(f"unexpected GGUF tensor {t.name} for a Llama model")
@@ -211,10 +214,9 @@ def plan_tensors(reader, cfg: ModelConfig) -> list[tuple[Any, str, int | None]]:
                 f"ne={_ne(expected)} (numpy {expected}); the file's metadata and tensors disagree")
         plan.append((t, hf_name, entry[2]))
         seen.add(t.name)
-    expected_names = [n for n in table if n.split(".")[0] in ("token_embd", "output_norm")]
-    expected_names += [f"blk.{i}.{s}" for i in range(cfg.num_layers) for s in table
-                       if s.split(".")[0] not in ("token_embd", "output", "output_norm")]
-    missing = [n for n in expected_names if n not in seen]
+    required = ["token_embd.weight", "output_norm.weight"]
+    required += [f"blk.{i}.{s}" for i in range(cfg.num_layers) for s in layer_table]
+    missing = [n for n in required if n not in seen]
     if missing:
         raise ConversionError(f"GGUF file lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return plan

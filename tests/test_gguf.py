@@ -27,6 +27,7 @@ from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer  # noqa: E402
 from dejavu_jax.default_model import DefaultModelError, default_checkpoint, default_gguf_path  # noqa: E402
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
+Q4_1 = gguf.GGMLQuantizationType.Q4_1
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,11 +60,11 @@ def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0):
     return model
 
 
-def write_tiny_gguf(path: Path, model, *, quant: bool = False, arch: str = "llama", tokenizer: bool = True,
+def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", tokenizer: bool = True,
                     ffn_override: int | None = None, drop: str | None = None) -> Path:
     """A llama.cpp-style GGUF of a transformers Llama model (Q/K permuted, ne-order shapes).
 
-    quant: store the 2-D matrices as Q8_0 (norms stay F32, as llama.cpp does).
+    quant: a GGMLQuantizationType for the 2-D matrices (norms stay F32, as llama.cpp does); None = F32.
     ffn_override: write a wrong feed_forward_length; drop: leave one tensor out (error tests).
     """
     c = model.config
@@ -119,8 +120,8 @@ def write_tiny_gguf(path: Path, model, *, quant: bool = False, arch: str = "llam
             arr = permute_rows(arr, H)
         elif name.endswith("attn_k.weight"):
             arr = permute_rows(arr, KV)
-        if quant and arr.ndim == 2:
-            w.add_tensor(name, gguf.quants.quantize(arr, Q8_0), raw_dtype=Q8_0)
+        if quant is not None and arr.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
         else:
             w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
     w.write_header_to_file()
@@ -154,8 +155,9 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(p, [0, 4, 1, 5, 2, 6, 3, 7])
 
 
-@pytest.mark.parametrize("heads,kv_heads,tie,quant", [(4, 2, True, False), (4, 4, False, False), (4, 1, True, True)],
-                         ids=["gqa-tied-f32", "mha-untied-f32", "mqa-tied-q8_0"])
+@pytest.mark.parametrize("heads,kv_heads,tie,quant", [(4, 2, True, None), (4, 4, False, None), (4, 1, True, Q8_0),
+                                                     (4, 2, False, Q4_1)],
+                         ids=["gqa-tied-f32", "mha-untied-f32", "mqa-tied-q8_0", "gqa-untied-q4_1"])
 def test_tiny_gguf_matches_transformers(tmp_path, heads, kv_heads, tie, quant):
     hf = tiny_hf_llama(heads=heads, kv_heads=kv_heads, tie=tie)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", hf, quant=quant)
@@ -172,9 +174,9 @@ def test_tiny_gguf_matches_transformers(tmp_path, heads, kv_heads, tie, quant):
                                                                 dtype=torch.float32).eval()
     ref = torch_logits(hf_gguf, ids)
     assert np.abs(ours - ref).max() <= 1e-4
-    if not quant:  # unquantized: the file round-trips the original torch model exactly
+    if quant is None:  # unquantized: the file round-trips the original torch model exactly
         assert np.abs(ours - torch_logits(hf, ids)).max() <= 1e-4
-    else:  # Q8_0 changes the weights a little, but the model is still the same model
+    elif quant == Q8_0:  # Q8_0 changes the weights a little, but the model is still the same model
         assert np.abs(ours - torch_logits(hf, ids)).max() < 0.05
 
     # Cached decode over the converted params agrees with the full-chunk forward.
@@ -254,7 +256,7 @@ def test_default_checkpoint_converts_once(tmp_path):
     assert tok.chat_template and tok.convert_tokens_to_ids("<|im_end|>") == 257
 
     # A different GGUF at the same name (e.g. an upgraded package) is converted again.
-    write_tiny_gguf(gguf_path, tiny_hf_llama(seed=1), quant=True)
+    write_tiny_gguf(gguf_path, tiny_hf_llama(seed=1), quant=Q8_0)
     default_checkpoint(False, gguf_path=gguf_path, cache_dir=cache, name="tiny")
     assert (d / "config.json").stat().st_mtime_ns != stamp
 
