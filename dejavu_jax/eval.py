@@ -8,10 +8,12 @@ Dense and sparse models are scored by the same code: `--mode oracle|predictor|th
 How scores are computed
 - Every number comes from `Scorer.score`: rows of (input tokens, target tokens, first scored
   position) are sorted by length, packed into batches of B rows right-padded to a bucketed length
-  T (a power of two >= 64; B = min(--batch-size, --max-batch-tokens // T)), and run through one
-  jitted function per (B, T) shape, so it compiles a handful of times per run, not per batch.
-  Padding is masked (`valid`), positions come from `positions_from_valid`. The output layer is
-  applied in chunks of positions so [B, T, vocab] logits never exist at once.
+  T (a power of two >= 32; B = min(--batch-size, --max-batch-tokens // T), a short last batch
+  padded to a power of two rows), and run through one jitted function per (B, T, K) shape, so it
+  compiles a handful of times per task, not per batch. Padding is masked (`valid`), positions
+  come from `positions_from_valid`. The output layer runs only at the K positions (a power of
+  two >= 8 covering the longest scored span in the batch) whose next token is scored, in chunks,
+  so [B, T, vocab] logits never exist.
 - Zero-shot requests (context, continuation) are tokenized as lm-eval-harness does: trailing
   spaces of the context move to the continuation, the continuation's tokens are those of
   tok(context + continuation) after tok(context), no special tokens, an empty context becomes the
@@ -83,10 +85,13 @@ class Row:
         return len(self.inputs)
 
 
-def _row_scores(params, tokens, valid, targets, score_mask, *, cfg, selector, chunk):
-    """Per-row sum of target log-probabilities and all-greedy flags.
+def _row_scores(params, tokens, valid, gather_idx, gather_targets, gather_mask, *, cfg, selector, chunk):
+    """Per-row sum of target log-probabilities and all-greedy flags at the scored positions.
 
-    tokens, targets [B, T] int32; valid, score_mask [B, T] bool -> (logprob_sum [B] f32, greedy [B] bool).
+    tokens [B, T] int32, valid [B, T] bool; gather_idx, gather_targets [B, K] int32 and gather_mask
+    [B, K] bool name the K <= T positions per row whose next token is scored (the output layer runs
+    only there: zero-shot rows score a few tokens out of T).
+    Returns (logprob_sum [B] f32, greedy [B] bool).
     """
     import jax
     import jax.numpy as jnp
@@ -95,11 +100,12 @@ def _row_scores(params, tokens, valid, targets, score_mask, *, cfg, selector, ch
 
     positions = positions_from_valid(valid)
     h, _ = forward(params, cfg, tokens, positions, valid=valid, selector=selector, return_hidden=True)  # [B,T,D]
-    B, T, D = h.shape
-    c = min(chunk, T)
-    # The output layer runs over chunks of c positions: [B, c, V] logits at a time, not [B, T, V].
-    h_chunks = h.reshape(B, T // c, c, D).swapaxes(0, 1)  # [T/c, B, c, D]
-    t_chunks = targets.reshape(B, T // c, c).swapaxes(0, 1)  # [T/c, B, c]
+    h = jnp.take_along_axis(h, gather_idx[..., None], axis=1)  # [B, K, D]
+    B, K, D = h.shape
+    c = min(chunk, K)
+    # The output layer runs over chunks of c positions: [B, c, V] logits at a time, not [B, K, V].
+    h_chunks = h.reshape(B, K // c, c, D).swapaxes(0, 1)  # [K/c, B, c, D]
+    t_chunks = gather_targets.reshape(B, K // c, c).swapaxes(0, 1)  # [K/c, B, c]
 
     def one_chunk(args):
         h_c, t_c = args
@@ -108,10 +114,11 @@ def _row_scores(params, tokens, valid, targets, score_mask, *, cfg, selector, ch
         logprob = target_logit - jax.nn.logsumexp(logits, axis=-1)
         return logprob, jnp.argmax(logits, axis=-1) == t_c
 
-    logprob, greedy = jax.lax.map(one_chunk, (h_chunks, t_chunks))  # [T/c, B, c]
-    logprob = logprob.swapaxes(0, 1).reshape(B, T)
-    greedy = greedy.swapaxes(0, 1).reshape(B, T)
-    return jnp.sum(jnp.where(score_mask, logprob, 0.0), axis=-1), jnp.all(greedy | ~score_mask, axis=-1)
+    logprob, greedy = jax.lax.map(one_chunk, (h_chunks, t_chunks))  # [K/c, B, c]
+    logprob = logprob.swapaxes(0, 1).reshape(B, K)
+    greedy = greedy.swapaxes(0, 1).reshape(B, K)
+    return (jnp.sum(jnp.where(gather_mask, logprob, 0.0), axis=-1),
+            jnp.all(greedy | ~gather_mask, axis=-1))
 
 
 @dataclasses.dataclass
@@ -127,11 +134,12 @@ class Scorer:
     """Batched, jitted scoring of `Row`s with one model (dense, or sparse through `selector`)."""
 
     def __init__(self, params, cfg, *, selector=None, batch_size: int = 32, max_batch_tokens: int = 16384,
-                 min_bucket: int = 64, chunk: int = 256):
+                 min_bucket: int = 32, min_scored: int = 8, chunk: int = 256):
         import jax
 
         self.params, self.cfg = params, cfg
-        self.batch_size, self.max_batch_tokens, self.min_bucket = batch_size, max_batch_tokens, min_bucket
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.min_bucket, self.min_scored = min_bucket, min_scored
         self._fn = jax.jit(functools.partial(_row_scores, cfg=cfg, selector=selector, chunk=chunk))
         self.stats = ScoreStats()
 
@@ -169,20 +177,30 @@ class Scorer:
             B = self.rows_per_batch(T)
             idx = np.array(order[start: start + B])
             start += B
+            # A short last batch is padded to a power of two rows, not to B: less wasted compute for
+            # at most log2(B) extra shapes.
+            B = min(B, bucket_length(len(idx), 1))
+            scored = max(len(rows[i]) - rows[i].score_from for i in idx)
+            K = min(T, bucket_length(scored, self.min_scored))
             tokens = np.zeros((B, T), np.int32)
-            targets = np.zeros((B, T), np.int32)
             valid = np.zeros((B, T), bool)
-            mask = np.zeros((B, T), bool)
             valid[:, 0] = True  # padding rows get one "real" token so no row is fully masked
+            g_idx = np.zeros((B, K), np.int32)
+            g_tgt = np.zeros((B, K), np.int32)
+            g_mask = np.zeros((B, K), bool)
             ntok = 0
             for b, i in enumerate(idx):
                 r = rows[i]
                 L = len(r)
-                tokens[b, :L], targets[b, :L], valid[b, :L] = r.inputs, r.targets, True
-                mask[b, r.score_from: L] = True
+                tokens[b, :L], valid[b, :L] = r.inputs, True
+                # the last K positions of the row (all scored ones are among them)
+                pos = np.arange(L - K, L)
+                ok = pos >= max(r.score_from, 0)
+                pos = np.maximum(pos, 0)
+                g_idx[b], g_tgt[b], g_mask[b] = pos, np.where(ok, r.targets[pos], 0), ok
                 ntok += L
-            lp, gr = self._fn(self.params, tokens, valid, targets, mask)
-            self.stats.shapes.add((B, T))
+            lp, gr = self._fn(self.params, tokens, valid, g_idx, g_tgt, g_mask)
+            self.stats.shapes.add((B, T, K))
             self.stats.padded_tokens += B * T
             if pending is not None:
                 collect(pending)
@@ -456,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="dense", help="dense, or how sparse indices are chosen")
     p.add_argument("--mlp-density", type=float, default=1.0, help="fraction of MLP neurons kept (sparse modes)")
     p.add_argument("--head-density", type=float, default=1.0, help="fraction of attention heads kept (sparse modes)")
-    p.add_argument("--predictors", default=None, help="predictor directory (mode predictor; default MODEL/predictors)")
+    p.add_argument("--predictors", default=None,
+                   help="predictors/ directory (mode predictor; threshold mode reads its thresholds.json); "
+                        "default MODEL/predictors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -504,9 +524,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as e:
             print(f"error: --mode {args.mode} needs dejavu_jax.sparse ({e})", file=sys.stderr)
             return 2
-        predictors = args.predictors or (str(model_dir / "predictors") if args.mode == "predictor" else None)
-        selector = build_selector(cfg, params, mode=args.mode, mlp_density=args.mlp_density,
-                                  head_density=args.head_density, predictors=predictors, lookahead=True)
+        # predictor mode reads the predictors; threshold mode reads thresholds.json from the same directory
+        predictors = args.predictors
+        if predictors is None and args.mode in ("predictor", "threshold") and (model_dir / "predictors").is_dir():
+            predictors = str(model_dir / "predictors")
+        try:
+            selector = build_selector(cfg, params, mode=args.mode, mlp_density=args.mlp_density,
+                                      head_density=args.head_density, predictors=predictors, lookahead=True)
+        except (ValueError, OSError) as e:
+            print(f"error: --mode {args.mode}: {e}", file=sys.stderr)
+            return 2
 
     context_length = args.context_length or min(2048, cfg.max_positions)
     if args.stride is not None and not 1 <= args.stride <= context_length:

@@ -368,3 +368,23 @@ def test_cli_end_to_end_and_errors(tiny, tmp_path, capsys):
     assert ev.main(["--model", str(ckpt), "--tasks", "piqa", "--data-dir", str(data), "--out", str(out),
                     "--no-progress"]) == 2
     assert "piqa.jsonl:1: malformed piqa row: field 'label' is 3" in capsys.readouterr().err
+
+
+def test_sparse_selector_flows_through_scoring(tiny):
+    """Oracle sparsity at density 1 scores exactly like dense; at low density the scores change."""
+    sparse = pytest.importorskip("dejavu_jax.sparse")
+    cfg, params, _, tokenizer, _ = tiny
+    encode = ev.make_encoder(tokenizer)
+    requests = [("The cat sat on the", " mat"), ("Question: Is water wet?\nAnswer:", " True")]
+
+    def lls(selector):
+        scorer = ev.Scorer(params, cfg, selector=selector)
+        return np.array([a[0] for a in ev.loglikelihoods(scorer, encode, requests, prefix_id=tokenizer.bos_token_id,
+                                                          max_length=64, progress=False)])
+
+    dense = lls(None)
+    full = sparse.build_selector(cfg, params, mode="oracle", mlp_density=1.0, head_density=1.0)
+    if full is not None:
+        np.testing.assert_allclose(lls(full), dense, rtol=1e-5, atol=1e-4)
+    low = sparse.build_selector(cfg, params, mode="oracle", mlp_density=0.25, head_density=0.5)
+    assert np.abs(lls(low) - dense).max() > 1e-2
