@@ -69,7 +69,7 @@ def decode_weight_bytes(cfg: ModelConfig, itemsize: int, mlp_density: float = 1.
 
 
 def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, batch: int = 1, selector=None,
-              ops=None, reps: int = 5) -> dict:
+              ops=None, reps: int = 5, kv_mode: str = "exact") -> dict:
     """Prefill ms and decode ms/token of our jitted path (compile excluded, medians of reps)."""
     cfg = cfg.replace(eos_token_id=None)  # decode exactly new_tokens steps
     gen = Generator(cfg, selector=selector, ops=ops)
@@ -79,7 +79,12 @@ def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, bat
     valid = jnp.ones((batch, prompt_len), bool)
     max_len = -(-(prompt_len + new_tokens) // 64) * 64
     key = jax.random.PRNGKey(0)
-    new_cache = lambda: M.init_cache(cfg, batch, max_len, dtype)  # noqa: E731
+    if kv_mode == "exact":
+        new_cache = lambda: M.init_cache(cfg, batch, max_len, dtype)  # noqa: E731
+    else:
+        from dejavu_jax.sparse import init_sparse_cache
+
+        new_cache = lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode)  # noqa: E731
 
     t0 = time.perf_counter()
     logits, cache, pos = gen.prefill(params, tokens, valid, new_cache())
@@ -107,6 +112,117 @@ def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, bat
             "compile_s": compile_s}
 
 
+def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: float, head_density: float,
+                              rank: int, dtype, lookahead: bool = True):
+    """Predictors with random weights at real shapes: the latency of predicting in the loop, not its quality."""
+    from dejavu_jax.sparse import PredictorSelector, SparsityConfig
+
+    sp = SparsityConfig(mode="predictor", mlp_density=mlp_density, head_density=head_density, lookahead=lookahead)
+    D = cfg.hidden_size
+
+    def layer(k):
+        ka, kb, kc, kd = jax.random.split(k, 4)
+        normal = lambda k, s: (jax.random.normal(k, s, jnp.float32) / np.sqrt(s[0])).astype(dtype)  # noqa: E731
+        return {"mlp": {"a": normal(ka, (D, rank)), "b": normal(kb, (rank, cfg.ffn_size))},
+                "heads": {"a": normal(kc, (D, rank)), "b": normal(kd, (rank, cfg.num_heads))}}
+
+    preds = [layer(k) for k in jax.random.split(key, cfg.num_layers)]
+    return PredictorSelector(preds, sp.mlp_schedule(cfg), sp.head_schedule(cfg), cfg.ffn_size, cfg.num_heads,
+                             lookahead, True)
+
+
+def fixed_index_selector(cfg: ModelConfig, *, mlp_density: float, head_density: float, seed: int = 0):
+    """The same K per layer as the predictor runs, with fixed random rows: the step without predictors."""
+    from dejavu_jax.sparse import FixedSelector, SparsityConfig
+
+    sp = SparsityConfig(mode="predictor", mlp_density=mlp_density, head_density=head_density)
+    rng = np.random.default_rng(seed)
+    pick = lambda n, k: None if k >= n else jnp.asarray(np.sort(rng.choice(n, k, replace=False)), jnp.int32)  # noqa: E731
+    return FixedSelector([pick(cfg.ffn_size, k) for k in sp.mlp_schedule(cfg)],
+                         [pick(cfg.num_heads, k) for k in sp.head_schedule(cfg)], cfg.ffn_size, cfg.num_heads)
+
+
+def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int) -> int:
+    return cfg.num_layers * rank * (2 * cfg.hidden_size + cfg.ffn_size + cfg.num_heads) * itemsize
+
+
+def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
+                kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
+                extras: bool = True) -> list[dict]:
+    """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
+
+    With extras, the first density point is also timed with fixed indices (no predictor: the
+    predictor's share of the step) and without lookahead.
+    """
+    from pallas_kernels import get_ops
+
+    dtype = params["layers"][0]["up"].dtype
+    itemsize = jnp.dtype(dtype).itemsize
+    rows = []
+    for i, (mlp_d, head_d) in enumerate(densities):
+        for kv_mode in kv_modes:
+            wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
+            pbytes = predictor_bytes(cfg, rank, itemsize)
+            floor_ms = (wbytes + pbytes) / (bw * 1e9) * 1e3
+            variants = [("predictor+lookahead", True, False)]
+            if extras and i == 0:
+                variants += [("predictor, no lookahead", False, False), ("fixed indices (no predictor)", True, True)]
+            for backend in kernels:
+                ops = get_ops(backend)
+                for label, lookahead, fixed in variants:
+                    if fixed:
+                        sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
+                    else:
+                        sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
+                                                        head_density=head_d, rank=rank, dtype=dtype,
+                                                        lookahead=lookahead)
+                    row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
+                           "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
+                           "rank": 0 if fixed else rank, "bytes_per_token": wbytes + (0 if fixed else pbytes),
+                           "floor_ms_per_token": floor_ms if not fixed else wbytes / (bw * 1e9) * 1e3}
+                    try:
+                        row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
+                                             ops=ops, reps=reps, kv_mode=kv_mode))
+                    except Exception as e:  # report a failing variant and keep measuring the others
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list] = {}
+    for r in rows:
+        if "error" in r or r["variant"] != "predictor+lookahead":
+            continue
+        series.setdefault(f"{r['kernels']} kernels, kv {r['kv_mode']}", []).append(
+            (r["mlp_density"], r["decode_ms_per_token"], r["floor_ms_per_token"]))
+    for label, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"sparse, {label}")
+    floor_pts = sorted({(r["mlp_density"], r["floor_ms_per_token"]) for r in rows
+                        if r.get("variant") == "predictor+lookahead" and r["kv_mode"] == "exact"})
+    if floor_pts:
+        ax.plot([p[0] for p in floor_pts], [p[1] for p in floor_pts], "k:", label="bytes-read floor (kv exact)")
+    ax.axhline(dense_ms, color="C3", ls="--", label="dejavu_jax dense")
+    ax.axhline(floor_dense_ms, color="gray", ls=":", label="dense floor")
+    ax.set_xlabel("MLP density (fraction of neurons read)")
+    ax.set_ylabel("decode ms/token")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_torch_baselines(preset_name: str, dtype: str, prompt_len: int, new_tokens: int, variants: str,
                         timeout: int = 1200) -> list[dict]:
     cmd = [sys.executable, "-m", "dejavu_jax.bench_torch", "--preset", preset_name, "--dtype", dtype,
@@ -119,14 +235,29 @@ def run_torch_baselines(preset_name: str, dtype: str, prompt_len: int, new_token
 
 
 def markdown_table(rows: list[dict], floor_ms: float) -> str:
-    lines = ["| implementation | prefill ms | decode ms/token | x floor |", "|---|---|---|---|"]
+    lines = ["| implementation | prefill ms | decode ms/token | x own bytes floor |", "|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['impl']} | failed: {r['error']} | | |")
             continue
+        own_floor = r.get("floor_ms_per_token", floor_ms)
         lines.append(f"| {r['impl']} | {r.get('prefill_ms', float('nan')):.2f} | {r['decode_ms_per_token']:.3f} | "
-                     f"{r['decode_ms_per_token'] / floor_ms:.2f} |")
+                     f"{r['decode_ms_per_token'] / own_floor:.2f} |")
     return "\n".join(lines)
+
+
+def parse_densities(text: str) -> list[tuple[float, float]]:
+    """'0.25:0.5,0.5:0.5' -> [(0.25, 0.5), (0.5, 0.5)] (MLP density : head density)."""
+    points = []
+    for item in text.split(","):
+        try:
+            mlp_d, head_d = (float(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"bad density point {item!r}: expected MLP:HEADS, e.g. 0.25:0.5") from None
+        if not (0 < mlp_d <= 1 and 0 < head_d <= 1):
+            raise ValueError(f"densities must be in (0, 1], got {item!r}")
+        points.append((mlp_d, head_d))
+    return points
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--baselines", default="eager,static-compile",
                    help="comma list of transformers variants to time (eager, static-compile) or 'none'")
-    p.add_argument("--out", default="results/bench", help="directory for bench.json and bench.md")
+    sp = p.add_argument_group("sparse decode (random predictors with lookahead in the loop)")
+    sp.add_argument("--sparse", default="", help="density points MLP:HEADS, comma separated, e.g. "
+                                                  "0.25:0.5,0.1:0.5,0.5:0.5 (empty: dense only)")
+    sp.add_argument("--kernels", default="xla,pallas", help="gathered-matmul backends to time")
+    sp.add_argument("--kv-modes", default="exact", help="exact and/or lazy (Deja Vu's recompute window)")
+    sp.add_argument("--rank", type=int, default=128, help="predictor rank r (D -> r -> N)")
+    sp.add_argument("--no-extras", action="store_true",
+                    help="skip the no-lookahead and no-predictor variants at the first density point")
+    p.add_argument("--out", default="results/bench", help="directory for bench.json, bench.md and bench.png")
     return p
 
 
@@ -152,12 +291,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dejavu_jax.checkpoint import load_checkpoint, parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    for name in ("prompt_len", "new_tokens", "batch", "reps"):
+    for name in ("prompt_len", "new_tokens", "batch", "reps", "rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
+        densities = parse_densities(args.sparse) if args.sparse else []
+        cfg = preset(args.preset) if args.preset else None
+    except ValueError as e:
+        parser.error(str(e))
+    kernels = [k for k in args.kernels.split(",") if k]
+    kv_modes = [k for k in args.kv_modes.split(",") if k]
+    for k in kernels:
+        if k not in ("xla", "pallas"):
+            parser.error(f"unknown kernels {k!r}; choose from xla, pallas")
+    for k in kv_modes:
+        if k not in ("exact", "lazy"):
+            parser.error(f"unknown kv mode {k!r}; choose from exact, lazy")
+
+    # transformers first, in its own process, while the GPU is still empty (JAX's allocator keeps
+    # what it grows into, so torch could not fit a 30B model after us).
+    torch_rows: list[dict] = []
+    if args.baselines != "none" and args.preset:
+        if args.batch != 1:
+            print("transformers baselines run at batch 1 only; skipped", file=sys.stderr)
+        else:
+            for r in run_torch_baselines(args.preset, args.dtype, args.prompt_len, args.new_tokens, args.baselines):
+                print(json.dumps(r), flush=True)
+                torch_rows.append(r)
+    try:
         if args.preset:
-            cfg = preset(args.preset)
             params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
         else:
             cfg, params = load_checkpoint(args.model, dtype)
@@ -167,41 +329,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"prompt-len + new-tokens exceeds the model's {cfg.max_positions} positions")
     device = jax.devices()[0].device_kind
     bw = copy_bandwidth_gbs()
+    bw_source = "XLA elementwise copy"
+    for r in torch_rows:
+        if r.get("copy_bandwidth_gbs", 0) > bw:  # cudaMemcpy beats an XLA copy: the stricter floor
+            bw, bw_source = r["copy_bandwidth_gbs"], "cudaMemcpy (torch)"
     weight_bytes = decode_weight_bytes(cfg, jnp.dtype(dtype).itemsize)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
     print(f"{cfg.name or args.model} on {device}: {weight_bytes / 1e9:.2f} GB of weights per token, "
-          f"copy bandwidth {bw:.0f} GB/s -> floor {floor_ms:.3f} ms/token", flush=True)
+          f"copy bandwidth {bw:.0f} GB/s ({bw_source}) -> floor {floor_ms:.3f} ms/token", flush=True)
     rows = [{"impl": "bandwidth floor (dense weights / copy bandwidth)", "decode_ms_per_token": floor_ms}]
-    jax_row = bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
-                        reps=args.reps)
-    rows.append({"impl": "dejavu_jax dense", **jax_row})
+    rows.append({"impl": "dejavu_jax dense", "floor_ms_per_token": floor_ms,
+                 **bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
+                             reps=args.reps)})
     print(json.dumps(rows[-1]), flush=True)
-    del params
-    if args.baselines != "none" and args.preset:
+    rows += [r for r in torch_rows if "copy_bandwidth_gbs" not in r]
+    sparse = []
+    if densities:
         if args.batch != 1:
-            print("transformers baselines run at batch 1 only; skipped", file=sys.stderr)
-        else:
-            for r in run_torch_baselines(args.preset, args.dtype, args.prompt_len, args.new_tokens, args.baselines):
-                print(json.dumps(r), flush=True)
-                if "copy_bandwidth_gbs" in r:  # cudaMemcpy beats an XLA copy: the stricter floor
-                    bw = max(bw, r["copy_bandwidth_gbs"])
-                    floor_ms = weight_bytes / (bw * 1e9) * 1e3
-                    rows[0]["decode_ms_per_token"] = floor_ms
-                else:
-                    rows.append(r)
+            parser.error("sparse decode is timed at batch 1")
+        sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
+                             prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
+                             extras=not args.no_extras)
     result = {"model": cfg.name or args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "copy_bandwidth_gbs": bw,
-              "weight_bytes_per_token": weight_bytes, "floor_ms_per_token": floor_ms, "rows": rows,
-              "jax": jax.__version__}
+              "bandwidth_source": bw_source, "weight_bytes_per_token": weight_bytes, "floor_ms_per_token": floor_ms,
+              "rows": rows + sparse, "jax": jax.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown_table(rows, floor_ms)
     header = (f"{result['model']}, {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
-              f"{args.new_tokens} new tokens, {device}, jax {jax.__version__}\n\n")
-    (out / "bench.md").write_text(header + table + "\n")
-    print(header + table)
+              f"{args.new_tokens} new tokens, {device}, jax {jax.__version__}; floor bandwidth {bw:.0f} GB/s "
+              f"({bw_source})\n\n")
+    text = header + markdown_table(rows + sparse, floor_ms) + "\n"
+    ok_sparse = [r for r in sparse if "error" not in r]
+    if ok_sparse:
+        text += "\n" + speedup_table(rows, ok_sparse) + "\n"
+        plot_sparse(ok_sparse, rows[1]["decode_ms_per_token"], floor_ms,
+                    f"{result['model']} {args.dtype} batch 1, {device}", out / "bench.png")
+    (out / "bench.md").write_text(text)
+    print(text)
     return 0
+
+
+def speedup_table(rows: list[dict], sparse: list[dict]) -> str:
+    """For each sparse point: speedup over our dense path and each transformers baseline."""
+    refs = [r for r in rows[1:] if "error" not in r]
+    head = "| sparse variant | ms/token | " + " | ".join(f"vs {r['impl']}" for r in refs) + " |"
+    lines = [head, "|" + "---|" * (2 + len(refs))]
+    for s in sparse:
+        ratios = " | ".join(f"{r['decode_ms_per_token'] / s['decode_ms_per_token']:.2f}x" for r in refs)
+        lines.append(f"| {s['impl']} mlp {s['mlp_density']} heads {s['head_density']} | "
+                     f"{s['decode_ms_per_token']:.3f} | {ratios} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
