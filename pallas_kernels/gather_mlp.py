@@ -35,7 +35,8 @@ from pallas_kernels._common import (
 
 ACTIVATIONS = ("relu", "swiglu", "none")
 UP_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages")
-DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "num_warps", "num_stages")
+DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "combine", "num_warps", "num_stages")
+COMBINES = ("atomic", "partials")
 
 
 def _full(like: jax.Array, value) -> jax.Array:
@@ -94,12 +95,15 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
     acc = [[jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)] for _ in range(batch)]
     for d0 in range(0, d_model, block_d):  # static: the whole row block is straight-line code
         cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
-        c_ok = cols < d_model
-        xs = [plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok, other=0.0).astype(jnp.float32)
+        # Column masks only where the block runs past D (simpler, fully vectorised loads).
+        c_ok = cols < d_model if d0 + block_d > d_model else None
+        w_ok = e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :]
+        xs = [plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok,
+                         other=None if c_ok is None else 0.0).astype(jnp.float32)
               for b in range(batch)]  # B x [BD]
         for u in range(n_parts):
             w = plgpu.load(w_ref.at[row[:, None], (u * d_model + cols)[None, :]],
-                           mask=e_ok[:, None] & c_ok[None, :], other=0.0).astype(jnp.float32)
+                           mask=w_ok, other=0.0).astype(jnp.float32)
             for b in range(batch):  # [BE, BD] * [1, BD] summed over D
                 acc[b][u] = acc[b][u] + jnp.sum(w * xs[b][None, :], axis=1)
 
@@ -194,7 +198,10 @@ def gathered_up_reference(x, w_up, idx, b_up=None, *, activation="relu"):
 class DownBlocks:
     block_e: int  # selected rows loaded per loop step
     block_d: int  # output columns per program
-    k_splits: int = 1  # >1: split the selected rows over programs, fp32 atomic_add into the output
+    k_splits: int = 1  # >1: split the selected rows over programs; their sums are combined by
+    # "atomic": fp32 atomic_add into a zeroed output (memset + kernel + cast), or
+    # "partials": each split stores its own fp32 row, XLA sums them (kernel + one reduction)
+    combine: str = "atomic"
     num_warps: int = 4
     num_stages: int | None = None
 
@@ -215,20 +222,23 @@ def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
 
 
 def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model, batch,
-                 steps_per_split, atomic, block_e, block_d):
-    # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref [B, D] (fp32 when atomic). With atomic
-    # the zeroed fp32 input buffer is aliased to the output and comes first in refs.
+                 steps_per_split, combine, block_e, block_d):
+    # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref: [B, D] in a's dtype (combine None),
+    # [B, Dp] fp32 ("atomic": the zeroed input buffer aliased to it comes first in refs) or
+    # [splits, B, Dp] fp32 ("partials"); Dp pads D to whole column blocks, so no store mask.
     o_ref = refs[-1]
     cols = pl.program_id(0) * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
     c_ok = cols < d_model
+    full_cols = d_model % block_d == 0  # no column mask needed on the weight loads
     first = pl.program_id(1) * steps_per_split * block_e
 
     def step(t, acc):
         e = first + t * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
         e_ok = e < n_entries
         row = _selected_rows(idx_ref, e, e_ok, rows_per_idx)
-        w = plgpu.load(w_ref.at[row[:, None], cols[None, :]],
-                       mask=e_ok[:, None] & c_ok[None, :], other=0.0).astype(jnp.float32)
+        w_ok = e_ok[:, None] if full_cols else e_ok[:, None] & c_ok[None, :]
+        w = plgpu.load(w_ref.at[row[:, None], cols[None, :]], mask=w_ok,
+                       other=0.0).astype(jnp.float32)
         out = []
         for b in range(batch):  # [BE, 1] * [BE, BD] summed over the selected rows
             a_b = plgpu.load(a_ref.at[_full(e, b), e], mask=e_ok, other=0.0).astype(jnp.float32)
@@ -241,8 +251,11 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
     else:
         acc = jax.lax.fori_loop(0, steps_per_split, step, zeros)
     for b in range(batch):
-        if atomic:  # the fp32 buffer is padded to whole column blocks: no mask needed
+        if combine == "atomic":
             plgpu.atomic_add(o_ref, (_full(cols, b), cols), acc[b])
+        elif combine == "partials":
+            split = _full(cols, 0) + pl.program_id(1)
+            plgpu.store(o_ref.at[split, _full(cols, b), cols], acc[b])
         else:
             plgpu.store(o_ref.at[_full(cols, b), cols], acc[b].astype(o_ref.dtype), mask=c_ok)
 
@@ -258,30 +271,37 @@ def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, inte
     k_splits = max(min(blocks.k_splits, steps), 1)
     steps_per_split = cdiv(steps, k_splits)
     k_splits = cdiv(steps, steps_per_split)  # drop splits that would own no rows
-    atomic = k_splits > 1
+    if blocks.combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {blocks.combine!r}")
+    combine = blocks.combine if k_splits > 1 else None
     kernel = functools.partial(
         _down_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, d_model=d_model,
-        batch=batch, steps_per_split=steps_per_split, atomic=atomic, block_e=blocks.block_e,
+        batch=batch, steps_per_split=steps_per_split, combine=combine, block_e=blocks.block_e,
         block_d=block_d)
     n_dblocks = cdiv(d_model, block_d)
-    # Atomic partial sums go to an fp32 buffer padded to whole column blocks (unmasked atomics).
-    out_shape = (jax.ShapeDtypeStruct((batch, n_dblocks * block_d), jnp.float32) if atomic
-                 else jax.ShapeDtypeStruct((batch, d_model), a.dtype))
+    padded = n_dblocks * block_d
+    out_shape = {
+        None: jax.ShapeDtypeStruct((batch, d_model), a.dtype),
+        "atomic": jax.ShapeDtypeStruct((batch, padded), jnp.float32),
+        "partials": jax.ShapeDtypeStruct((k_splits, batch, padded), jnp.float32),
+    }[combine]
     call = pl.pallas_call(
         kernel,
         grid=(n_dblocks, k_splits),
         out_shape=out_shape,
         # Atomic partial sums accumulate into a zeroed fp32 buffer passed in as the output.
-        input_output_aliases={3: 0} if atomic else {},
+        input_output_aliases={3: 0} if combine == "atomic" else {},
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="gather_rows_reduce",
     )
     operands = (a, idx.astype(jnp.int32), w)
-    if atomic:
+    if combine == "atomic":
         acc = call(*operands, jnp.zeros(out_shape.shape, jnp.float32))  # [B, Dp] fp32
         return acc[:, :d_model].astype(a.dtype)
+    if combine == "partials":
+        return call(*operands).sum(axis=0)[:, :d_model].astype(a.dtype)  # [S, B, Dp] -> [B, D]
     return call(*operands)
 
 

@@ -213,6 +213,11 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None)
         a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
         return gm.gathered_down(a, w_down, idx, **down_blocks)
 
+    def pallas_partials_mlp(x, layer):  # down projection combining split sums without atomics
+        w_up, b_up, w_down, idx = layer
+        a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
+        return gm.gathered_down(a, w_down, idx, **dict(down_blocks, combine="partials"))
+
     def xla_mlp(x, layer):
         w_up, b_up, w_down, idx = layer
         a = gm.gathered_up_reference(x, w_up, idx, b_up)
@@ -232,7 +237,7 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None)
         _, _, w_down, idx = layer
         return gm.gathered_down(a, w_down, idx, **down_blocks)
 
-    return dict(pallas=pallas_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
+    return dict(pallas=pallas_mlp, pallas_partials=pallas_partials_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
                 pallas_down=pallas_down)
 
 
@@ -245,7 +250,8 @@ def _mlp_bytes(case: MlpCase, method: str) -> int:
 
 def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
                       densities: Sequence[float] = DENSITIES, dtype: str = "float16", *,
-                      methods: Sequence[str] = ("pallas", "xla", "dense"), batch: int = 1,
+                      methods: Sequence[str] = ("pallas", "pallas_partials", "xla", "dense"),
+                      batch: int = 1,
                       n_layers: int = 8, reps: int = 4, n_trials: int = 30,
                       up_blocks: dict | None = None, down_blocks: dict | None = None,
                       bandwidth_gbs: float | None = None, log: Callable = print,
@@ -301,7 +307,7 @@ def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
 # --------------------------------------------------------------------------------------------------
 
 
-def attention_microbench(head_densities: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *,
+def attention_microbench(head_densities: Sequence[float] = (0.25, 0.5, 1.0), *,
                          D: int = 4096, H: int = 32, Dh: int = 128, seq_len: int = 2048,
                          dtype: str = "float16", n_layers: int = 8, reps: int = 4,
                          n_trials: int = 20, bandwidth_gbs: float | None = None,
@@ -383,22 +389,22 @@ def attention_microbench(head_densities: Sequence[float] = (0.25, 0.5, 0.75, 1.0
 # --------------------------------------------------------------------------------------------------
 
 UP_SWEEP = (
-    dict(block_e=1, block_d=4096, num_warps=4), dict(block_e=2, block_d=4096, num_warps=4),
-    dict(block_e=4, block_d=4096, num_warps=4), dict(block_e=4, block_d=4096, num_warps=8),
-    dict(block_e=8, block_d=2048, num_warps=8), dict(block_e=4, block_d=1024, num_warps=4),
-    dict(block_e=16, block_d=512, num_warps=4), dict(block_e=8, block_d=512, num_warps=2),
+    dict(block_e=1, block_d=4096, num_warps=4), dict(block_e=2, block_d=2048, num_warps=4),
+    dict(block_e=8, block_d=2048, num_warps=8), dict(block_e=8, block_d=1024, num_warps=4),
+    dict(block_e=16, block_d=512, num_warps=4),
 )
 DOWN_SWEEP = (
-    dict(block_e=16, block_d=1024, num_warps=4), dict(block_e=8, block_d=1024, num_warps=4),
-    dict(block_e=32, block_d=512, num_warps=4), dict(block_e=16, block_d=2048, num_warps=8),
-    dict(block_e=64, block_d=256, num_warps=4), dict(block_e=4, block_d=4096, num_warps=8),
-    dict(block_e=256, block_d=32, k_splits=1, num_warps=4),
-    dict(block_e=128, block_d=64, k_splits=1, num_warps=4),
-    dict(block_e=128, block_d=64, k_splits=4, num_warps=4),
+    dict(block_e=32, block_d=512, num_warps=4),
+    dict(block_e=32, block_d=512, num_warps=4, combine="partials"),
+    dict(block_e=16, block_d=1024, num_warps=4, combine="partials"),
+    dict(block_e=64, block_d=256, num_warps=4, combine="partials"),
+    dict(block_e=128, block_d=32, k_splits=1, num_warps=4),
+    dict(block_e=128, block_d=32, k_splits=1, num_warps=4, num_stages=4),
 )
 
 
-def sweep(densities=(0.1, 0.5), deadline: float = float("inf"), log: Callable = print,
+def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
+          deadline: float = float("inf"), log: Callable = print,
           bandwidth_gbs: float | None = None) -> list[dict]:
     """Up and down kernels alone over UP_SWEEP / DOWN_SWEEP configs, until the deadline."""
     rows = []
@@ -406,31 +412,58 @@ def sweep(densities=(0.1, 0.5), deadline: float = float("inf"), log: Callable = 
         for method, configs in (("pallas_up", UP_SWEEP), ("pallas_down", DOWN_SWEEP)):
             for blocks in configs:
                 kw = dict(up_blocks=blocks) if method == "pallas_up" else dict(down_blocks=blocks)
-                rows += kernel_microbench(densities=(density,), methods=(method,), reps=2,
-                                          n_trials=15, bandwidth_gbs=bandwidth_gbs, log=log,
-                                          deadline=deadline, **kw)
+                new = kernel_microbench(shapes, densities=(density,), methods=(method,), reps=2,
+                                        n_trials=10, bandwidth_gbs=bandwidth_gbs, log=log,
+                                        deadline=deadline, **kw)
+                rows += [dict(r, sweep=True) for r in new]
     return rows
 
 
+PALLAS_MLP = ("pallas", "pallas_partials", "pallas_tuned")
+
+
+def best_blocks(rows: list[dict], method: str) -> dict | None:
+    """The sweep config of `method` ("pallas_up" / "pallas_down") with the least summed time over
+    the densities at which every config was measured."""
+    key = "up_blocks" if method == "pallas_up" else "down_blocks"
+    sweep_rows = [r for r in rows if r["method"] == method and r.get("sweep")]
+    densities = {r["density"] for r in sweep_rows}
+    totals: dict[str, list] = {}
+    for r in sweep_rows:
+        totals.setdefault(json.dumps(r[key], sort_keys=True), []).append(r["time_us"])
+    complete = {k: sum(v) for k, v in totals.items() if len(v) == len(densities)}
+    return json.loads(min(complete, key=complete.get)) if complete else None
+
+
 def to_markdown(rows: list[dict], device: str) -> str:
-    lines = [f"# Kernel microbenchmark\n\ndevice: {device}\n"]
-    mlp = [r for r in rows if r["op"] == "mlp" and r["method"] in ("pallas", "xla", "dense")]
+    lines = [f"# Kernel microbenchmark\n\ndevice: {device}\n",
+             "time = GPU span per layer from profiler events (first kernel start to last kernel end"
+             " of a call / layers, gaps included); kernel = summed kernel durations per layer;"
+             " wall = host wall time per layer minus an empty call. floor = bytes read / measured"
+             " copy bandwidth.\n"]
+    mlp = [r for r in rows if r["op"] == "mlp" and r["method"] in PALLAS_MLP + ("xla", "dense")]
     if mlp:
-        lines += ["## MLP up+down (batch 1), time per layer\n",
-                  "time = GPU span per layer from profiler events (gaps included); kernel = summed"
-                  " kernel durations; wall = host wall time per layer.\n",
-                  "| D | F | density | K | pallas us | pallas kernel us | pallas wall us | xla us |"
-                  " dense us | floor us | pallas x floor | pallas GB/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        keys = sorted({(r["D"], r["F"], r["density"]) for r in mlp})
-        for D, F, d in keys:
+        lines += ["## MLP up+down (batch 1): summary per density\n",
+                  "| D | F | density | K | best pallas | us | x floor | xla us | dense us |"
+                  " floor us | faster than xla and dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for D, F, d in sorted({(r["D"], r["F"], r["density"]) for r in mlp}):
             by = {r["method"]: r for r in mlp if (r["D"], r["F"], r["density"]) == (D, F, d)}
-            p = by.get("pallas", {})
-            lines.append(f"| {D} | {F} | {d} | {p.get('K', '')} | {p.get('time_us', '')} | "
-                         f"{p.get('kernel_us', '')} | {p.get('wall_us', '')} | "
-                         f"{by.get('xla', {}).get('time_us', '')} | "
-                         f"{by.get('dense', {}).get('time_us', '')} | {p.get('floor_us', '')} | "
-                         f"{p.get('x_floor', '')} | {p.get('gbs', '')} |")
+            pallas = [by[m] for m in PALLAS_MLP if m in by]
+            if not pallas:
+                continue
+            best = min(pallas, key=lambda r: r["time_us"])
+            xla, dense = by.get("xla", {}).get("time_us"), by.get("dense", {}).get("time_us")
+            wins = (xla is not None and dense is not None and best["time_us"] < min(xla, dense))
+            lines.append(f"| {D} | {F} | {d} | {best['K']} | {best['method']} | {best['time_us']} |"
+                         f" {best['x_floor']} | {xla} | {dense} | {best['floor_us']} | {wins} |")
+        lines += ["\n## MLP up+down (batch 1): every method\n",
+                  "| density | K | method | us | kernel us | wall us | x floor | GB/s | blocks |"
+                  " kernels (us per layer) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(mlp, key=lambda r: (r["D"], r["F"], r["density"], r["method"])):
+            blocks = {k: v for k, v in (("up", r["up_blocks"]), ("down", r["down_blocks"])) if v}
+            lines.append(f"| {r['density']} | {r['K']} | {r['method']} | {r['time_us']} |"
+                         f" {r.get('kernel_us', '')} | {r.get('wall_us', '')} | {r['x_floor']} |"
+                         f" {r['gbs']} | {blocks or ''} | {r.get('kernels', '')} |")
     single = [r for r in rows if r["op"] == "mlp" and r["method"] in ("pallas_up", "pallas_down")]
     if single:
         lines += ["\n## Single kernels and block sizes\n",
@@ -462,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="stop starting new measurements after this many seconds")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
+    p.add_argument("--mlp-shape", type=int, nargs=2, metavar=("D", "F"),
+                   default=[OPT_6_7B_MLP["D"], OPT_6_7B_MLP["F"]])
+    p.add_argument("--attn-shape", type=int, nargs=4, metavar=("D", "H", "Dh", "SEQ"),
+                   default=[OPT_6_7B_ATTN["D"], OPT_6_7B_ATTN["H"], OPT_6_7B_ATTN["Dh"], 2048])
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "kernels.jsonl")
@@ -477,15 +514,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     bw = copy_bandwidth_gbs()
     log(json.dumps(dict(device=device, jax=jax.__version__, copy_bandwidth_gbs=round(bw, 1),
                         dispatch_overhead_us=round(dispatch_overhead_s() * 1e6, 1))))
-    trials = 10 if args.quick else 30
+    trials = 5 if args.quick else 15
+    shapes = [dict(D=args.mlp_shape[0], F=args.mlp_shape[1])]
+    attn_D, attn_H, attn_Dh, attn_seq = args.attn_shape
     common = dict(bandwidth_gbs=bw, log=log, deadline=deadline)
-    rows = kernel_microbench(densities=args.densities, n_trials=trials, **common)
-    rows += kernel_microbench(densities=(0.1, 0.5), methods=("pallas_up", "pallas_down"),
-                              n_trials=trials, **common)
+    # 1. defaults against XLA and dense, 2. attention, 3. block sweep of each kernel alone,
+    # 4. the MLP again with the sweep's best blocks. Later stages are dropped at the deadline.
+    rows = kernel_microbench(shapes, densities=args.densities, n_trials=trials, **common)
     if not args.no_attention:
-        rows += attention_microbench(n_trials=trials // 2 or 1, **common)
+        rows += attention_microbench(D=attn_D, H=attn_H, Dh=attn_Dh, seq_len=attn_seq,
+                                     n_trials=trials, **common)
     if args.sweep:
-        rows += sweep(**common)
+        rows += sweep(shapes, **common)
+        up, down = best_blocks(rows, "pallas_up"), best_blocks(rows, "pallas_down")
+        log(json.dumps(dict(best_up_blocks=up, best_down_blocks=down)))
+        if up is not None and down is not None:
+            tuned = kernel_microbench(shapes, densities=args.densities, methods=("pallas",),
+                                      n_trials=trials, up_blocks=up, down_blocks=down, **common)
+            for r in tuned:
+                r["method"] = "pallas_tuned"
+            rows += tuned
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump(dict(device=device, jax=jax.__version__, copy_bandwidth_gbs=bw,
                        argv=sys.argv, rows=rows), f, indent=1)

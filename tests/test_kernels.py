@@ -108,6 +108,7 @@ DOWN_CASES = [
     (1, 300, 96, 37, {}),  # odd sizes, default split-K with atomics
     (3, 576, 64, 21, dict(k_splits=1)),  # one program per column block, direct store
     (2, 100, 48, 48, dict(block_e=4, block_d=32, k_splits=5)),  # K = F, uneven splits
+    (2, 100, 48, 30, dict(block_e=4, block_d=32, k_splits=3, combine="partials")),
     (1, 257, 40, 39, dict(block_e=2, block_d=512, k_splits=1)),  # tile wider than D, long loop
 ]
 
@@ -125,15 +126,15 @@ def test_gathered_down_matches_reference(B, D, F, K, blocks, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("k_splits", [1, 3])
-def test_gathered_down_all_rows_is_dense(k_splits):
+@pytest.mark.parametrize("k_splits,combine", [(1, "atomic"), (3, "atomic"), (3, "partials")])
+def test_gathered_down_all_rows_is_dense(k_splits, combine):
     """All neurons selected in a shuffled order: the permuted sum equals the dense matmul."""
     ks = jax.random.split(jax.random.key(5), 3)
     F, D = 64, 120
     a_dense, w = normal(ks[0], (2, F), jnp.float32), normal(ks[1], (F, D), jnp.float32)
     idx = pick(ks[2], F, F)
     out = gm.gathered_down(a_dense[:, idx], w, idx, interpret=INTERPRET, k_splits=k_splits,
-                           block_e=8)
+                           block_e=8, combine=combine)
     dense = jnp.einsum("BF,FD->BD", a_dense, w, precision="highest")
     assert rel_err(out, dense) < TOL[jnp.float32]
 
@@ -298,8 +299,9 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     w_up, w_down = jnp.ones((1536, 2, 576), f16), jnp.ones((1536, 576), f16)
     assert _lowers_to_triton(functools.partial(gm.gathered_up, activation="swiglu"), x, w_up, idx)
     assert _lowers_to_triton(gm.gathered_down, jnp.ones((1, 37), f16), w_down, idx)
-    assert _lowers_to_triton(functools.partial(gm.gathered_down, k_splits=1),
-                             jnp.ones((1, 37), f16), w_down, idx)
+    for blocks in (dict(k_splits=1), dict(k_splits=4, combine="partials")):
+        assert _lowers_to_triton(functools.partial(gm.gathered_down, **blocks),
+                                 jnp.ones((1, 37), f16), w_down, idx)
     w_q, heads = jnp.ones((9, 64, 576), f16), jnp.arange(5, dtype=jnp.int32)
     assert _lowers_to_triton(ga.gathered_head_proj, x, w_q, heads, jnp.ones((9, 64), f16))
     assert _lowers_to_triton(ga.gathered_out_proj, jnp.ones((1, 5, 64), f16), w_q, heads)
@@ -328,8 +330,9 @@ def test_gpu_mlp_model_size(density, U, activation):
     assert rel_err(a, gm.gathered_up_reference(x, w_up, idx, b_up, activation=activation)) < 2e-3
     y = gm.gathered_down(a, w_down, idx)
     assert rel_err(y, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
-    y1 = gm.gathered_down(a, w_down, idx, k_splits=1)
-    assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
+    for blocks in (dict(k_splits=1), dict(combine="partials")):
+        y1 = gm.gathered_down(a, w_down, idx, **blocks)
+        assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
 
 
 @gpu
