@@ -189,3 +189,36 @@ def test_collect_bad_input(tmp_path):
         C.load_collection(tmp_path)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         FP.FitConfig(rank=0)
+
+
+def test_sparse_eval_sweep_and_report(ckpt):
+    """Sparse eval of every mode through dejavu_jax.eval, then the quality-vs-density report."""
+    from dejavu_jax import report as R
+
+    cfg, params, model_dir, docs, root = ckpt
+    _, pred_dir = run_pipeline(ckpt)
+    out_dir = root / "sweep"
+    # a small grid: every compiled (selector, shape) pair costs seconds on a 2-core CPU
+    assert R.main(["sweep", "--model", str(model_dir), "--predictors", str(pred_dir), "--tasks", "c4,copa",
+                   "--modes", "dense,predictor,threshold", "--limit", "1", "--context-length", "64",
+                   "--mlp-densities", "0.5", "--head-densities", "0.5", "--batch-size", "2",
+                   "--out-dir", str(out_dir), "--no-progress"]) == 0
+    summary = json.loads((out_dir / "quality_vs_density.json").read_text())
+    assert (out_dir / "quality_vs_density.png").stat().st_size > 1000
+    assert set(summary["curves"]) == {"ppl_c4", "mean_accuracy"}
+    dense = summary["dense"]["ppl_c4"]
+    assert np.isfinite(dense) and dense > 1
+    for mode in ("predictor", "threshold"):
+        pts = dict(summary["curves"]["ppl_c4"]["mlp"][mode])
+        assert set(pts) == {0.5} and all(np.isfinite(v) for v in pts.values())
+        assert set(dict(summary["curves"]["ppl_c4"]["heads"][mode])) == {0.5}
+    assert "| predictor | 0.5 | 1 |" in (out_dir / "quality_vs_density.md").read_text()
+    # plot alone from the written JSONs, and its bad input
+    evals = sorted(out_dir.glob("eval_*.json"))
+    assert len(evals) == 1 + 2 * 2
+    png, js, md = R.plot(R.load_points(evals), root / "again")
+    assert png.is_file() and json.loads(js.read_text())["dense"]["ppl_c4"] == dense
+    with pytest.raises(R.ReportError, match="not a dejavu_jax.eval JSON"):
+        R.point_from_eval({"foo": 1}, "x.json")
+    with pytest.raises(R.ReportError, match=r"densities must be in \(0, 1\]"):
+        R.parse_densities("0.5,1.5")
