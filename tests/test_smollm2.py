@@ -60,3 +60,15 @@ def test_wikitext2_perplexity_matches_transformers(checkpoint, gguf_path):
     assert res["rel_diff"] < 0.005, res
     for w in res["per_window"]:
         assert abs(w["ppl_jax"] - w["ppl_torch"]) / w["ppl_torch"] < 0.005, w
+
+
+@pytest.mark.slow
+def test_tokenizer_from_gguf_in_checkpoint(checkpoint):
+    from dejavu_jax.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    assert tok("What is the capital of France?")["input_ids"] == [1780, 314, 260, 3575, 282, 4649, 47]
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                          "<|im_start|>assistant\n")
+    assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2
