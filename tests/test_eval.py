@@ -347,7 +347,8 @@ def test_cli_end_to_end_and_errors(tiny, tmp_path, capsys):
     _write_tiny_data(data)
     out = tmp_path / "res" / "eval.json"
     rc = ev.main(["--model", str(ckpt), "--tasks", "all", "--data-dir", str(data), "--out", str(out),
-                  "--context-length", "32", "--batch-size", "4", "--no-progress"])
+                  "--context-length", "32", "--batch-size", "4", "--no-progress",
+                  "--compile-cache", ""])
     assert rc == 0
     report = json.loads(out.read_text())
     assert list(report["tasks"]) == list(tk.TASKS)
