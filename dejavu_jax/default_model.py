@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -86,7 +87,8 @@ def default_checkpoint(progress: bool = True, *, gguf_path: str | Path | None = 
     from dejavu_jax.checkpoint import save_checkpoint
 
     if progress:
-        print(f"dejavu_jax: converting {gguf_path.name} into {target} (once)", flush=True)
+        # stderr: stdout may be machine-read (generate --json)
+        print(f"dejavu_jax: converting {gguf_path.name} into {target} (once)", file=sys.stderr, flush=True)
     cfg, params, tokenizer = load_gguf(gguf_path, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / SOURCE_FILE
