@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from convert.hf import ConversionError, hf_tensors_to_params
 from dejavu_jax.config import ModelConfig

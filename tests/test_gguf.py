@@ -9,7 +9,6 @@ the file was written from, and transformers' GGUF loader. The real SmolLM2 GGUF 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
