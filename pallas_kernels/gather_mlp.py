@@ -36,7 +36,7 @@ from pallas_kernels._common import (
 ACTIVATIONS = ("relu", "swiglu", "none")
 UP_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages")
 DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "combine", "num_warps", "num_stages")
-COMBINES = ("atomic", "partials")
+COMBINES = ("atomic", "partials", "atomic_last")
 
 
 def _full(like: jax.Array, value) -> jax.Array:
@@ -68,17 +68,16 @@ class UpBlocks:
 
 
 def default_up_blocks(n_entries: int, d_model: int, n_parts: int, batch: int) -> UpBlocks:
-    """Tiles of ~16K weight elements per program, as many programs as the selection allows.
+    """One whole row (up to 4096 columns) per program, ~4K weight elements per program.
 
-    Loading a program's whole [block_e, D] tile in one step puts all its bytes in flight at once,
-    which is what a memory-bound gather needs; block_e shrinks at low density so that the grid
-    still covers every SM several times.
+    Measured on the H100 (NOTES.md, run 2): at D=4096 one row per program (block_e=1,
+    block_d=4096, 4 warps) was the fastest of the sweep at density 0.1 (7.0 us for 6.7 MB) and tied
+    at 0.5; larger tiles or more warps were 10-60% slower at low density. Narrower models put
+    several rows in a program so that each still loads ~4K elements at once.
     """
     block_d = min(pow2_ceil(d_model), max(pow2_floor(4096 // max(batch, 1)), 256))
-    tile = max(16384 // (block_d * n_parts), 1)
-    spread = max(pow2_floor(max(n_entries // TARGET_PROGRAMS, 1)), 1)
-    block_e = max(min(tile, spread, pow2_ceil(n_entries)), 1)
-    return UpBlocks(block_e=block_e, block_d=block_d, num_warps=4 if block_e * block_d <= 8192 else 8)
+    block_e = max(min(4096 // (block_d * n_parts), pow2_ceil(n_entries)), 1)
+    return UpBlocks(block_e=block_e, block_d=block_d, num_warps=4)
 
 
 def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d_model, batch,
@@ -201,28 +200,32 @@ class DownBlocks:
     k_splits: int = 1  # >1: split the selected rows over programs; their sums are combined by
     # "atomic": fp32 atomic_add into a zeroed output (memset + kernel + cast), or
     # "partials": each split stores its own fp32 row, XLA sums them (kernel + one reduction)
+    # "atomic_last": atomics as above, and the last split to finish a column block (an atomic
+    #     counter per block) writes that block in the output dtype (memsets + kernel, no cast)
     combine: str = "atomic"
     num_warps: int = 4
     num_stages: int | None = None
 
 
 def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
-    """Split-K over the selected rows with whole-row column blocks.
+    """Split-K over the selected rows: [32, 512] tiles, ~2 x TARGET_PROGRAMS programs.
 
-    Each program reads block_e full rows ([block_e, block_d] tiles, block_d up to 1024 columns, 2 KiB
-    contiguous per row in fp16) and adds its partial sums into an fp32 output with atomic_add; the
-    number of splits keeps ~TARGET_PROGRAMS programs in flight at any density.
+    Measured on the H100 (NOTES.md, run 2) at D=4096: block_e=32, block_d=512 (1 KiB contiguous
+    per row) with per-split fp32 partials summed by XLA was the fastest combination at densities
+    0.1 and 0.5 (8.8 us at 0.1 including the 1.6 us reduction, 28.6 us at 0.5); one program per
+    column block looping over all rows (k_splits=1) was 2-3x slower at every density.
     """
-    block_d = min(pow2_ceil(d_model), 1024)
+    block_d = min(pow2_ceil(d_model), 512)
     n_dblocks = cdiv(d_model, block_d)
     block_e = pow2_floor(max(min(16384 // block_d // max(batch, 1), n_entries), 1))
     steps = cdiv(n_entries, block_e)
-    k_splits = max(min(steps, TARGET_PROGRAMS // n_dblocks), 1)
-    return DownBlocks(block_e=block_e, block_d=block_d, k_splits=k_splits, num_warps=4)
+    k_splits = max(min(steps, 2 * TARGET_PROGRAMS // n_dblocks), 1)
+    return DownBlocks(block_e=block_e, block_d=block_d, k_splits=k_splits, combine="partials",
+                      num_warps=4)
 
 
 def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model, batch,
-                 steps_per_split, combine, block_e, block_d):
+                 steps_per_split, combine, block_e, block_d, interpret):
     # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref: [B, D] in a's dtype (combine None),
     # [B, Dp] fp32 ("atomic": the zeroed input buffer aliased to it comes first in refs) or
     # [splits, B, Dp] fp32 ("partials"); Dp pads D to whole column blocks, so no store mask.
@@ -250,6 +253,23 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
         acc = step(0, zeros)
     else:
         acc = jax.lax.fori_loop(0, steps_per_split, step, zeros)
+    if combine == "atomic_last":
+        acc_ref, count_ref, y_ref = refs[-3:]
+        for b in range(batch):
+            plgpu.atomic_add(acc_ref, (_full(cols, b), cols), acc[b])
+        if not interpret:  # (the interpreter runs programs one at a time and has no barrier)
+            # Every thread's adds are issued before the counter's acq_rel atomic releases them.
+            plgpu.debug_barrier()
+        done = plgpu.atomic_add(count_ref, (pl.program_id(0),), jnp.int32(1))
+
+        @pl.when(done == pl.num_programs(1) - 1)
+        def _():  # the last split of this column block: all partial sums are in acc_ref
+            for b in range(batch):
+                # Read through an atomic (+0) so the values come from L2, never a stale L1 line.
+                total = plgpu.atomic_add(acc_ref, (_full(cols, b), cols),
+                                         jnp.zeros((block_d,), jnp.float32))
+                plgpu.store(y_ref.at[_full(cols, b), cols], total.astype(y_ref.dtype), mask=c_ok)
+        return
     for b in range(batch):
         if combine == "atomic":
             plgpu.atomic_add(o_ref, (_full(cols, b), cols), acc[b])
@@ -277,20 +297,25 @@ def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, inte
     kernel = functools.partial(
         _down_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, d_model=d_model,
         batch=batch, steps_per_split=steps_per_split, combine=combine, block_e=blocks.block_e,
-        block_d=block_d)
+        block_d=block_d, interpret=interpret)
     n_dblocks = cdiv(d_model, block_d)
     padded = n_dblocks * block_d
+    acc_shape = jax.ShapeDtypeStruct((batch, padded), jnp.float32)
+    count_shape = jax.ShapeDtypeStruct((n_dblocks,), jnp.int32)
     out_shape = {
         None: jax.ShapeDtypeStruct((batch, d_model), a.dtype),
-        "atomic": jax.ShapeDtypeStruct((batch, padded), jnp.float32),
+        "atomic": acc_shape,
         "partials": jax.ShapeDtypeStruct((k_splits, batch, padded), jnp.float32),
+        "atomic_last": (acc_shape, count_shape, jax.ShapeDtypeStruct((batch, d_model), a.dtype)),
     }[combine]
+    # Atomic partial sums (and the per-block counters) live in zeroed buffers passed in as inputs
+    # and aliased to outputs.
+    aliases = {"atomic": {3: 0}, "atomic_last": {3: 0, 4: 1}}.get(combine, {})
     call = pl.pallas_call(
         kernel,
         grid=(n_dblocks, k_splits),
         out_shape=out_shape,
-        # Atomic partial sums accumulate into a zeroed fp32 buffer passed in as the output.
-        input_output_aliases={3: 0} if combine == "atomic" else {},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
@@ -300,6 +325,9 @@ def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, inte
     if combine == "atomic":
         acc = call(*operands, jnp.zeros(out_shape.shape, jnp.float32))  # [B, Dp] fp32
         return acc[:, :d_model].astype(a.dtype)
+    if combine == "atomic_last":
+        zeros = (jnp.zeros(acc_shape.shape, jnp.float32), jnp.zeros(count_shape.shape, jnp.int32))
+        return call(*operands, *zeros)[2]
     if combine == "partials":
         return call(*operands).sum(axis=0)[:, :d_model].astype(a.dtype)  # [S, B, Dp] -> [B, D]
     return call(*operands)

@@ -213,10 +213,10 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None)
         a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
         return gm.gathered_down(a, w_down, idx, **down_blocks)
 
-    def pallas_partials_mlp(x, layer):  # down projection combining split sums without atomics
+    def pallas_atomic_last_mlp(x, layer):  # split sums by atomics, last split casts (no XLA op)
         w_up, b_up, w_down, idx = layer
         a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
-        return gm.gathered_down(a, w_down, idx, **dict(down_blocks, combine="partials"))
+        return gm.gathered_down(a, w_down, idx, **dict(down_blocks, combine="atomic_last"))
 
     def xla_mlp(x, layer):
         w_up, b_up, w_down, idx = layer
@@ -237,7 +237,7 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None)
         _, _, w_down, idx = layer
         return gm.gathered_down(a, w_down, idx, **down_blocks)
 
-    return dict(pallas=pallas_mlp, pallas_partials=pallas_partials_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
+    return dict(pallas=pallas_mlp, pallas_atomic_last=pallas_atomic_last_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
                 pallas_down=pallas_down)
 
 
@@ -250,7 +250,7 @@ def _mlp_bytes(case: MlpCase, method: str) -> int:
 
 def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
                       densities: Sequence[float] = DENSITIES, dtype: str = "float16", *,
-                      methods: Sequence[str] = ("pallas", "pallas_partials", "xla", "dense"),
+                      methods: Sequence[str] = ("pallas", "pallas_atomic_last", "xla", "dense"),
                       batch: int = 1,
                       n_layers: int = 8, reps: int = 4, n_trials: int = 30,
                       up_blocks: dict | None = None, down_blocks: dict | None = None,
@@ -419,7 +419,7 @@ def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
     return rows
 
 
-PALLAS_MLP = ("pallas", "pallas_partials", "pallas_tuned")
+PALLAS_MLP = ("pallas", "pallas_atomic_last", "pallas_tuned")
 
 
 def best_blocks(rows: list[dict], method: str) -> dict | None:
@@ -474,6 +474,14 @@ def to_markdown(rows: list[dict], device: str) -> str:
             lines.append(f"| {r['method']} | {r['density']} | {blocks or 'default'} | "
                          f"{r['time_us']} | {r.get('kernel_us', '')} | {r['x_floor']} | "
                          f"{r['gbs']} | {r.get('kernels', '')} |")
+    batch4 = [r for r in rows if r["op"] == "mlp_batch4"]
+    if batch4:
+        lines += ["\n## MLP up+down at batch 4 (same selected rows for the 4 rows)\n",
+                  "| density | K | method | us | kernel us | x floor | GB/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in batch4:
+            lines.append(f"| {r['density']} | {r['K']} | {r['method']} | {r['time_us']} |"
+                         f" {r.get('kernel_us', '')} | {r['x_floor']} | {r['gbs']} |")
     attn = [r for r in rows if r["op"] == "attention"]
     if attn:
         lines += ["\n## Attention: Q proj + decode attention + out proj (batch 1, MHA)\n",
@@ -494,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=float("inf"),
                    help="stop starting new measurements after this many seconds")
     p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--batch4", action="store_true", help="also time the MLP at batch 4")
     p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
     p.add_argument("--mlp-shape", type=int, nargs=2, metavar=("D", "F"),
                    default=[OPT_6_7B_MLP["D"], OPT_6_7B_MLP["F"]])
@@ -518,12 +527,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     shapes = [dict(D=args.mlp_shape[0], F=args.mlp_shape[1])]
     attn_D, attn_H, attn_Dh, attn_seq = args.attn_shape
     common = dict(bandwidth_gbs=bw, log=log, deadline=deadline)
-    # 1. defaults against XLA and dense, 2. attention, 3. block sweep of each kernel alone,
-    # 4. the MLP again with the sweep's best blocks. Later stages are dropped at the deadline.
+    # 1. defaults against XLA and dense, 2. attention, 3. batch 4, 4. block sweep of each kernel
+    # alone, 5. the MLP again with the sweep's best blocks. Later stages drop at the deadline.
     rows = kernel_microbench(shapes, densities=args.densities, n_trials=trials, **common)
     if not args.no_attention:
         rows += attention_microbench(D=attn_D, H=attn_H, Dh=attn_Dh, seq_len=attn_seq,
                                      n_trials=trials, **common)
+    if args.batch4:
+        batch_rows = kernel_microbench(shapes, densities=(0.1, 0.5), batch=4,
+                                       methods=("pallas", "xla", "dense"), n_trials=trials, **common)
+        rows += [dict(r, op="mlp_batch4") for r in batch_rows]
     if args.sweep:
         rows += sweep(shapes, **common)
         up, down = best_blocks(rows, "pallas_up"), best_blocks(rows, "pallas_down")

@@ -46,6 +46,12 @@ def normal(key, shape, dtype, scale=1.0):
     return (jax.random.normal(key, shape, jnp.float32) * scale).astype(dtype)
 
 
+def with_dtypes(cases, bf16_rows):
+    """Every case in fp32, and the cases at bf16_rows again in bf16 (keeps the CPU run short)."""
+    return ([(*c, jnp.float32) for c in cases]
+            + [(*cases[i], jnp.bfloat16) for i in bf16_rows])
+
+
 def pick(key, n, k):
     """k distinct indices of range(n) in random order."""
     return jax.random.permutation(key, n)[:k].astype(jnp.int32)
@@ -65,8 +71,7 @@ UP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B,D,F,U,K,activation,bias", UP_CASES)
+@pytest.mark.parametrize("B,D,F,U,K,activation,bias,dtype", with_dtypes(UP_CASES, (1, 2)))
 def test_gathered_up_matches_reference(B, D, F, U, K, activation, bias, dtype):
     ks = jax.random.split(jax.random.key(B * 1000 + D + K), 4)
     x = normal(ks[0], (B, D), dtype)
@@ -105,16 +110,17 @@ def test_gathered_up_all_rows_is_dense():
 DOWN_CASES = [
     # B, D, F, K, blocks
     (1, 64, 32, 1, {}),  # K = 1
-    (1, 300, 96, 37, {}),  # odd sizes, default split-K with atomics
+    (1, 300, 96, 37, {}),  # odd sizes, default split-K (per-split partials)
+    (1, 300, 96, 37, dict(combine="atomic")),  # split-K with atomics
     (3, 576, 64, 21, dict(k_splits=1)),  # one program per column block, direct store
-    (2, 100, 48, 48, dict(block_e=4, block_d=32, k_splits=5)),  # K = F, uneven splits
+    (2, 100, 48, 48, dict(block_e=4, block_d=32, k_splits=5, combine="atomic")),  # K = F
     (2, 100, 48, 30, dict(block_e=4, block_d=32, k_splits=3, combine="partials")),
+    (3, 100, 48, 30, dict(block_e=4, block_d=32, k_splits=3, combine="atomic_last")),
     (1, 257, 40, 39, dict(block_e=2, block_d=512, k_splits=1)),  # tile wider than D, long loop
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B,D,F,K,blocks", DOWN_CASES)
+@pytest.mark.parametrize("B,D,F,K,blocks,dtype", with_dtypes(DOWN_CASES, (1, 4)))
 def test_gathered_down_matches_reference(B, D, F, K, blocks, dtype):
     ks = jax.random.split(jax.random.key(B * 1000 + D + K), 3)
     a = normal(ks[0], (B, K), dtype)
@@ -126,7 +132,8 @@ def test_gathered_down_matches_reference(B, D, F, K, blocks, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("k_splits,combine", [(1, "atomic"), (3, "atomic"), (3, "partials")])
+@pytest.mark.parametrize("k_splits,combine", [(1, "atomic"), (3, "atomic"), (3, "partials"),
+                                              (3, "atomic_last")])
 def test_gathered_down_all_rows_is_dense(k_splits, combine):
     """All neurons selected in a shuffled order: the permuted sum equals the dense matmul."""
     ks = jax.random.split(jax.random.key(5), 3)
@@ -166,8 +173,7 @@ HEAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B,H,Dh,D,Kh", HEAD_CASES)
+@pytest.mark.parametrize("B,H,Dh,D,Kh,dtype", with_dtypes(HEAD_CASES, (2,)))
 def test_gathered_head_proj_matches_reference(B, H, Dh, D, Kh, dtype):
     ks = jax.random.split(jax.random.key(H * 100 + Kh), 4)
     x, w = normal(ks[0], (B, D), dtype), normal(ks[1], (H, Dh, D), dtype, D ** -0.5)
@@ -178,8 +184,7 @@ def test_gathered_head_proj_matches_reference(B, H, Dh, D, Kh, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B,H,Dh,D,Kh", HEAD_CASES)
+@pytest.mark.parametrize("B,H,Dh,D,Kh,dtype", with_dtypes(HEAD_CASES, (2,)))
 def test_gathered_out_proj_matches_reference(B, H, Dh, D, Kh, dtype):
     ks = jax.random.split(jax.random.key(H * 100 + Kh + 1), 3)
     o, w = normal(ks[0], (B, Kh, Dh), dtype), normal(ks[1], (H, Dh, D), dtype, (Kh * Dh) ** -0.5)
@@ -212,8 +217,7 @@ ATTN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("B,H,KV,Dh,S,Kh,blocks", ATTN_CASES)
+@pytest.mark.parametrize("B,H,KV,Dh,S,Kh,blocks,dtype", with_dtypes(ATTN_CASES, (1,)))
 def test_sparse_decode_attention_matches_reference(B, H, KV, Dh, S, Kh, blocks, dtype):
     ks = jax.random.split(jax.random.key(S * 10 + Kh), 5)
     q = normal(ks[0], (B, Kh, Dh), dtype)
@@ -299,7 +303,8 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     w_up, w_down = jnp.ones((1536, 2, 576), f16), jnp.ones((1536, 576), f16)
     assert _lowers_to_triton(functools.partial(gm.gathered_up, activation="swiglu"), x, w_up, idx)
     assert _lowers_to_triton(gm.gathered_down, jnp.ones((1, 37), f16), w_down, idx)
-    for blocks in (dict(k_splits=1), dict(k_splits=4, combine="partials")):
+    for blocks in (dict(k_splits=1), dict(k_splits=4, combine="partials"),
+                   dict(k_splits=4, combine="atomic_last")):
         assert _lowers_to_triton(functools.partial(gm.gathered_down, **blocks),
                                  jnp.ones((1, 37), f16), w_down, idx)
     w_q, heads = jnp.ones((9, 64, 576), f16), jnp.arange(5, dtype=jnp.int32)
@@ -330,7 +335,7 @@ def test_gpu_mlp_model_size(density, U, activation):
     assert rel_err(a, gm.gathered_up_reference(x, w_up, idx, b_up, activation=activation)) < 2e-3
     y = gm.gathered_down(a, w_down, idx)
     assert rel_err(y, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
-    for blocks in (dict(k_splits=1), dict(combine="partials")):
+    for blocks in (dict(k_splits=1), dict(combine="atomic"), dict(combine="atomic_last")):
         y1 = gm.gathered_down(a, w_down, idx, **blocks)
         assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
 
