@@ -151,42 +151,42 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 extras: bool = True) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
-    With extras, the first density point is also timed with fixed indices (no predictor: the
-    predictor's share of the step) and without lookahead.
+    The first density point is timed with every kernel backend and KV mode (and, with extras, also
+    without lookahead and with fixed indices, i.e. without predictors: the predictor's share of the
+    step); the other points with the first backend and KV mode only, which draws the density curve.
     """
     from pallas_kernels import get_ops
 
     dtype = params["layers"][0]["up"].dtype
     itemsize = jnp.dtype(dtype).itemsize
+    pbytes = predictor_bytes(cfg, rank, itemsize)
     rows = []
     for i, (mlp_d, head_d) in enumerate(densities):
-        for kv_mode in kv_modes:
+        combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
+        for j, (backend, kv_mode) in enumerate(combos):
+            ops = get_ops(backend)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
-            pbytes = predictor_bytes(cfg, rank, itemsize)
-            floor_ms = (wbytes + pbytes) / (bw * 1e9) * 1e3
             variants = [("predictor+lookahead", True, False)]
-            if extras and i == 0:
+            if extras and i == 0 and j == 0:
                 variants += [("predictor, no lookahead", False, False), ("fixed indices (no predictor)", True, True)]
-            for backend in kernels:
-                ops = get_ops(backend)
-                for label, lookahead, fixed in variants:
-                    if fixed:
-                        sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
-                    else:
-                        sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
-                                                        head_density=head_d, rank=rank, dtype=dtype,
-                                                        lookahead=lookahead)
-                    row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
-                           "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
-                           "rank": 0 if fixed else rank, "bytes_per_token": wbytes + (0 if fixed else pbytes),
-                           "floor_ms_per_token": floor_ms if not fixed else wbytes / (bw * 1e9) * 1e3}
-                    try:
-                        row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
-                                             ops=ops, reps=reps, kv_mode=kv_mode))
-                    except Exception as e:  # report a failing variant and keep measuring the others
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+            for label, lookahead, fixed in variants:
+                if fixed:
+                    sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
+                else:
+                    sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
+                                                    head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead)
+                nbytes = wbytes + (0 if fixed else pbytes)
+                row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
+                       "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
+                       "rank": 0 if fixed else rank, "bytes_per_token": nbytes,
+                       "floor_ms_per_token": nbytes / (bw * 1e9) * 1e3}
+                try:
+                    row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
+                                         ops=ops, reps=reps, kv_mode=kv_mode))
+                except Exception as e:  # report a failing variant and keep measuring the others
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 
@@ -206,10 +206,13 @@ def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title:
     for label, pts in series.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"sparse, {label}")
-    floor_pts = sorted({(r["mlp_density"], r["floor_ms_per_token"]) for r in rows
-                        if r.get("variant") == "predictor+lookahead" and r["kv_mode"] == "exact"})
+    first = next((r for r in rows if r["variant"] == "predictor+lookahead"), None)
+    floor_pts = sorted({(r["mlp_density"], r["floor_ms_per_token"]) for r in rows if first is not None
+                        and r["variant"] == "predictor+lookahead" and r["kernels"] == first["kernels"]
+                        and r["kv_mode"] == first["kv_mode"]})
     if floor_pts:
-        ax.plot([p[0] for p in floor_pts], [p[1] for p in floor_pts], "k:", label="bytes-read floor (kv exact)")
+        ax.plot([p[0] for p in floor_pts], [p[1] for p in floor_pts], "k:",
+                label=f"bytes-read floor (kv {first['kv_mode']}, with predictors)")
     ax.axhline(dense_ms, color="C3", ls="--", label="dejavu_jax dense")
     ax.axhline(floor_dense_ms, color="gray", ls=":", label="dense floor")
     ax.set_xlabel("MLP density (fraction of neurons read)")
