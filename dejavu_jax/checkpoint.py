@@ -101,7 +101,11 @@ def load_config(directory: str | Path) -> ModelConfig:
 
 
 def load_checkpoint(directory: str | Path, dtype=jnp.bfloat16, sharding=None) -> tuple[ModelConfig, Params]:
-    """Load (config, params) with every parameter cast to `dtype` (and placed with `sharding`)."""
+    """Load (config, params) with every parameter cast to `dtype` (and placed with `sharding`).
+
+    sharding: one jax Sharding for every leaf, or a pytree of shardings shaped like the params
+    (e.g. `sharding.param_shardings(cfg, mesh)`): orbax then reads each device's slice only.
+    """
     from dejavu_jax.model import param_shapes, _is_shape
 
     cfg = load_config(directory)
@@ -109,8 +113,15 @@ def load_checkpoint(directory: str | Path, dtype=jnp.bfloat16, sharding=None) ->
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory} has a config but no {PARAMS_DIR}/ (incomplete checkpoint)")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=sharding),
-                                      param_shapes(cfg), is_leaf=_is_shape)
+    if isinstance(sharding, jax.sharding.Sharding):
+        abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=sharding),
+                                          param_shapes(cfg), is_leaf=_is_shape)
+    else:  # a pytree of shardings, one per parameter
+        try:
+            abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s, dtype, sharding=sh),
+                                              param_shapes(cfg), sharding, is_leaf=_is_shape)
+        except ValueError as e:
+            raise CheckpointError(f"the sharding tree does not match {directory}'s parameters: {e}") from e
     try:
         params = restore_params(params_dir, abstract)
     except Exception as e:  # orbax raises a variety of errors for mismatched trees/shapes
