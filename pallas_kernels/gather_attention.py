@@ -47,17 +47,24 @@ def gathered_head_proj(x, w, idx, b=None, *, interpret=False, **blocks):
     Returns [B, Kh, Dh] in x.dtype: out[b, k] = w[idx[k]] @ x[b] (+ b[idx[k]]), fp32 sums.
     """
     check_block_keys(blocks, UP_BLOCK_KEYS, "gathered_head_proj")
-    n_heads, head_dim, d_model = w.shape
+    _, head_dim, d_model = w.shape
     n_sel = idx.shape[0]
     cfg = dataclasses.replace(default_up_blocks(n_sel * head_dim, d_model, 1, x.shape[0]),
                               **blocks)
+    return _gathered_head_proj(x, w, idx, b, blocks=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def _gathered_head_proj(x, w, idx, b, *, blocks, interpret):
+    n_heads, head_dim, d_model = w.shape
     h = gather_rows_matvec(
         x, w.reshape(n_heads * head_dim, d_model), idx,
         None if b is None else b.reshape(n_heads * head_dim),
-        rows_per_idx=head_dim, n_parts=1, activation="none", blocks=cfg, interpret=interpret)
-    return h.reshape(x.shape[0], n_sel, head_dim)
+        rows_per_idx=head_dim, n_parts=1, activation="none", blocks=blocks, interpret=interpret)
+    return h.reshape(x.shape[0], idx.shape[0], head_dim)  # [B, Kh*Dh] -> [B, Kh, Dh]
 
 
+@jax.jit
 def gathered_head_proj_reference(x, w, idx, b=None):
     w_sel = jnp.take(w, idx, axis=0)  # [Kh, Dh, D]
     out = jnp.einsum("BD,KHD->BKH", x, w_sel, preferred_element_type=jnp.float32)
@@ -73,14 +80,22 @@ def gathered_out_proj(o, w_out, idx, *, interpret=False, **blocks):
     Returns [B, D] in o.dtype, fp32 sums.
     """
     check_block_keys(blocks, DOWN_BLOCK_KEYS, "gathered_out_proj")
-    n_heads, head_dim, d_model = w_out.shape
+    _, head_dim, d_model = w_out.shape
     batch, n_sel, _ = o.shape
     cfg = dataclasses.replace(default_down_blocks(n_sel * head_dim, d_model, batch), **blocks)
+    return _gathered_out_proj(o, w_out, idx, blocks=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def _gathered_out_proj(o, w_out, idx, *, blocks, interpret):
+    n_heads, head_dim, d_model = w_out.shape
+    batch, n_sel, _ = o.shape
     return gather_rows_reduce(
         o.reshape(batch, n_sel * head_dim), w_out.reshape(n_heads * head_dim, d_model), idx,
-        rows_per_idx=head_dim, blocks=cfg, interpret=interpret)
+        rows_per_idx=head_dim, blocks=blocks, interpret=interpret)
 
 
+@jax.jit
 def gathered_out_proj_reference(o, w_out, idx):
     w_sel = jnp.take(w_out, idx, axis=0)  # [Kh, Dh, D]
     out = jnp.einsum("BKH,KHD->BD", o, w_sel, preferred_element_type=jnp.float32)
@@ -200,6 +215,7 @@ def sparse_decode_attention(q, k, v, valid, head_idx, *, scale, num_heads=None, 
                                     interpret=interpret)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "num_heads"))
 def sparse_decode_attention_reference(q, k, v, valid, head_idx, *, scale, num_heads=None):
     """XLA reference: gather the kv heads, masked softmax in fp32."""
     kv_idx = head_idx // _group(num_heads, k.shape[1])

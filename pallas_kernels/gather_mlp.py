@@ -156,21 +156,29 @@ def gathered_up(x, w_up, idx, b_up=None, *, activation="relu", interpret=False, 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_block_keys(blocks, UP_BLOCK_KEYS, "gathered_up")
-    n_feat, n_u, d_model = w_up.shape
+    _, n_u, d_model = w_up.shape
     if activation == "swiglu" and n_u != 2:
         raise ValueError(f"swiglu needs w_up [F, 2, D], got {w_up.shape}")
     n_parts = 2 if activation == "swiglu" else 1  # relu / none read only part 0
     cfg = dataclasses.replace(default_up_blocks(idx.shape[0], d_model, n_parts, x.shape[0]),
                               **blocks)
+    return _gathered_up(x, w_up, idx, b_up, n_parts=n_parts, activation=activation, blocks=cfg,
+                        interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("n_parts", "activation", "blocks", "interpret"))
+def _gathered_up(x, w_up, idx, b_up, *, n_parts, activation, blocks, interpret):
+    n_feat, n_u, d_model = w_up.shape
     w2 = w_up.reshape(n_feat, n_u * d_model)  # [F, U*D], free: rows are contiguous
     b2 = None
     if b_up is not None:
         # The kernel reads bias at row * n_parts + u, so keep only the parts it uses.
-        b2 = b_up[:, :n_parts].reshape(n_feat * n_parts) if n_parts != n_u else b_up.reshape(-1)
+        b2 = b_up[:, :n_parts].reshape(n_feat * n_parts)
     return gather_rows_matvec(x, w2, idx, b2, rows_per_idx=1, n_parts=n_parts,
-                              activation=activation, blocks=cfg, interpret=interpret)
+                              activation=activation, blocks=blocks, interpret=interpret)
 
 
+@functools.partial(jax.jit, static_argnames=("activation",))
 def gathered_up_reference(x, w_up, idx, b_up=None, *, activation="relu"):
     """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot."""
     w_sel = jnp.take(w_up, idx, axis=0)  # [K, U, D]
@@ -345,6 +353,7 @@ def gathered_down(a, w_down, idx, *, interpret=False, **blocks):
     return gather_rows_reduce(a, w_down, idx, rows_per_idx=1, blocks=cfg, interpret=interpret)
 
 
+@jax.jit
 def gathered_down_reference(a, w_down, idx):
     """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot."""
     w_sel = jnp.take(w_down, idx, axis=0)  # [K, D]
