@@ -28,10 +28,10 @@ from pallas_kernels import get_ops
 OPS = get_ops("xla")
 
 TINY = {
-    "opt": ModelConfig(vocab_size=67, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=8,
+    "opt": ModelConfig(vocab_size=67, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
                        ffn_size=64, max_positions=128, norm="layernorm", activation="relu", positions="learned",
                        position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="tiny-opt"),
-    "llama": ModelConfig(vocab_size=67, hidden_size=32, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8,
+    "llama": ModelConfig(vocab_size=67, hidden_size=32, num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8,
                          ffn_size=48, max_positions=128, norm="rmsnorm", activation="swiglu", positions="rope",
                          attn_bias=False, mlp_bias=False, tie_embeddings=False, family="llama", name="tiny-llama"),
 }
@@ -62,18 +62,25 @@ def kl_to_dense(dense_logits, logits):
 
 
 def decode_steps(params, cfg, prompt, n_steps, selector=None, ops=None, cache=None):
-    """Dense prefill, then n_steps greedy-free decode steps on fixed tokens. Returns logits [n, V]."""
+    """Dense prefill, then n_steps decode steps on fixed random tokens, all in one jitted call
+    (one compilation per test). Returns logits [B, n_steps, V]."""
     B, T = prompt.shape
     cache = cache if cache is not None else M.init_cache(cfg, B, T + n_steps + 1, jnp.float32)
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    _, cache = M.forward(params, cfg, prompt, pos, cache)
-    step = jax.jit(lambda p, t, q, c: M.forward(p, cfg, t, q, c, selector=selector, ops=ops))
-    toks = jax.random.randint(jax.random.PRNGKey(7), (B, n_steps), 0, cfg.vocab_size)
-    out = []
-    for i in range(n_steps):
-        logits, cache = step(params, toks[:, i:i + 1], jnp.full((B, 1), T + i), cache)
-        out.append(logits[:, 0])
-    return jnp.stack(out, 1)
+    toks = jax.random.randint(jax.random.PRNGKey(7), (n_steps, B, 1), 0, cfg.vocab_size)
+
+    @jax.jit
+    def run(params, prompt, toks, cache):
+        _, cache = M.forward(params, cfg, prompt, jnp.broadcast_to(jnp.arange(T), (B, T)), cache)
+
+        def step(cache, xs):
+            tok, i = xs
+            logits, cache = M.forward(params, cfg, tok, jnp.full((B, 1), T + i), cache, selector=selector, ops=ops)
+            return cache, logits[:, 0]
+
+        _, out = jax.lax.scan(step, cache, (toks, jnp.arange(n_steps)))
+        return out.transpose(1, 0, 2)
+
+    return run(params, prompt, toks, cache)
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,6 +153,12 @@ def test_oracle_keeps_exactly_k_per_token():
     mask = topk_mask(scores, 7)
     assert mask.shape == scores.shape and bool(jnp.all(mask.sum(-1) == 7))
     assert bool(jnp.all(jnp.where(mask, scores, jnp.inf).min(-1) >= jnp.where(mask, -jnp.inf, scores).max(-1)))
+    # the bisection threshold equals lax.top_k's k-th value, with negatives and ReLU-style zero ties
+    relu_like = jnp.maximum(scores, 0.0)
+    for x in (scores, -jnp.abs(scores), relu_like):
+        for k in (1, 13, 39):
+            ref = x >= jax.lax.top_k(x, k)[0][..., -1:]
+            assert bool(jnp.all(topk_mask(x, k) == ref)), k
 
 
 def test_threshold_calibration_hits_target_density(tiny):
@@ -195,12 +208,12 @@ def test_predictor_gather_equals_predictor_mask(tiny):
     preds = random_predictors(cfg)
     L = cfg.num_layers
     mk, hk = (cfg.ffn_size // 2,) * L, (2,) * L
-    for lookahead in (True, False):
-        gat = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, lookahead, gather=True)
-        msk = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, lookahead, gather=False)
-        a = decode_steps(params, cfg, prompt, 3, selector=gat, ops=OPS)
-        b = decode_steps(params, cfg, prompt, 3, selector=msk)
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    lookahead = cfg.family == "opt"  # one setting per family keeps the test fast; both are covered
+    gat = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, lookahead, gather=True)
+    msk = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, lookahead, gather=False)
+    a = decode_steps(params, cfg, prompt, 3, selector=gat, ops=OPS)
+    b = decode_steps(params, cfg, prompt, 3, selector=msk)
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_selector_is_a_pytree_with_predictor_leaves(tiny):
@@ -216,15 +229,15 @@ def test_selector_is_a_pytree_with_predictor_leaves(tiny):
 # ------------------------------------------------------------------------------------------
 # Lazy KV mode
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("window", [1, 4])
-def test_lazy_kv_equals_exact(tiny, window):
+def test_lazy_kv_equals_exact(tiny):
+    window = 3
     cfg, params = tiny
     prompt, _ = tokens_for(cfg, B=1, T=5)
     preds = random_predictors(cfg, seed=3)
     L = cfg.num_layers
     # one head per layer, chosen anew each step: heads go idle and come back, across refreshes
     sel = PredictorSelector(preds, (cfg.ffn_size // 2,) * L, (1,) * L, cfg.ffn_size, cfg.num_heads, True, True)
-    n = 11
+    n = 9  # three refresh periods
     exact = decode_steps(params, cfg, prompt, n, selector=sel, ops=OPS)
     lazy_cache = init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=window)
     lazy = decode_steps(params, cfg, prompt, n, selector=sel, ops=OPS, cache=lazy_cache)
@@ -250,7 +263,7 @@ def test_lazy_kv_skips_idle_heads(tiny):
 # Config and bad input
 # ------------------------------------------------------------------------------------------
 def test_sparsity_config_json_roundtrip_and_schedules():
-    cfg = TINY["opt"]
+    cfg = TINY["opt"].replace(num_layers=3)
     sp = SparsityConfig(mode="predictor", mlp_density=0.25, head_density=0.5, dense_first=1, dense_last=1,
                         kv_mode="lazy", lazy_window=8)
     again = SparsityConfig.from_dict(json.loads(sp.to_json()))
@@ -273,7 +286,7 @@ def test_sparsity_config_json_roundtrip_and_schedules():
     (dict(dense_first=2, dense_last=2), "exceeds the 3 layers"),
 ])
 def test_bad_settings_raise_clear_errors(kwargs, match):
-    cfg = TINY["opt"]
+    cfg = TINY["opt"].replace(num_layers=3)
     params = None  # settings are validated before any weight is looked at
     args = dict(mode="oracle", mlp_density=0.5)
     args.update(kwargs)
