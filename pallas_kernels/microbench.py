@@ -6,11 +6,13 @@ weight rows, plus activations) and the floor those bytes take at the measured co
 Timing: each measured function is one jit that applies the op to L distinct weight copies R times
 (L * R applications, chained through `optimization_barrier` so XLA neither merges nor reorders them,
 with no extra kernels). The L copies hold more selected bytes than the L2 cache, so every application
-streams from HBM. The median wall time of many calls (each ending in block_until_ready), minus the
-median time of an empty jit call (dispatch + sync), divided by L * R is the time per application.
+streams from HBM. The reported time is from GPU events of a profiler trace (jax.profiler, read back
+with ProfileData): first kernel start to last kernel end of a call, median over 5 calls, divided by
+L * R, so launch gaps inside the call count; the summed kernel durations and the host wall time
+(median of many calls minus an empty call) are reported beside it. After warm-up only.
 
-    python -m pallas_kernels.microbench --out results/kernels [--quick] [--sweep]
-writes kernels.json (all rows) and kernels.md (tables).
+    python -m pallas_kernels.microbench --out DIR [--sweep] [--batch4] [--seconds N] [--quick]
+writes DIR/kernels.json (all rows), DIR/kernels.jsonl (rows as measured) and DIR/kernels.md.
 """
 from __future__ import annotations
 
