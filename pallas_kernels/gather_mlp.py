@@ -47,7 +47,7 @@ def _full(like: jax.Array, value) -> jax.Array:
 def _selected_rows(idx_ref, e: jax.Array, e_ok: jax.Array, rows_per_idx: int) -> jax.Array:
     """Weight row of each selection entry e = k * R + r: idx[k] * R + r. e, e_ok: [BE]."""
     if rows_per_idx == 1:
-        # Padded entries read row idx[0]'s slot 0; their weight loads are masked off anyway.
+        # Padded entries (e >= K) get row 0; their weight loads are masked off anyway.
         return plgpu.load(idx_ref.at[e], mask=e_ok, other=0)
     k = e // rows_per_idx
     sel = plgpu.load(idx_ref.at[k], mask=e_ok, other=0)
@@ -124,9 +124,10 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
                                              "interpret"))
 def gather_rows_matvec(x, w, idx, b=None, *, rows_per_idx: int, n_parts: int, activation: str,
                        blocks: UpBlocks, interpret: bool):
-    """h[b, k*R + r] = act(x[b] . w[idx[k]*R + r]) for w [F*R, n_parts*D], x [B, D] -> [B, K*R].
+    """h[b, k*R + r] = act(x[b] . w[idx[k]*R + r]) for w [F*R, U*D], x [B, D] -> [B, K*R].
 
-    n_parts = 2 packs (gate, up) side by side in a row; b is [F*R*n_parts] or None.
+    A row holds U parts of D columns side by side (U=2: gate, up); the kernel reads the first
+    n_parts of them. b is [F*R*n_parts] or None.
     """
     batch, d_model = x.shape
     n_entries = idx.shape[0] * rows_per_idx
