@@ -69,8 +69,11 @@ def decode_weight_bytes(cfg: ModelConfig, itemsize: int, mlp_density: float = 1.
 
 
 def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, batch: int = 1, selector=None,
-              ops=None, reps: int = 5, kv_mode: str = "exact") -> dict:
-    """Prefill ms and decode ms/token of our jitted path (compile excluded, medians of reps)."""
+              ops=None, reps: int = 5, kv_mode: str = "exact", place_cache=None) -> dict:
+    """Prefill ms and decode ms/token of our jitted path (compile excluded, medians of reps).
+
+    place_cache: cache -> cache placed on devices (tensor parallelism: `sharding.shard_cache`).
+    """
     cfg = cfg.replace(eos_token_id=None)  # decode exactly new_tokens steps
     gen = Generator(cfg, selector=selector, ops=ops)
     dtype = params["layers"][0]["up"].dtype
@@ -85,6 +88,9 @@ def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, bat
         from dejavu_jax.sparse import init_sparse_cache
 
         new_cache = lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode)  # noqa: E731
+    if place_cache is not None:
+        make_cache = new_cache
+        new_cache = lambda: place_cache(make_cache())  # noqa: E731
 
     t0 = time.perf_counter()
     logits, cache, pos = gen.prefill(params, tokens, valid, new_cache())
@@ -148,8 +154,11 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int) -> int:
 
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
-                extras: bool = True) -> list[dict]:
+                extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union") -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
+
+    batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
+    tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
 
     The first density point is timed with every kernel backend and KV mode (and, with extras, also
     without lookahead and with fixed indices, i.e. without predictors: the predictor's share of the
@@ -170,11 +179,18 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             if extras and i == 0 and j == 0:
                 variants += [("predictor, no lookahead", False, False), ("fixed indices (no predictor)", True, True)]
             for label, lookahead, fixed in variants:
-                if fixed:
+                if fixed and mesh is not None:
+                    from dejavu_jax.sharding import blockwise_fixed_selector
+
+                    sel = blockwise_fixed_selector(cfg, mesh.shape["model"], mlp_density=mlp_d, head_density=head_d)
+                elif fixed:
                     sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
                 else:
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
                                                     head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead)
+                from dejavu_jax.sharding import decode_setup
+
+                sel, step_ops, place_cache = decode_setup(sel, ops, mesh, batch_select=batch_select)
                 nbytes = wbytes + (0 if fixed else pbytes)
                 row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
                        "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
@@ -182,7 +198,8 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                        "floor_ms_per_token": nbytes / (bw * 1e9) * 1e3}
                 try:
                     row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
-                                         ops=ops, reps=reps, kv_mode=kv_mode))
+                                         ops=step_ops, reps=reps, kv_mode=kv_mode, batch=batch,
+                                         place_cache=place_cache))
                 except Exception as e:  # report a failing variant and keep measuring the others
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                 print(json.dumps(row), flush=True)
@@ -273,9 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch-select", choices=["union", "per-row"], default="union",
+                   help="sparse decode with --batch > 1: one index set for the batch (top-K of the rows' max score) "
+                        "or per-row keep-masks (dense compute)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: a mesh over the first N devices")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--baselines", default="eager,static-compile",
-                   help="comma list of transformers variants to time (eager, static-compile) or 'none'")
+                   help="comma list of transformers variants to time (eager, static-compile), 'copy' for only the "
+                        "cudaMemcpy bandwidth of the floor, or 'none'")
     sp = p.add_argument_group("sparse decode (random predictors with lookahead in the loop)")
     sp.add_argument("--sparse", default="", help="density points MLP:HEADS, comma separated, e.g. "
                                                   "0.25:0.5,0.1:0.5,0.5:0.5 (empty: dense only)")
@@ -294,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dejavu_jax.checkpoint import load_checkpoint, parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    for name in ("prompt_len", "new_tokens", "batch", "reps", "rank"):
+    for name in ("prompt_len", "new_tokens", "batch", "reps", "rank", "tp"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
@@ -321,8 +343,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in run_torch_baselines(args.preset, args.dtype, args.prompt_len, args.new_tokens, args.baselines):
                 print(json.dumps(r), flush=True)
                 torch_rows.append(r)
+    mesh, place_cache = None, None
     try:
-        if args.preset:
+        if args.tp > 1:
+            from dejavu_jax import sharding as S
+            from dejavu_jax.checkpoint import load_config
+
+            mesh = S.make_mesh(args.tp)
+            place_cache = lambda c: S.shard_cache(c, mesh)  # noqa: E731
+            if args.preset:  # created in place: no device ever holds the whole model
+                params = S.init_params_sharded(cfg, jax.random.PRNGKey(0), mesh, dtype)
+            else:
+                cfg = load_config(args.model)
+                cfg, params = load_checkpoint(args.model, dtype, sharding=S.param_shardings(cfg, mesh))
+        elif args.preset:
             params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
         else:
             cfg, params = load_checkpoint(args.model, dtype)
@@ -337,23 +371,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.get("copy_bandwidth_gbs", 0) > bw:  # cudaMemcpy beats an XLA copy: the stricter floor
             bw, bw_source = r["copy_bandwidth_gbs"], "cudaMemcpy (torch)"
     weight_bytes = decode_weight_bytes(cfg, jnp.dtype(dtype).itemsize)
+    bw *= args.tp  # TP: every device reads its 1/TP of the weights at once (floor = bytes / aggregate bandwidth)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
     print(f"{cfg.name or args.model} on {device}: {weight_bytes / 1e9:.2f} GB of weights per token, "
           f"copy bandwidth {bw:.0f} GB/s ({bw_source}) -> floor {floor_ms:.3f} ms/token", flush=True)
     rows = [{"impl": "bandwidth floor (dense weights / copy bandwidth)", "decode_ms_per_token": floor_ms}]
     rows.append({"impl": "dejavu_jax dense", "floor_ms_per_token": floor_ms,
                  **bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
-                             reps=args.reps)})
+                             reps=args.reps, place_cache=place_cache)})
     print(json.dumps(rows[-1]), flush=True)
     rows += [r for r in torch_rows if "copy_bandwidth_gbs" not in r]
     sparse = []
     if densities:
-        if args.batch != 1:
-            parser.error("sparse decode is timed at batch 1")
+        if mesh is not None and kv_modes != ["exact"]:
+            parser.error("--tp runs the exact KV mode only (--kv-modes exact)")
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
-                             extras=not args.no_extras)
+                             extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select)
     result = {"model": cfg.name or args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
+              "tp": args.tp, "batch_select": args.batch_select,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "copy_bandwidth_gbs": bw,
               "bandwidth_source": bw_source, "weight_bytes_per_token": weight_bytes, "floor_ms_per_token": floor_ms,
               "rows": rows + sparse, "jax": jax.__version__}
@@ -361,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     header = (f"{result['model']}, {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
-              f"{args.new_tokens} new tokens, {device}, jax {jax.__version__}; floor bandwidth {bw:.0f} GB/s "
+              f"{args.new_tokens} new tokens, {device}{f' x{args.tp} (TP)' if args.tp > 1 else ''}, "
+              f"jax {jax.__version__}; floor bandwidth {bw:.0f} GB/s "
               f"({bw_source})\n\n")
     text = header + markdown_table(rows + sparse, floor_ms) + "\n"
     ok_sparse = [r for r in sparse if "error" not in r]

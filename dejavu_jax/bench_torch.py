@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--variants", default="eager,static-compile")
+    p.add_argument("--variants", default="eager,static-compile",
+                   help="comma list of eager, static-compile; 'copy' alone measures only the copy bandwidth")
     args = p.parse_args(argv)
 
     import torch
@@ -68,14 +69,17 @@ def main(argv=None) -> int:
     cfg = preset(args.preset)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    variants = [v for v in args.variants.split(",") if v != "copy"]
+    if device == "cuda":
+        print(json.dumps({"impl": "torch device copy", "copy_bandwidth_gbs": copy_bandwidth_gbs()}), flush=True)
+    if not variants:  # only the copy bandwidth was asked for
+        return 0
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config_for(cfg), torch_dtype=dtype).eval()
     input_ids = torch.randint(3, cfg.vocab_size, (1, args.prompt_len), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        print(json.dumps({"impl": "torch device copy", "copy_bandwidth_gbs": copy_bandwidth_gbs()}), flush=True)
-    for variant in args.variants.split(","):
+    for variant in variants:
         if variant == "static-compile":
             # transformers compiles the forward itself (CUDA graphs, fullgraph) when generate runs with a
             # static cache on a GPU; wrapping it in torch.compile by hand breaks its cache updates.
