@@ -254,16 +254,37 @@ def run_torch_baselines(preset_name: str, dtype: str, prompt_len: int, new_token
     return rows
 
 
+def _label(r: dict) -> str:
+    if "mlp_density" in r:
+        return f"{r['impl']}, mlp {r['mlp_density']}, heads {r['head_density']}"
+    return r["impl"]
+
+
 def markdown_table(rows: list[dict], floor_ms: float) -> str:
-    lines = ["| implementation | prefill ms | decode ms/token | x own bytes floor |", "|---|---|---|---|"]
+    lines = ["| implementation | prefill ms | decode ms/token | bytes-read floor ms | x floor |", "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | failed: {r['error']} | | |")
+            lines.append(f"| {_label(r)} | failed: {r['error']} | | | |")
             continue
         own_floor = r.get("floor_ms_per_token", floor_ms)
-        lines.append(f"| {r['impl']} | {r.get('prefill_ms', float('nan')):.2f} | {r['decode_ms_per_token']:.3f} | "
+        prefill = f"{r['prefill_ms']:.2f}" if "prefill_ms" in r else "-"
+        lines.append(f"| {_label(r)} | {prefill} | {r['decode_ms_per_token']:.3f} | {own_floor:.3f} | "
                      f"{r['decode_ms_per_token'] / own_floor:.2f} |")
     return "\n".join(lines)
+
+
+def render_markdown(result: dict) -> str:
+    """The bench.md text for a bench.json result."""
+    rows = result["rows"]
+    dense = [r for r in rows if "mlp_density" not in r]
+    sparse = [r for r in rows if "mlp_density" in r and "error" not in r]
+    text = (f"{result['model']}, {result['dtype']}, batch {result['batch']}, prompt {result['prompt_len']}, "
+            f"{result['new_tokens']} new tokens, {result['device']}, jax {result['jax']}; floor bandwidth "
+            f"{result['copy_bandwidth_gbs']:.0f} GB/s ({result['bandwidth_source']})\n\n")
+    text += markdown_table(rows, result["floor_ms_per_token"]) + "\n"
+    if sparse:
+        text += "\n" + speedup_table(dense, sparse) + "\n"
+    return text
 
 
 def parse_densities(text: str) -> list[tuple[float, float]]:
@@ -418,8 +439,7 @@ def speedup_table(rows: list[dict], sparse: list[dict]) -> str:
     lines = [head, "|" + "---|" * (2 + len(refs))]
     for s in sparse:
         ratios = " | ".join(f"{r['decode_ms_per_token'] / s['decode_ms_per_token']:.2f}x" for r in refs)
-        lines.append(f"| {s['impl']} mlp {s['mlp_density']} heads {s['head_density']} | "
-                     f"{s['decode_ms_per_token']:.3f} | {ratios} |")
+        lines.append(f"| {_label(s)} | {s['decode_ms_per_token']:.3f} | {ratios} |")
     return "\n".join(lines)
 
 
