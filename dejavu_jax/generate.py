@@ -225,7 +225,8 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
 
 def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_new_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig(), dtype=None, chat: bool | None = None,
-                  selector_args: dict | None = None, kernels: str = "xla") -> tuple[list[str], GenerationResult]:
+                  selector_args: dict | None = None, kernels: str = "xla",
+                  batch_select: str = "per-row") -> tuple[list[str], GenerationResult]:
     """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode."""
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
@@ -248,6 +249,10 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
         from pallas_kernels import get_ops
 
         selector = build_selector(cfg, params, **selector_args)
+        if batch_select == "union":  # one index set for the batch (dejavu_jax.batching); per-row is the default
+            from dejavu_jax.batching import wrap_selector
+
+            selector = wrap_selector(selector, batch_select="union")
         ops = get_ops(kernels)
     result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
@@ -300,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                     help="predict layer l+1's neurons/heads from layer l's input")
     sp.add_argument("--kernels", choices=["xla", "pallas"], default="xla", help="gathered-matmul backend")
+    sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
+                    help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
+                         "set per step (top-K of the rows' max predictor score; gathered kernels)")
     return p
 
 
@@ -317,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  predictors=args.predictors, lookahead=args.lookahead)
         texts, result = generate_text(args.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                       dtype=parse_dtype(args.dtype) if args.dtype else None, chat=args.chat,
-                                      selector_args=selector_args, kernels=args.kernels)
+                                      selector_args=selector_args, kernels=args.kernels,
+                                      batch_select=args.batch_select)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     stats = {"prompt_tokens": result.prompt_lengths, "new_tokens": result.new_tokens,

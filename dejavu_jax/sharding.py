@@ -22,13 +22,17 @@ Sparse decode under TP:
   via `batching.BatchSelector(blocks=TP)`. Indices stay global and sorted, so block s of `idx [K]`
   holds shard s's rows and `model.py`'s gathered path is unchanged.
 * gathers: `jnp.take(w, idx)` on a weight sharded along the gathered axis is NOT kept local by
-  GSPMD: it cannot know that block s of idx only names shard s's rows. The compiled HLO of the
-  plain XLA ops under GSPMD all-gathers the weight matrices (or masks and all-reduces the gathered
-  rows), which reads and moves the whole weight every token (`collective_counts` in the tests shows
-  it). `sharded_ops(ops, mesh)` wraps each gathered op in `shard_map`: a shard sees its local
+  GSPMD: it cannot know that block s of idx only names shard s's rows. In the compiled HLO of the
+  plain XLA ops under GSPMD (jax 0.10, CPU, TP=4; tests/test_sharding.py records it) XLA either
+  all-gathers whole weight matrices (tiny OPT: q and out [H, Dh, D] all-gathered every step) or
+  gathers with out-of-shard indices masked and all-reduces the gathered rows [K, ..., D] (up/down,
+  and q/out for the GQA Llama), and for the selected-head attention it all-gathers the whole KV
+  cache [B, KV, S, Dh] plus the indices: weight bytes and the cache cross the interconnect every
+  token. `sharded_ops(ops, mesh)` wraps each gathered op in `shard_map`: a shard sees its local
   weight rows and local indices (idx - s * N/TP) and runs the unchanged XLA or Pallas op on them;
-  gathered_down / gathered_out_proj end in the block half's one `psum`. With it the sparse step has
-  the same 2 all-reduces per layer and no weight all-gather (tested).
+  gathered_down / gathered_out_proj end in the block half's one `psum`. With it (and the top-K run
+  per device, `batching.blockwise_topk_idx_local`; under GSPMD top_k all-gathers the [N] scores)
+  the sparse step has the same 2 all-reduces per layer as dense and no all-gather at all (tested).
 * KV cache: exact mode (every KV head written each token, sharded by head). The lazy KV mode's
   window recompute is not shard_map'ed (it runs under GSPMD); use exact mode with TP.
 
@@ -40,6 +44,7 @@ untested here).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Sequence
 
@@ -329,6 +334,24 @@ def sharded_ops(ops, mesh: Mesh) -> ShardedOps:
     return ShardedOps(ops, mesh)
 
 
+def decode_setup(selector, ops, mesh: Mesh | None = None, *, batch_select: str = "union", combine: str = "max"):
+    """(selector, ops, place_cache) for a decode run (generate / bench) with a batch policy and optional TP.
+
+    Without a mesh: the selector wrapped for `batch_select`, ops unchanged, place_cache None.
+    With a mesh: per-shard top-K selection with its predictor weights placed on the mesh, shard_map'ed
+    ops, and place_cache(cache) -> the cache sharded on its KV-head axis. A sparse.FixedSelector passes
+    through unchanged: it must already be blockwise (`blockwise_fixed_selector`).
+    """
+    from dejavu_jax.batching import wrap_selector
+    from dejavu_jax.sparse import FixedSelector
+
+    if mesh is None:
+        return wrap_selector(selector, batch_select=batch_select, combine=combine), ops, None
+    if not isinstance(selector, FixedSelector):
+        selector = shard_selector(tp_selector(selector, mesh, batch_select=batch_select, combine=combine), mesh)
+    return selector, None if ops is None else sharded_ops(ops, mesh), functools.partial(shard_cache, mesh=mesh)
+
+
 # --------------------------------------------------------------------------------------------
 # A jitted decode step with explicit shardings, and HLO inspection
 # --------------------------------------------------------------------------------------------
@@ -370,6 +393,6 @@ def collective_shapes(hlo_text: str, op: str) -> list[str]:
 
 
 __all__ = ["AXIS", "LOGICAL_AXES", "RULES", "ShardingError", "ShardedOps", "blockwise_fixed_selector",
-           "cache_shardings", "check_tp", "collective_counts", "collective_shapes", "decode_step_fn",
+           "cache_shardings", "check_tp", "collective_counts", "collective_shapes", "decode_setup", "decode_step_fn",
            "init_params_sharded", "make_mesh", "param_shardings", "param_specs", "predictor_shardings",
            "shard_cache", "shard_params", "shard_selector", "sharded_ops", "tp_selector"]

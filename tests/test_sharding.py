@@ -161,6 +161,13 @@ def _worker() -> dict:
                 r["ckpt_up_shard_shape"] = list(loaded["layers"][0]["up"].addressable_shards[0].data.shape)
                 r["ckpt_value_diff"] = max(maxdiff(a, b) for a, b in zip(jax.tree_util.tree_leaves(loaded),
                                                                          jax.tree_util.tree_leaves(params)))
+        # 7. bench's tensor-parallel sparse path (per-shard selection, shard_map ops, sharded cache)
+        if name == "llama":
+            from dejavu_jax.bench import sparse_rows
+
+            rows = sparse_rows(cfg, sparams, densities=[(0.5, 0.5)], kernels=["xla"], rank=4, kv_modes=["exact"],
+                               prompt_len=4, new_tokens=2, reps=1, bw=1.0, extras=False, batch=2, mesh=mesh)
+            r["bench_tp_rows"] = rows
         out[name] = r
     return out
 
@@ -240,6 +247,12 @@ def test_decode_step_collectives(tp_results, family):
 
 def test_pallas_kernels_per_shard_equal_xla(tp_results):
     assert tp_results["llama"]["pallas_vs_xla_diff"] < 1e-4
+
+
+def test_bench_runs_tensor_parallel(tp_results):
+    rows = tp_results["llama"]["bench_tp_rows"]
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert rows[0]["decode_ms_per_token"] > 0
 
 
 def test_sharded_checkpoint_restore(tp_results):
