@@ -188,9 +188,11 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 else:
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
                                                     head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead)
-                from dejavu_jax.sharding import decode_setup
+                step_ops, place_cache = ops, None
+                if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
+                    from dejavu_jax.sharding import decode_setup
 
-                sel, step_ops, place_cache = decode_setup(sel, ops, mesh, batch_select=batch_select)
+                    sel, step_ops, place_cache = decode_setup(sel, ops, mesh, batch_select=batch_select)
                 nbytes = wbytes + (0 if fixed else pbytes)
                 row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
                        "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
