@@ -486,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictors", default=None,
                    help="predictors/ directory (mode predictor; threshold mode reads its thresholds.json); "
                         "default MODEL/predictors")
+    p.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="highest",
+                   help="jax_default_matmul_precision; 'highest' keeps float32 matmuls in full float32 on GPUs "
+                        "(no TF32), as transformers torch does by default")
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "dejavu_jax" / "jax_compile"),
                    help="persistent XLA compilation cache directory ('' to disable): repeated runs skip "
                         "recompiling the scoring function for each (batch, length) shape")
@@ -513,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dejavu_jax.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, parse_dtype
 
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -571,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["meta"] = {
         "model": str(model_dir), "config_name": cfg.name, "mode": args.mode, "mlp_density": args.mlp_density,
         "head_density": args.head_density, "predictors": args.predictors, "dtype": args.dtype, "device": device,
+        "matmul_precision": args.matmul_precision,
         "context_length": context_length, "stride": args.stride or context_length, "limit": args.limit,
         "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
         "command": "python -m dejavu_jax.eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),

@@ -61,18 +61,20 @@ def score(model, ids: list[int], n_cont: int, max_length: int) -> tuple[float, b
     import torch
 
     ids = ids[-(max_length + 1):]
-    with torch.no_grad():
-        logits = model(torch.tensor([ids[:-1]])).logits[0].double()
+    n_cont = min(n_cont, len(ids) - 1)
+    with torch.no_grad():  # the output layer only at the last n_cont positions (the scored ones)
+        logits = model(torch.tensor([ids[:-1]]), logits_to_keep=max(n_cont, 1)).logits[0, -n_cont:].double()
+    tgt = torch.tensor(ids[len(ids) - n_cont:])
     logp = torch.log_softmax(logits, -1)
-    tgt = torch.tensor(ids[1:])
-    s = slice(len(ids) - 1 - n_cont, len(ids) - 1)
-    return logp[s].gather(-1, tgt[s, None]).sum().item(), bool((logits[s].argmax(-1) == tgt[s]).all())
+    return logp.gather(-1, tgt[:, None]).sum().item(), bool((logits.argmax(-1) == tgt).all())
 
 
 def run_zero_shot(task, model, tok, prefix_id, limit, max_length, data_dir) -> dict:
     examples = tk.load_examples(task, data_dir, limit)
     preds, preds_norm, golds, lls_all, greedy_all = [], [], [], [], []
-    for ex in examples:
+    from tqdm.auto import tqdm
+
+    for ex in tqdm(examples, desc=f"torch {task.name}", unit="doc"):
         answers = [score(model, *encode_pair(tok, c, x, prefix_id), max_length) for c, x in ex.requests]
         lls = [a[0] for a in answers]
         lls_all.append(lls[0])
@@ -122,7 +124,14 @@ def main() -> int:
     p.add_argument("--jax", required=True, help="a dejavu_jax.eval JSON to compare with")
     p.add_argument("--tasks", default=None, help="default: the tasks in the --jax file")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--out", default=None, help="default: next to --jax, suffix _torch_check.json")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest on a "
+                                                               "busy 2-core machine)")
     args = p.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     jax_report = json.loads(Path(args.jax).read_text())
     meta = jax_report["meta"]
     names = args.tasks.split(",") if args.tasks else list(jax_report["tasks"])
@@ -149,7 +158,7 @@ def main() -> int:
             print(line, flush=True)
     table = ("| task | n | metric | dejavu_jax | transformers torch | examples whose prediction differs |\n"
              "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
-    out = Path(args.jax).with_name(Path(args.jax).stem + "_torch_check.json")
+    out = Path(args.out) if args.out else Path(args.jax).with_name(Path(args.jax).stem + "_torch_check.json")
     out.write_text(json.dumps({"jax_report": str(args.jax), "tasks": results}, indent=1) + "\n")
     out.with_suffix(".md").write_text(f"# transformers torch check of {args.jax}\n\n{table}")
     print(table)
