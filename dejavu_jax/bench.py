@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batch-select", choices=["union", "per-row"], default="union",
-                   help="sparse decode with --batch > 1: one index set for the batch (top-K of the rows' max score) "
-                        "or per-row keep-masks (dense compute)")
+                   help="sparse decode with --batch > 1: one index set for the batch (top-K of the rows' summed "
+                        "predictor probabilities) or per-row keep-masks (dense compute)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: a mesh over the first N devices")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--baselines", default="eager,static-compile",

@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kernels", choices=["xla", "pallas"], default="xla", help="gathered-matmul backend")
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
-                         "set per step (top-K of the rows' max predictor score; gathered kernels)")
+                         "set per step (top-K of the rows' summed predictor probabilities; gathered kernels)")
     return p
 
 

@@ -224,7 +224,7 @@ def shard_selector(selector, mesh: Mesh):
 # --------------------------------------------------------------------------------------------
 # Per-shard selection and shard_map'ed gathered ops
 # --------------------------------------------------------------------------------------------
-def tp_selector(selector, mesh: Mesh | int, *, batch_select: str = "union", combine: str = "max"):
+def tp_selector(selector, mesh: Mesh | int, *, batch_select: str = "union", combine: str = "sum"):
     """Wrap a predictor/oracle selector so each shard keeps its own top-(K/TP) of its rows.
 
     With a Mesh, the decode-step top-K runs per device under shard_map (no collective); with an
@@ -334,7 +334,7 @@ def sharded_ops(ops, mesh: Mesh) -> ShardedOps:
     return ShardedOps(ops, mesh)
 
 
-def decode_setup(selector, ops, mesh: Mesh | None = None, *, batch_select: str = "union", combine: str = "max"):
+def decode_setup(selector, ops, mesh: Mesh | None = None, *, batch_select: str = "union", combine: str = "sum"):
     """(selector, ops, place_cache) for a decode run (generate / bench) with a batch policy and optional TP.
 
     Without a mesh: the selector wrapped for `batch_select`, ops unchanged, place_cache None.

@@ -221,3 +221,13 @@ def test_generate_cli_batch_select_union(tiny_opt_ckpt, tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(out["texts"]) == 2 and out["new_tokens"] >= 2
+
+
+def test_union_stats_batches_equals_one_at_a_time():
+    from dejavu_jax.batching import union_stats_batches
+
+    imp = jax.random.uniform(jax.random.PRNGKey(2), (8, 3, 16))
+    together = union_stats_batches(imp, 5, (1, 2, 8))
+    for i, b in enumerate((1, 2, 8)):
+        for key, v in union_stats(imp, 5, b).items():
+            assert float(together[key][i]) == pytest.approx(float(v), abs=1e-6)

@@ -55,7 +55,9 @@ def _worker() -> dict:
     mesh = S.make_mesh(TP)
     xla = get_ops("xla")
     out: dict = {}
-    maxdiff = lambda a, b: float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))  # noqa: E731
+    def maxdiff(a, b) -> float:
+        return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
+
 
     for name, cfg in _tiny_configs().items():
         r: dict = {}
