@@ -279,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           context_length=args.context_length, dtype=args.dtype, batch_size=args.batch_size,
                           lookahead=args.lookahead, progress=not args.no_progress)
             title = f"{args.tasks}, {args.limit} x {args.context_length} tokens"
-            png, js, md = plot(load_points(paths), Path(args.out_dir) / "quality_vs_density", title)
+            # every point in the folder, so sweeps run in parts (e.g. per mode) end in one plot
+            everything = sorted(set(paths) | set(Path(args.out_dir).glob("eval_*.json")))
+            png, js, md = plot(load_points(everything), Path(args.out_dir) / "quality_vs_density", title)
     except (ReportError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     print(md.read_text())
