@@ -94,14 +94,18 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
             raise ValueError(f"parameter {key} has shape {tuple(act_names[key].shape)}, config expects {shape}")
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, shardings: Params | None = None) -> Params:
     """Random parameters at the config's shapes (for benchmarks at real sizes and tests).
 
     Each layer is initialised by one jitted call (compiled once, reused for every layer), so
     peak memory stays one layer above the weights even for 30B+ shapes on a single GPU.
+    shardings: an optional pytree of shardings shaped like `param_shapes(cfg)`; each array is then
+    created directly in its shards (nothing is materialised whole on one device).
     """
     shapes = param_shapes(cfg)
     layer_shapes = shapes.pop("layers")
+    shardings = dict(shardings) if shardings is not None else None
+    layer_shardings = shardings.pop("layers") if shardings is not None else None
 
     def init_tree(tree, key):
         entries, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)
@@ -116,8 +120,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
         return jax.tree_util.tree_unflatten(treedef, out)
 
     top_key, *layer_keys = jax.random.split(key, cfg.num_layers + 1)
-    params = jax.jit(lambda k: init_tree(shapes, k))(top_key)
-    init_layer = jax.jit(lambda k: init_tree(layer_shapes[0], k))
+    params = jax.jit(lambda k: init_tree(shapes, k), out_shardings=shardings)(top_key)
+    init_layer = jax.jit(lambda k: init_tree(layer_shapes[0], k),
+                         out_shardings=None if layer_shardings is None else layer_shardings[0])
     params["layers"] = [init_layer(k) for k in layer_keys]
     return params
 

@@ -54,7 +54,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dejavu_jax.config import ModelConfig
-from dejavu_jax.model import KVCache, Params, _is_shape, param_shapes
+from dejavu_jax.model import KVCache, Params, _is_shape, init_params, param_shapes
 
 AXIS = "model"
 
@@ -179,29 +179,9 @@ def init_params_sharded(cfg: ModelConfig, key: jax.Array, mesh: Mesh, dtype=jnp.
     """Random params created directly in their shards (one jitted call per layer, as init_params).
 
     For benchmark shapes that do not fit one device (OPT-66B at TP=2): nothing is materialised
-    whole. Same distribution as model.init_params (not the same values).
+    whole. Same values as model.init_params with the same key.
     """
-    shard = param_shardings(cfg, mesh, vocab_parallel=vocab_parallel)
-    shapes = param_shapes(cfg)
-
-    def init_tree(tree, key):
-        entries, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)
-        keys = jax.random.split(key, len(entries))
-        out = []
-        for (path, shape), k in zip(entries, keys):
-            name = jax.tree_util.keystr(path)
-            if "norm" in name and name.endswith("['scale']"):
-                out.append(jnp.ones(shape, dtype))
-            else:
-                out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    layer_shapes, layer_shard = shapes.pop("layers"), shard.pop("layers")
-    top_key, *layer_keys = jax.random.split(key, cfg.num_layers + 1)
-    params = jax.jit(lambda k: init_tree(shapes, k), out_shardings=shard)(top_key)
-    init_layer = jax.jit(lambda k: init_tree(layer_shapes[0], k), out_shardings=layer_shard[0])
-    params["layers"] = [init_layer(k) for k in layer_keys]
-    return params
+    return init_params(cfg, key, dtype, shardings=param_shardings(cfg, mesh, vocab_parallel=vocab_parallel))
 
 
 def predictor_shardings(predictors: list, mesh: Mesh) -> list:
