@@ -2,6 +2,11 @@
 
     python -m dejavu_jax.eval --model CKPT --tasks wikitext2,c4,cb,copa,lambada_openai,openbookqa,piqa,rte,winogrande
 
+Full sets (about 1.18M tokens with the SmolLM2 tokenizer: wikitext2 305k, c4 183k, lambada 415k,
+piqa 130k, winogrande 54k, rte 44k, openbookqa 28k, cb 17k, copa 3k) on one GPU:
+
+    python -m dejavu_jax.eval --model CKPT --tasks all --batch-size 64 --max-batch-tokens 65536
+
 Dense and sparse models are scored by the same code: `--mode oracle|predictor|threshold` builds a
 `Selector` (dejavu_jax.sparse) that `model.forward` applies at every layer.
 
