@@ -62,7 +62,7 @@ def run_pipeline(ckpt, lookahead=True):
     pred_dir = root / ("predictors" if lookahead else "predictors_nola")
     if not pred_dir.exists():
         assert FP.main(["--data", str(data), "--model", str(model_dir), "--out", str(pred_dir), "--rank", "16",
-                        "--epochs", "8", "--batch-size", "128", "--lr-mlp", "1e-2", "--lr-heads", "1e-2",
+                        "--epochs", "8" if lookahead else "2", "--batch-size", "128", "--lr-mlp", "1e-2", "--lr-heads", "1e-2",
                         "--mlp-density", "0.5", "--head-density", "0.5"]
                        + ([] if lookahead else ["--no-lookahead"])) == 0
     return data, pred_dir
@@ -201,7 +201,7 @@ def test_sparse_eval_sweep_and_report(ckpt):
     # a small grid: every compiled (selector, shape) pair costs seconds on a 2-core CPU
     assert R.main(["sweep", "--model", str(model_dir), "--predictors", str(pred_dir), "--tasks", "c4,copa",
                    "--modes", "dense,predictor,threshold", "--limit", "1", "--context-length", "64",
-                   "--mlp-densities", "0.5", "--head-densities", "0.5", "--batch-size", "2",
+                   "--mlp-densities", "0.5", "--head-densities", "1", "--batch-size", "2",
                    "--out-dir", str(out_dir), "--no-progress"]) == 0
     summary = json.loads((out_dir / "quality_vs_density.json").read_text())
     assert (out_dir / "quality_vs_density.png").stat().st_size > 1000
@@ -211,11 +211,10 @@ def test_sparse_eval_sweep_and_report(ckpt):
     for mode in ("predictor", "threshold"):
         pts = dict(summary["curves"]["ppl_c4"]["mlp"][mode])
         assert set(pts) == {0.5} and all(np.isfinite(v) for v in pts.values())
-        assert set(dict(summary["curves"]["ppl_c4"]["heads"][mode])) == {0.5}
     assert "| predictor | 0.5 | 1 |" in (out_dir / "quality_vs_density.md").read_text()
     # plot alone from the written JSONs, and its bad input
     evals = sorted(out_dir.glob("eval_*.json"))
-    assert len(evals) == 1 + 2 * 2
+    assert len(evals) == 1 + 2
     png, js, md = R.plot(R.load_points(evals), root / "again")
     assert png.is_file() and json.loads(js.read_text())["dense"]["ppl_c4"] == dense
     with pytest.raises(R.ReportError, match="not a dejavu_jax.eval JSON"):
