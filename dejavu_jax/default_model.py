@@ -101,3 +101,8 @@ def default_checkpoint(progress: bool = True, *, gguf_path: str | Path | None = 
             if not _is_current(target, record):
                 raise
     return target
+
+
+def model_dir_or_default(model_dir: str | Path | None, progress: bool = True) -> Path:
+    """The checkpoint a CLI's --model names, or the embedded default (converted once) when it is None."""
+    return Path(model_dir) if model_dir is not None else default_checkpoint(progress)

@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="dense", help="dense, or how sparse indices are chosen")
     p.add_argument("--mlp-density", type=float, default=1.0, help="fraction of MLP neurons kept (sparse modes)")
     p.add_argument("--head-density", type=float, default=1.0, help="fraction of attention heads kept (sparse modes)")
+    p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                   help="predictor pairing: layer l's selection from layer l-1's input (must match training)")
     p.add_argument("--predictors", default=None,
                    help="predictors/ directory (mode predictor; threshold mode reads its thresholds.json); "
                         "default MODEL/predictors")
@@ -528,12 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         dtype = parse_dtype(args.dtype)
-        model_dir = args.model
-        if model_dir is None:
-            from dejavu_jax.default_model import default_checkpoint
+        from dejavu_jax.default_model import model_dir_or_default
 
-            model_dir = default_checkpoint()
-        model_dir = Path(model_dir)
+        model_dir = model_dir_or_default(args.model)
         cfg, params = load_checkpoint(model_dir, dtype)
         tokenizer = load_tokenizer(model_dir)
         if tokenizer is None:
@@ -555,7 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             predictors = str(model_dir / "predictors")
         try:
             selector = build_selector(cfg, params, mode=args.mode, mlp_density=args.mlp_density,
-                                      head_density=args.head_density, predictors=predictors, lookahead=True)
+                                      head_density=args.head_density, predictors=predictors,
+                                      lookahead=args.lookahead)
         except (ValueError, OSError) as e:
             print(f"error: --mode {args.mode}: {e}", file=sys.stderr)
             return 2

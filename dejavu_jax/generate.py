@@ -230,10 +230,9 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
     """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode."""
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
-    if model_dir is None:
-        from dejavu_jax.default_model import default_checkpoint
+    from dejavu_jax.default_model import model_dir_or_default
 
-        model_dir = default_checkpoint()
+    model_dir = model_dir_or_default(model_dir)
     if dtype is None:
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     cfg, params = load_checkpoint(model_dir, dtype)

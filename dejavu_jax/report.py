@@ -207,10 +207,9 @@ def sweep(model_dir: str | None, predictors: str | None, modes: Sequence[str], m
     for m in modes:
         if m not in MODES:
             raise ReportError(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-    if model_dir is None:
-        from dejavu_jax.default_model import default_checkpoint
+    from dejavu_jax.default_model import model_dir_or_default
 
-        model_dir = str(default_checkpoint())
+    model_dir = str(model_dir_or_default(model_dir))
     cfg, params = load_checkpoint(model_dir, parse_dtype(dtype))
     tokenizer = load_tokenizer(model_dir)
     settings = ev.EvalSettings(context_length=context_length, limit=limit, progress=progress)

@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import gather_attention as ga
 from pallas_kernels._common import on_cpu

@@ -179,10 +179,9 @@ def run(model_dir: str | None, data: Path, rows: int, tokens: int, densities: Se
         batches: Sequence[int], chunk: int = 8, progress: bool = True) -> dict:
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
-    if model_dir is None:
-        from dejavu_jax.default_model import default_checkpoint
+    from dejavu_jax.default_model import model_dir_or_default
 
-        model_dir = str(default_checkpoint(progress=progress))
+    model_dir = str(model_dir_or_default(model_dir, progress))
     t0 = time.perf_counter()
     cfg, params = load_checkpoint(model_dir, jnp.float32)
     tokenizer = load_tokenizer(model_dir)

@@ -249,11 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dejavu_jax.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, parse_dtype
 
     try:
-        model_dir = args.model
-        if model_dir is None:
-            from dejavu_jax.default_model import default_checkpoint
+        from dejavu_jax.default_model import model_dir_or_default
 
-            model_dir = default_checkpoint()
+        model_dir = model_dir_or_default(args.model)
         cfg, params = load_checkpoint(model_dir, parse_dtype(args.dtype))
         tok = load_tokenizer(model_dir)
         if tok is None:

@@ -292,11 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dejavu_jax.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        model_dir = args.model
-        if model_dir is None:
-            from dejavu_jax.default_model import default_checkpoint
+        from dejavu_jax.default_model import model_dir_or_default
 
-            model_dir = default_checkpoint()
+        model_dir = model_dir_or_default(args.model)
         cfg, params = load_checkpoint(model_dir, jnp.float32)
         fc = FitConfig(rank=args.rank, lookahead=args.lookahead, mlp_density=args.mlp_density,
                        head_density=args.head_density, lr_mlp=args.lr_mlp, lr_heads=args.lr_heads,
