@@ -225,21 +225,21 @@ def union_stats(importance: jax.Array, k: int, batch: int) -> dict[str, jax.Arra
       recall_sum      same for the sum
       mass_recall_max fraction of each row's top-K importance mass inside the fixed-size max union
     """
-    R, T, N = importance.shape
-    g = R // batch
-    imp = importance[: g * batch].astype(jnp.float32).reshape(g, batch, T, N)
-    own = blockwise_topk_mask(imp, k)  # [g, b, T, N] each row's top-K
-    union = jnp.any(own, axis=1)  # [g, T, N]
-    norm = _oracle_weights(imp)
-    out = {"union_density": jnp.mean(jnp.sum(union, -1) / N)}
+    return {key: v[0] for key, v in union_stats_batches(importance, k, (batch,)).items()}
+
+
+def _group_stats(imp: jax.Array, own: jax.Array, norm: jax.Array, k: int) -> dict[str, jax.Array]:
+    """union_stats' scalars for rows grouped into batches. imp/own/norm [g, b, T, N]."""
+    N = imp.shape[-1]
+    stats = {"union_density": jnp.mean(jnp.sum(jnp.any(own, axis=1), -1) / N)}
     for how in COMBINE:
         fixed = blockwise_topk_mask(combine_rows(norm.transpose(1, 0, 2, 3), how), k)  # [g, T, N]
         hit = own & fixed[:, None]
-        out[f"recall_{how}"] = jnp.mean(jnp.sum(hit, -1) / jnp.maximum(jnp.sum(own, -1), 1))
+        stats[f"recall_{how}"] = jnp.mean(jnp.sum(hit, -1) / jnp.maximum(jnp.sum(own, -1), 1))
         if how == "max":
             own_mass = jnp.sum(jnp.where(own, imp, 0.0), -1)
-            out["mass_recall_max"] = jnp.mean(jnp.sum(jnp.where(hit, imp, 0.0), -1) / jnp.maximum(own_mass, 1e-12))
-    return out
+            stats["mass_recall_max"] = jnp.mean(jnp.sum(jnp.where(hit, imp, 0.0), -1) / jnp.maximum(own_mass, 1e-12))
+    return stats
 
 
 def union_stats_batches(importance: jax.Array, k: int, batches: tuple[int, ...]) -> dict[str, jax.Array]:
@@ -251,19 +251,8 @@ def union_stats_batches(importance: jax.Array, k: int, batches: tuple[int, ...])
     out: dict[str, list] = {}
     for batch in batches:
         g = R // batch
-        imp = imp_all[: g * batch].reshape(g, batch, T, N)
-        own = own_all[: g * batch].reshape(g, batch, T, N)
-        norm = norm_all[: g * batch].reshape(g, batch, T, N)
-        stats = {"union_density": jnp.mean(jnp.sum(jnp.any(own, axis=1), -1) / N)}
-        for how in COMBINE:
-            fixed = blockwise_topk_mask(combine_rows(norm.transpose(1, 0, 2, 3), how), k)  # [g, T, N]
-            hit = own & fixed[:, None]
-            stats[f"recall_{how}"] = jnp.mean(jnp.sum(hit, -1) / jnp.maximum(jnp.sum(own, -1), 1))
-            if how == "max":
-                own_mass = jnp.sum(jnp.where(own, imp, 0.0), -1)
-                stats["mass_recall_max"] = jnp.mean(jnp.sum(jnp.where(hit, imp, 0.0), -1) /
-                                                    jnp.maximum(own_mass, 1e-12))
-        for key, v in stats.items():
+        group = lambda a: a[: g * batch].reshape(g, batch, T, N)  # noqa: E731
+        for key, v in _group_stats(group(imp_all), group(own_all), group(norm_all), k).items():
             out.setdefault(key, []).append(v)
     return {key: jnp.stack(v) for key, v in out.items()}
 
