@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, check_params
@@ -139,6 +138,3 @@ def load_tokenizer(directory: str | Path):
 
     return AutoTokenizer.from_pretrained(str(directory))
 
-
-def to_numpy_tree(params: Params) -> Params:
-    return jax.tree_util.tree_map(np.asarray, params)

@@ -127,10 +127,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, shardings:
     return params
 
 
-def cast_params(params: Params, dtype) -> Params:
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-
-
 # --------------------------------------------------------------------------------------------
 # KV cache
 # --------------------------------------------------------------------------------------------
