@@ -227,13 +227,26 @@ class Scorer:
 # --------------------------------------------------------------------------------------------
 # Tokenization (lm-eval conventions)
 # --------------------------------------------------------------------------------------------
-def make_encoder(tokenizer) -> Encoder:
-    """A batch encoder without special tokens (what lm-eval does for causal models)."""
+def make_encoder(tokenizer, cache: dict[str, list[int]] | None = None) -> Encoder:
+    """A batch encoder without special tokens (what lm-eval does for causal models).
 
-    def encode(texts: Sequence[str]) -> list[list[int]]:
+    cache: a dict (text -> ids) shared by the encoders of one tokenizer, so a sweep that scores
+    the same tasks at many sparsity points tokenizes each text once (~3 s for all nine tasks).
+    Callers must not mutate the returned lists.
+    """
+
+    def encode_now(texts: Sequence[str]) -> list[list[int]]:
         if not texts:
             return []
         return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    if cache is None:
+        return encode_now
+
+    def encode(texts: Sequence[str]) -> list[list[int]]:
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        cache.update(zip(missing, encode_now(missing)))
+        return [cache[t] for t in texts]
 
     return encode
 
@@ -352,9 +365,10 @@ class EvalSettings:
     progress: bool = True
 
 
-def run_task(task: Task, scorer: Scorer, tokenizer, settings: EvalSettings, prefix_id: int) -> dict[str, Any]:
+def run_task(task: Task, scorer: Scorer, tokenizer, settings: EvalSettings, prefix_id: int,
+             encode_cache: dict | None = None) -> dict[str, Any]:
     """Load, score and summarise one task; returns its metrics plus n, seconds and throughput."""
-    encode = make_encoder(tokenizer)
+    encode = make_encoder(tokenizer, encode_cache)
     data_dir = resolve_repo_path(settings.data_dir)
     before = dataclasses.replace(scorer.stats, shapes=set(scorer.stats.shapes))
     t0 = time.perf_counter()
@@ -387,19 +401,26 @@ def run_task(task: Task, scorer: Scorer, tokenizer, settings: EvalSettings, pref
 
 
 def evaluate(params, cfg, tokenizer, task_names: str | Sequence[str], settings: EvalSettings, *,
-             selector=None, batch_size: int = 32, max_batch_tokens: int = 16384,
+             selector=None, batch_size: int = 32, max_batch_tokens: int = 16384, min_bucket: int = 32,
+             min_scored: int = 8, encode_cache: dict | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the tasks; returns {"tasks": {name: metrics}, "total_seconds": ...}."""
+    """Run the tasks; returns {"tasks": {name: metrics}, "total_seconds": ...}.
+
+    min_bucket / min_scored: the smallest padded row length and scored-span bucket (`Scorer`);
+    larger values mean fewer distinct shapes, i.e. fewer compilations (each sparsity point of a
+    sweep compiles anew) for some padding compute. encode_cache: see `make_encoder`.
+    """
     task_list = tasks_lib.get_tasks(task_names)
     data_dir = resolve_repo_path(settings.data_dir)
     for task in task_list:  # fail before any compute when a file is missing
         tasks_lib.task_path(task, data_dir)
-    scorer = Scorer(params, cfg, selector=selector, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    scorer = Scorer(params, cfg, selector=selector, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                    min_bucket=min_bucket, min_scored=min_scored)
     prefix_id = prefix_token_id(tokenizer, cfg)
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for task in task_list:
-        res = run_task(task, scorer, tokenizer, settings, prefix_id)
+        res = run_task(task, scorer, tokenizer, settings, prefix_id, encode_cache)
         results[task.name] = res
         log(f"{task.name}: {format_metrics(task.name, res)}  (n={res['n']}, {res['seconds']:.1f} s of which "
             f"compile {res['compile_seconds']:.1f} s; {res['tokens_per_s_excl_compile']:.0f} tok/s excl. compile)")
@@ -463,6 +484,23 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """--min-bucket / --min-scored (shared with `dejavu_jax.report sweep`)."""
+    p.add_argument("--min-bucket", type=int, default=32,
+                   help="smallest padded row length (a power of two); e.g. 512 puts every zero-shot row in one "
+                        "length bucket: fewer compilations, more padding compute")
+    p.add_argument("--min-scored", type=int, default=8,
+                   help="smallest bucket of scored positions per row (the output layer runs there); a value >= "
+                        "the context length scores all T positions: one shape per length bucket")
+
+
+def check_shape_args(args) -> None:
+    for flag in ("min_bucket", "min_scored"):
+        v = getattr(args, flag)
+        if v < 1 or v & (v - 1):
+            raise TaskError(f"--{flag.replace('_', '-')} must be a positive power of two, got {v}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dejavu_jax.eval",
@@ -477,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="max sequences per forward pass")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="max padded tokens per forward pass (rows = min(batch size, this // padded length))")
+    add_shape_args(p)
     p.add_argument("--dtype", default="float32", help="parameter/activation dtype: float32, bfloat16, float16")
     p.add_argument("--context-length", "--max-length", dest="context_length", type=int, default=None,
                    help="tokens per window / max request length (default: min(2048, model max positions))")
@@ -515,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise TaskError(f"--{flag.replace('_', '-')} must be in (0, 1], got {getattr(args, flag)}")
         if args.limit is not None and args.limit < 1:
             raise TaskError(f"--limit must be >= 1, got {args.limit}")
+        check_shape_args(args)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -573,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"tasks {','.join(t.name for t in task_list)}; context {context_length}, limit {args.limit}", flush=True)
     try:
         report = evaluate(params, cfg, tokenizer, [t.name for t in task_list], settings, selector=selector,
-                          batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+                          batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                          min_bucket=args.min_bucket, min_scored=args.min_scored)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -583,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "matmul_precision": args.matmul_precision,
         "context_length": context_length, "stride": args.stride or context_length, "limit": args.limit,
         "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,
+        "min_bucket": args.min_bucket, "min_scored": args.min_scored,
         "command": "python -m dejavu_jax.eval " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }

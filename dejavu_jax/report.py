@@ -193,11 +193,30 @@ def parse_densities(text: str) -> list[float]:
     return vals
 
 
+def parse_limit(text: str) -> int | None:
+    """--limit: a positive count, or 'all' (None: the full sets)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return value
+
+
 def sweep(model_dir: str | None, predictors: str | None, modes: Sequence[str], mlp_densities: Sequence[float],
           head_densities: Sequence[float], tasks: str, out_dir: str | Path, *, limit: int | None,
           context_length: int, dtype: str = "float32", batch_size: int = 8, lookahead: bool = True,
-          progress: bool = True) -> list[Path]:
-    """Evaluate every (mode, density) point of the two sweeps in one process; writes eval JSONs."""
+          progress: bool = True, data_dir: str | Path | None = None, max_batch_tokens: int = 16384,
+          min_bucket: int = 32, min_scored: int = 8, matmul_precision: str | None = None) -> list[Path]:
+    """Evaluate every (mode, density) point of the two sweeps in one process; writes eval JSONs.
+
+    Texts are tokenized once for all points (one encode cache); each point still compiles its own
+    scoring function per shape (the selector is part of the program), so min_bucket / min_scored
+    (see `dejavu_jax.eval.evaluate`) bound the compilations per point.
+    """
     import jax
 
     from dejavu_jax import eval as ev
@@ -212,7 +231,9 @@ def sweep(model_dir: str | None, predictors: str | None, modes: Sequence[str], m
     model_dir = str(model_dir_or_default(model_dir))
     cfg, params = load_checkpoint(model_dir, parse_dtype(dtype))
     tokenizer = load_tokenizer(model_dir)
-    settings = ev.EvalSettings(context_length=context_length, limit=limit, progress=progress)
+    settings = ev.EvalSettings(context_length=context_length, limit=limit, progress=progress,
+                               data_dir=ev.resolve_repo_path(data_dir or ev.DEFAULT_DATA_DIR))
+    encode_cache: dict = {}
     grid = [("dense", 1.0, 1.0)] if "dense" in modes else []
     for mode in [m for m in modes if m != "dense"]:
         grid += [(mode, d, 1.0) for d in mlp_densities if d < 1.0]
@@ -228,11 +249,15 @@ def sweep(model_dir: str | None, predictors: str | None, modes: Sequence[str], m
                                   predictors=predictors, lookahead=lookahead)
         t0 = time.time()
         print(f"[sweep] {mode} mlp {md:g} head {hd:g}", flush=True)
-        report = ev.evaluate(params, cfg, tokenizer, tasks, settings, selector=selector, batch_size=batch_size)
+        report = ev.evaluate(params, cfg, tokenizer, tasks, settings, selector=selector, batch_size=batch_size,
+                             max_batch_tokens=max_batch_tokens, min_bucket=min_bucket, min_scored=min_scored,
+                             encode_cache=encode_cache)
         report["meta"] = {"model": str(model_dir), "config_name": cfg.name, "mode": mode, "mlp_density": md,
                           "head_density": hd, "predictors": predictors, "lookahead": lookahead, "dtype": dtype,
                           "device": device, "context_length": context_length, "stride": context_length,
-                          "limit": limit, "batch_size": batch_size, "max_batch_tokens": None,
+                          "limit": limit, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                          "min_bucket": min_bucket, "min_scored": min_scored,
+                          "matmul_precision": matmul_precision,
                           "command": "python -m dejavu_jax.report sweep " + " ".join(sys.argv[2:]),
                           "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                           "wall_seconds": round(time.time() - t0, 1)}
@@ -256,9 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mlp-densities", default="1.0,0.75,0.5,0.35,0.25")
     sp.add_argument("--head-densities", default="1.0,0.75,0.5")
     sp.add_argument("--tasks", default="wikitext2", help="eval tasks (see python -m dejavu_jax.eval --help)")
-    sp.add_argument("--limit", type=int, default=8, help="windows per perplexity task / docs per zero-shot task")
+    sp.add_argument("--limit", type=parse_limit, default=8,
+                    help="windows per perplexity task / docs per zero-shot task; 'all' for the full sets")
     sp.add_argument("--context-length", type=int, default=512)
     sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--max-batch-tokens", type=int, default=16384,
+                    help="max padded tokens per forward pass (see python -m dejavu_jax.eval --help)")
+    from dejavu_jax.eval import add_shape_args
+
+    add_shape_args(sp)
+    sp.add_argument("--data-dir", default=None, help="evaluation data (default: dejavu_jax.eval's, ../shared/data)")
+    sp.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="highest",
+                    help="jax_default_matmul_precision, as in python -m dejavu_jax.eval (no TF32 on GPUs)")
+    sp.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "dejavu_jax" / "jax_compile"),
+                    help="persistent XLA compilation cache directory ('' to disable)")
     sp.add_argument("--dtype", default="float32")
     sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True)
     sp.add_argument("--out-dir", default="results/sweep", help="eval JSONs and the plot go here (resumable)")
@@ -273,15 +309,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             png, js, md = plot(load_points(args.inputs), args.out, args.title)
         else:
+            from dejavu_jax.eval import check_shape_args
+
+            check_shape_args(args)
+            import jax
+
+            jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+            if args.compile_cache:
+                jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
             paths = sweep(args.model, args.predictors, args.modes.split(","), parse_densities(args.mlp_densities),
                           parse_densities(args.head_densities), args.tasks, args.out_dir, limit=args.limit,
                           context_length=args.context_length, dtype=args.dtype, batch_size=args.batch_size,
-                          lookahead=args.lookahead, progress=not args.no_progress)
-            title = f"{args.tasks}, {args.limit} x {args.context_length} tokens"
+                          lookahead=args.lookahead, progress=not args.no_progress, data_dir=args.data_dir,
+                          max_batch_tokens=args.max_batch_tokens, min_bucket=args.min_bucket,
+                          min_scored=args.min_scored, matmul_precision=args.matmul_precision)
+            title = f"{args.tasks}, {'all' if args.limit is None else args.limit} x {args.context_length} tokens"
             # every point in the folder, so sweeps run in parts (e.g. per mode) end in one plot
             everything = sorted(set(paths) | set(Path(args.out_dir).glob("eval_*.json")))
             png, js, md = plot(load_points(everything), Path(args.out_dir) / "quality_vs_density", title)
-    except (ReportError, FileNotFoundError, ValueError) as e:
+    except (ReportError, FileNotFoundError, ValueError) as e:  # TaskError is a ValueError
         parser.exit(2, f"error: {e}\n")
     print(md.read_text())
     print(f"wrote {png}, {js} and {md}")

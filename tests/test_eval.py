@@ -389,3 +389,39 @@ def test_sparse_selector_flows_through_scoring(tiny):
         np.testing.assert_allclose(lls(full), dense, rtol=1e-5, atol=1e-4)
     low = sparse.build_selector(cfg, params, mode="oracle", mlp_density=0.25, head_density=0.5)
     assert np.abs(lls(low) - dense).max() > 1e-2
+
+
+def test_encode_cache_and_fewer_shapes_score_the_same(tiny):
+    """A shared encode cache tokenizes each text once; larger shape buckets change no score."""
+    cfg, params, _, tokenizer, _ = tiny
+    calls = []
+
+    def counting(texts, **kw):
+        calls.append(len(texts))
+        return tokenizer(texts, **kw)
+
+    cache: dict = {}
+    encode = ev.make_encoder(counting, cache)
+    texts = ["The cat sat", "on the mat", "The cat sat"]
+    assert encode(texts) == ev.make_encoder(tokenizer)(texts) and calls == [2]
+    assert ev.make_encoder(counting, cache)(["on the mat"]) == encode(["on the mat"]) and calls == [2]
+
+    requests = [("The cat sat on the", " mat"), ("Question: Is water wet?\nAnswer:", " True"), ("", "The end")]
+    default = ev.Scorer(params, cfg)
+    wide = ev.Scorer(params, cfg, min_bucket=128, min_scored=4096)
+    lls = [ev.loglikelihoods(s, encode, requests, prefix_id=tokenizer.bos_token_id, max_length=64, progress=False)
+           for s in (default, wide)]
+    np.testing.assert_allclose([a for a, _ in lls[1]], [a for a, _ in lls[0]], rtol=1e-5, atol=1e-4)
+    assert [g for _, g in lls[1]] == [g for _, g in lls[0]]
+    assert {(T, K) for _, T, K in wide.stats.shapes} == {(128, 128)}
+
+
+def test_shape_and_limit_arguments_are_checked(capsys):
+    from dejavu_jax import report as R
+
+    assert ev.main(["--tasks", "copa", "--min-bucket", "48"]) == 2
+    assert "--min-bucket must be a positive power of two" in capsys.readouterr().err
+    assert R.parse_limit("all") is None and R.parse_limit("3") == 3
+    with pytest.raises(SystemExit):
+        R.main(["sweep", "--limit", "0"])
+    assert "expected a positive integer or 'all'" in capsys.readouterr().err
