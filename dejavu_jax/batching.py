@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from dejavu_jax.model import SelectContext, Selection
-from dejavu_jax.sparse import OracleSelector, PredictorSelector, SparsityError, _context_input, predictor_logits
+from dejavu_jax.sparse import (OracleSelector, PredictorSelector, SparsityError, _context_input, _topk_rows,
+                               predictor_logits)
+from pallas_kernels import topk_rows_reference
 
 BATCH_SELECT = ("union", "per-row")
 COMBINE = ("max", "sum")
@@ -59,22 +61,23 @@ def _check_blocks(n: int, blocks: int) -> None:
         raise SparsityError(f"{n} neurons/heads cannot be split into {blocks} equal shards")
 
 
-def blockwise_topk_idx(scores: jax.Array, k: int, blocks: int = 1) -> jax.Array:
+def blockwise_topk_idx(scores: jax.Array, k: int, blocks: int = 1, topk_rows=topk_rows_reference) -> jax.Array:
     """Sorted global indices of the per-block top-(k/blocks). scores [N] -> [blocks * ceil(k/blocks)] int32.
 
     Block s covers rows s*N/blocks .. (s+1)*N/blocks - 1 and owns positions s*k_b .. (s+1)*k_b - 1
     of the result (k_b = ceil(k/blocks)), ascending within the block: ascending row reads per shard.
+    topk_rows: [G, n] scores -> [G, k] ascending indices (an `Ops.topk_rows`).
     """
     n = scores.shape[-1]
     _check_blocks(n, blocks)
     nb, kb = n // blocks, per_block_k(k, blocks)
-    local = jax.lax.top_k(scores.reshape(blocks, nb), kb)[1]  # [blocks, kb]
-    local = jnp.sort(local, axis=-1)
+    local = topk_rows(scores.reshape(blocks, nb), kb)  # [blocks, kb]
     offsets = (jnp.arange(blocks, dtype=jnp.int32) * nb)[:, None]
     return (local.astype(jnp.int32) + offsets).reshape(blocks * kb)
 
 
-def blockwise_topk_idx_local(scores: jax.Array, k: int, mesh, axis: str = "model") -> jax.Array:
+def blockwise_topk_idx_local(scores: jax.Array, k: int, mesh, axis: str = "model",
+                             topk_rows=topk_rows_reference) -> jax.Array:
     """blockwise_topk_idx with one block per device of `mesh`'s `axis`, computed where the scores live.
 
     scores [N] sharded on `axis` -> [TP * ceil(k/TP)] int32 sharded on `axis`. Under plain GSPMD a
@@ -89,7 +92,7 @@ def blockwise_topk_idx_local(scores: jax.Array, k: int, mesh, axis: str = "model
     kb = per_block_k(k, blocks)
 
     def local(s):  # s [N/TP]
-        idx = jnp.sort(jax.lax.top_k(s, kb)[1]).astype(jnp.int32)
+        idx = topk_rows(s[None], kb)[0]
         return idx + jax.lax.axis_index(axis).astype(jnp.int32) * s.shape[0]
 
     return shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False)(scores)
@@ -177,14 +180,17 @@ class BatchSelector:
         if isinstance(base, OracleSelector):
             return Selection(from_importance=lambda imp: self._mask(_oracle_weights(imp), k))
         x = _context_input(ctx, kind, base.lookahead)  # [B, T, D]
-        probs = jax.nn.sigmoid(predictor_logits(base.predictors[ctx.layer][kind], x))  # [B, T, N]
-        B, T = probs.shape[:2]
+        logits = predictor_logits(base.predictors[ctx.layer][kind], x)  # [B, T, N]
+        B, T = logits.shape[:2]
         if base.gather and T == 1 and (B == 1 or self.batch_select == "union"):
-            combined = combine_rows(probs, self.combine)[0]  # [N]
+            # One row ranks its logits (sigmoid is monotone, and saturates into ties); rows combine
+            # as probabilities.
+            combined = logits[0, 0] if B == 1 else combine_rows(jax.nn.sigmoid(logits), self.combine)[0]  # [N]
+            topk = _topk_rows(ctx)
             if self.mesh is not None:
-                return Selection(idx=blockwise_topk_idx_local(combined, k, self.mesh))
-            return Selection(idx=blockwise_topk_idx(combined, k, self.blocks))
-        return Selection(mask=self._mask(probs, k))
+                return Selection(idx=blockwise_topk_idx_local(combined, k, self.mesh, topk_rows=topk))
+            return Selection(idx=blockwise_topk_idx(combined, k, self.blocks, topk_rows=topk))
+        return Selection(mask=self._mask(jax.nn.sigmoid(logits), k))
 
     def heads(self, ctx: SelectContext) -> Selection | None:
         return self._select(ctx, "heads", self.base.head_k[ctx.layer], self.base.num_heads)

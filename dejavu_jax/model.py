@@ -183,6 +183,7 @@ class SelectContext:
     prev_input: the residual stream entering layer-1 (pre-norm), None at layer 0 (lookahead input)
     block_input: the residual stream entering this layer
     mlp_input: the residual stream entering this layer's MLP (only for the neuron site)
+    ops: the forward's gathered-op backend, whose `topk_rows` turns scores into row indices
     """
 
     layer: int
@@ -190,6 +191,7 @@ class SelectContext:
     prev_input: jax.Array | None
     block_input: jax.Array
     mlp_input: jax.Array | None = None
+    ops: Ops | None = None
 
 
 class Selector(Protocol):
@@ -356,7 +358,7 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
           layer_cache, key_valid, query_slot, key_slot, *, layer: int, selector: Selector | None,
           ops: Ops | None, record: dict | None = None):
     """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v))."""
-    ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h)
+    ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h, ops=ops)
     head_sel = selector.heads(ctx) if selector is not None else None
     x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,

@@ -252,6 +252,11 @@ class ShardedOps:
     def backend(self) -> str:
         return f"{getattr(self.base, 'backend', '?')}+tp{tp_size(self.mesh)}"
 
+    @property
+    def topk_rows(self):
+        """Selection runs per shard inside the selector's own shard_map: the base backend's kernel."""
+        return self.base.topk_rows
+
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map
 

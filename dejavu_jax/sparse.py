@@ -56,6 +56,7 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
+from pallas_kernels import topk_rows_reference
 
 MODES = ("dense", "oracle", "predictor", "threshold")
 KV_MODES = ("exact", "lazy")
@@ -224,6 +225,11 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     return key >= lo
 
 
+def _topk_rows(ctx: SelectContext):
+    """The top-K index function of the forward's backend (Pallas kernel or lax.top_k + sort)."""
+    return ctx.ops.topk_rows if ctx.ops is not None else topk_rows_reference
+
+
 def normalize_input(x: jax.Array) -> jax.Array:
     """Predictor input: the residual divided by its RMS, in float32. x [..., D] -> [..., D]."""
     x = x.astype(jnp.float32)
@@ -232,8 +238,11 @@ def normalize_input(x: jax.Array) -> jax.Array:
 
 def predictor_logits(p: Params, x: jax.Array) -> jax.Array:
     """Low-rank predictor scores. p: {"a": [D, r], "b": [r, N]}; x [..., D] residual -> [..., N] f32."""
-    z = jnp.einsum("...d,dr->...r", normalize_input(x), p["a"].astype(jnp.float32))
-    return jnp.einsum("...r,rn->...n", z, p["b"].astype(jnp.float32))
+    # Inputs in the predictor's dtype, fp32 accumulation: upcasting fp16 weights instead would add a
+    # weight-sized convert per decode step.
+    a, b = p["a"], p["b"]
+    z = jnp.einsum("...d,dr->...r", normalize_input(x).astype(a.dtype), a, preferred_element_type=jnp.float32)
+    return jnp.einsum("...r,rn->...n", z.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
@@ -337,8 +346,7 @@ class PredictorSelector:
         scores = predictor_logits(self.predictors[ctx.layer][kind], x)  # [B, T, N]
         B, T = scores.shape[:2]
         if self.gather and B == 1 and T == 1:
-            idx = jax.lax.top_k(scores[0, 0], k)[1]
-            return Selection(idx=jnp.sort(idx).astype(jnp.int32))  # sorted: ascending row reads
+            return Selection(idx=_topk_rows(ctx)(scores[0], k)[0])  # ascending: in-order row reads
         return Selection(mask=topk_mask(scores, k))
 
     def heads(self, ctx: SelectContext) -> Selection | None:

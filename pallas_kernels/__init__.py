@@ -1,7 +1,8 @@
-"""Gathered matmuls for sparse decode, as Pallas (Triton) kernels with plain-XLA references.
+"""Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
-`get_ops("xla")` returns the references (jnp.take + dot), `get_ops("pallas")` the kernels; both
-expose the same five functions with the same signatures, so the model code picks a backend once.
+`get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
+kernels; both expose the same six functions with the same signatures, so the model code picks a
+backend once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pallas_kernels.gather_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
+from pallas_kernels.select_topk import topk_rows, topk_rows_reference
 from pallas_kernels.gather_mlp import (
     gathered_down,
     gathered_down_reference,
@@ -30,7 +32,8 @@ BACKENDS = ("xla", "pallas")
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-    """The five gathered ops of one backend (see gather_mlp.py and gather_attention.py)."""
+    """The gathered ops of one backend (gather_mlp.py, gather_attention.py) and its top-K selection
+    (select_topk.py)."""
 
     backend: str
     gathered_up: Callable
@@ -38,6 +41,7 @@ class Ops:
     gathered_head_proj: Callable
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
+    topk_rows: Callable
 
 
 def get_ops(backend: str) -> Ops:
@@ -45,10 +49,10 @@ def get_ops(backend: str) -> Ops:
     if backend == "xla":
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
-                   sparse_decode_attention_reference)
+                   sparse_decode_attention_reference, topk_rows_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention)
+               sparse_decode_attention, topk_rows)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -60,4 +64,5 @@ __all__ = [
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "sparse_decode_attention", "sparse_decode_attention_reference",
+    "topk_rows", "topk_rows_reference",
 ]

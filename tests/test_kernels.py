@@ -16,6 +16,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import gather_attention as ga
 from pallas_kernels import gather_mlp as gm
+from pallas_kernels import select_topk as st
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -280,6 +281,40 @@ def test_sparse_decode_attention_row_without_valid_slots_is_zero():
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# Top-K selection
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("G,N,K,chunk", [
+    (1, 37, 5, None),       # one padded chunk
+    (1, 100, 99, 32),       # K = N - 1, four chunks, the last one partial
+    (3, 1000, 250, 256),    # several rows (tensor-parallel shards), chunk loop
+    (1, 1536, 384, None),   # SmolLM2 MLP width at density 0.25
+    (2, 9, 9, None),        # K = N
+])
+def test_topk_rows_matches_lax_top_k(G, N, K, chunk):
+    s = normal(keys(41, 1)[0], (G, N), jnp.float32)
+    got = np.asarray(st.topk_rows(s, K, interpret=INTERPRET, chunk=chunk))
+    np.testing.assert_array_equal(got, np.asarray(st.topk_rows_reference(s, K)))
+    assert np.all(np.diff(got, axis=1) > 0), "indices must be strictly ascending"
+
+
+def test_topk_rows_ties_and_special_values():
+    """Ties at the K-th value go to the lower indices (lax.top_k's set); signed zeros, infinities and
+    the largest finite magnitudes order like the floats."""
+    rng = keys(43, 1)[0]
+    ties = jnp.asarray(np.round(rng.standard_normal((2, 300)) * 2).astype(np.float32))  # ~9 distinct values
+    for scores, k in [(ties, 77), (jnp.zeros((1, 50)), 10),
+                      (jnp.asarray([[-np.inf, 1.0, -0.0, 0.0, np.inf, -5.0, 3e38, -3e38]]), 4)]:
+        got = st.topk_rows(scores, k, interpret=INTERPRET, chunk=64)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(st.topk_rows_reference(scores, k)))
+    with pytest.raises(ValueError, match="k must be"):
+        st.topk_rows(ties, 301, interpret=True)
+    with pytest.raises(ValueError, match=r"\[G, N\]"):
+        st.topk_rows(ties[0], 3, interpret=True)
+
+
 def test_get_ops_backends():
     xla = pk.get_ops("xla")
     assert xla.gathered_up is gm.gathered_up_reference
@@ -330,6 +365,8 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     kv = spec(1, 3, 70, 64)
     attn = functools.partial(ga.sparse_decode_attention, scale=0.125, num_heads=9)
     assert _lowers_to_triton(attn, spec(1, 5, 64), kv, kv, spec(1, 70, dtype=jnp.bool_), heads)
+    for n, k in ((1536, 384), (9, 4), (36864, 9216)):
+        assert _lowers_to_triton(functools.partial(st.topk_rows, k=k), spec(1, n, dtype=jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +392,17 @@ def test_gpu_mlp_model_size(density, U, activation):
     for blocks in (dict(k_splits=1), dict(combine="atomic"), dict(combine="atomic_last")):
         y1 = gm.gathered_down(a, w_down, idx, **blocks)
         assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("G,N,K", [(1, 16384, 4096), (1, 16384, 819), (2, 18432, 2500), (1, 32, 16)])
+def test_gpu_topk_rows_model_size(G, N, K):
+    s = normal(keys(47, 1)[0], (G, N), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(st.topk_rows(s, K)), np.asarray(st.topk_rows_reference(s, K)))
+    logits = s.astype(jnp.float16).astype(jnp.float32)  # fp16 predictor logits: many exact ties
+    np.testing.assert_array_equal(np.asarray(st.topk_rows(logits, K)),
+                                  np.asarray(st.topk_rows_reference(logits, K)))
 
 
 @gpu
