@@ -148,6 +148,14 @@ def fixed_index_selector(cfg: ModelConfig, *, mlp_density: float, head_density: 
                          [pick(cfg.num_heads, k) for k in sp.head_schedule(cfg)], cfg.ffn_size, cfg.num_heads)
 
 
+def all_rows_selector(cfg: ModelConfig):
+    """Every neuron and head selected: dense decode through the gathered kernels (no XLA matvecs)."""
+    from dejavu_jax.sparse import FixedSelector
+
+    return FixedSelector([jnp.arange(cfg.ffn_size, dtype=jnp.int32)] * cfg.num_layers,
+                         [jnp.arange(cfg.num_heads, dtype=jnp.int32)] * cfg.num_layers, cfg.ffn_size, cfg.num_heads)
+
+
 def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int) -> int:
     return cfg.num_layers * rank * (2 * cfg.hidden_size + cfg.ffn_size + cfg.num_heads) * itemsize
 
@@ -403,6 +411,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                  **bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
                              reps=args.reps, place_cache=place_cache)})
     print(json.dumps(rows[-1]), flush=True)
+    if "pallas" in kernels and densities and mesh is None and args.batch == 1:
+        from pallas_kernels import get_ops
+
+        row = {"impl": "dejavu_jax dense, pallas kernels (every row selected)", "floor_ms_per_token": floor_ms}
+        try:
+            row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                 selector=all_rows_selector(cfg), ops=get_ops("pallas"), reps=args.reps))
+        except Exception as e:  # a failing variant is reported, the others still run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     rows += [r for r in torch_rows if "copy_bandwidth_gbs" not in r]
     sparse = []
     if densities:
