@@ -7,12 +7,27 @@ Prefill and decode are reported separately. Decode ms/token is the time of the j
 (`new_tokens` steps, EOS disabled) divided by the steps. The floor is the bytes one decode step
 must read (every weight once) over the device copy bandwidth measured in the same run.
 Writes `bench.json` and `bench.md` into --out.
+
+    python -m dejavu_jax.bench --preset opt-6.7b --batches 1,2,4,8,16,32 --sparse 0.25:0.5 --kernels pallas
+
+A batch sweep (--batches) times dense and sparse decode at each batch size instead: ms per decode
+step and tokens/s (batch / step time), written as `sweep.json`, `sweep.md` and `sweep.png`.
+
+Memory: random weights are created on the device leaf by leaf, the KV cache holds prompt + new
+tokens, and before anything large is allocated the run prints its estimated peak (weights, KV
+caches, predictors) and stops with an error if it exceeds the allocator's limit. JAX's GPU
+allocator stops at XLA_CLIENT_MEM_FRACTION of the GPU (0.75 by default, also without
+preallocation): OPT-66B in fp16 (132 GB) on a 141 GB GPU needs XLA_CLIENT_MEM_FRACTION=0.95.
+The transformers baselines run first, in their own process that exits before JAX allocates; at
+66B they need the GPU alone, so time them in a separate run (--baselines none here).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -68,11 +83,18 @@ def decode_weight_bytes(cfg: ModelConfig, itemsize: int, mlp_density: float = 1.
     return total * itemsize
 
 
+def cache_len(prompt_len: int, new_tokens: int) -> int:
+    """KV cache slots of a bench run: prompt + new tokens, rounded up to 64 (one compile per bucket)."""
+    return -(-(prompt_len + new_tokens) // 64) * 64
+
+
 def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, batch: int = 1, selector=None,
               ops=None, reps: int = 5, kv_mode: str = "exact", place_cache=None) -> dict:
     """Prefill ms and decode ms/token of our jitted path (compile excluded, medians of reps).
 
     place_cache: cache -> cache placed on devices (tensor parallelism: `sharding.shard_cache`).
+    At most two KV caches are alive at once; the decode program is compiled ahead of time so its
+    temporaries are checked against the free device memory before it runs (`decode_temp_bytes`).
     """
     cfg = cfg.replace(eos_token_id=None)  # decode exactly new_tokens steps
     gen = Generator(cfg, selector=selector, ops=ops)
@@ -80,7 +102,7 @@ def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, bat
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
     valid = jnp.ones((batch, prompt_len), bool)
-    max_len = -(-(prompt_len + new_tokens) // 64) * 64
+    max_len = cache_len(prompt_len, new_tokens)
     key = jax.random.PRNGKey(0)
     if kv_mode == "exact":
         new_cache = lambda: M.init_cache(cfg, batch, max_len, dtype)  # noqa: E731
@@ -94,28 +116,123 @@ def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, bat
 
     t0 = time.perf_counter()
     logits, cache, pos = gen.prefill(params, tokens, valid, new_cache())
-    out, _, cache = gen.decode(params, gen._sel_dynamic, cache, logits, pos, key, max_new_tokens=new_tokens)
+    decode = gen.decode.lower(params, gen._sel_dynamic, cache, logits, pos, key, max_new_tokens=new_tokens).compile()
+    temp_bytes = compiled_temp_bytes(decode)
+    check_fits(temp_bytes, "the decode program's temporaries", device_memory())
+    out, _, cache = decode(params, gen._sel_dynamic, cache, logits, pos, key)
     out.block_until_ready()
     compile_s = time.perf_counter() - t0
 
-    caches = [new_cache() for _ in range(reps)]
     prefill_times = []
-    for c in caches:
+    for _ in range(reps):
+        c = jax.block_until_ready(new_cache())
         t0 = time.perf_counter()
-        logits, c2, pos = gen.prefill(params, tokens, valid, c)
+        logits, c, pos = gen.prefill(params, tokens, valid, c)
         logits.block_until_ready()
         prefill_times.append(time.perf_counter() - t0)
+    del c
     decode_times = []
     for _ in range(reps):
+        cache = None  # the last step's cache is freed before the next one is allocated
         logits, cache, pos = gen.prefill(params, tokens, valid, new_cache())
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
-        out, _, cache = gen.decode(params, gen._sel_dynamic, cache, logits, pos, key, max_new_tokens=new_tokens)
+        out, _, cache = decode(params, gen._sel_dynamic, cache, logits, pos, key)
         out.block_until_ready()
         decode_times.append(time.perf_counter() - t0)
+    del gen, cache, decode
+    gc.collect()  # the Generator's jit wrappers form a cycle that holds the selector's predictors
     return {"prefill_ms": statistics.median(prefill_times) * 1e3,
             "decode_ms_per_token": statistics.median(decode_times) / new_tokens * 1e3,
-            "compile_s": compile_s}
+            "compile_s": compile_s, "decode_temp_bytes": temp_bytes}
+
+
+# --------------------------------------------------------------------------------------------
+# Device memory: estimate before allocating, refuse what cannot fit
+# --------------------------------------------------------------------------------------------
+class DeviceMemoryError(RuntimeError):
+    """A run would not fit the device's memory (raised before the allocation that would fail)."""
+
+
+MEM_FRACTION_HINT = ("JAX's GPU allocator stops at XLA_CLIENT_MEM_FRACTION of the GPU's memory (0.75 by default, "
+                     "also with XLA_PYTHON_CLIENT_PREALLOCATE=false): raise it, e.g. XLA_CLIENT_MEM_FRACTION=0.95, "
+                     "or shrink the run (batch, prompt + new tokens, dtype)")
+
+
+def device_memory(device=None) -> dict | None:
+    """{'bytes_limit', 'bytes_in_use'} of a device's allocator (default: the first device); None where
+    the backend reports no limit (CPU)."""
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # backends without allocator statistics
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return {"bytes_limit": int(stats["bytes_limit"]), "bytes_in_use": int(stats.get("bytes_in_use", 0))}
+
+
+def check_fits(need_bytes: int, what: str, memory: dict | None) -> None:
+    """Raise DeviceMemoryError if need_bytes exceeds the allocator's free bytes (no-op when memory is None)."""
+    if memory is None:
+        return
+    free = memory["bytes_limit"] - memory["bytes_in_use"]
+    if need_bytes > free:
+        gib = 1 << 30
+        raise DeviceMemoryError(f"{what} need {need_bytes / gib:.1f} GiB but the device allocator has "
+                                f"{free / gib:.1f} GiB free (limit {memory['bytes_limit'] / gib:.1f} GiB, "
+                                f"{memory['bytes_in_use'] / gib:.1f} GiB in use). {MEM_FRACTION_HINT}")
+
+
+def param_bytes(cfg: ModelConfig, itemsize: int, tp: int = 1) -> int:
+    """Bytes of all parameters (per device under tensor parallelism: layers split, the rest replicated)."""
+    shapes = M.param_shapes(cfg)
+    count = lambda tree: sum(math.prod(s) for s in jax.tree_util.tree_leaves(tree, is_leaf=M._is_shape))  # noqa: E731
+    layers = count(shapes.pop("layers"))
+    return (-(-layers // tp) + count(shapes)) * itemsize
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype, kv_mode: str = "exact") -> int:
+    """Bytes of one KV cache (shapes only: nothing is allocated)."""
+    if kv_mode == "exact":
+        shape = jax.eval_shape(lambda: M.init_cache(cfg, batch, max_len, dtype))
+    else:
+        from dejavu_jax.sparse import init_sparse_cache
+
+        shape = jax.eval_shape(lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shape))
+
+
+def peak_bytes_estimate(cfg: ModelConfig, dtype, *, batch: int, prompt_len: int, new_tokens: int, rank: int = 0,
+                        kv_modes: Sequence[str] = ("exact",), tp: int = 1) -> dict:
+    """Estimated peak device bytes of a bench run, per device: weights + two KV caches + one predictor set.
+
+    rank 0: no sparse runs (no predictors). Two caches: bench_jax keeps the one being decoded and at
+    most one more alive. Compiled programs' temporaries come on top and are checked when compiled.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    max_len = cache_len(prompt_len, new_tokens)
+    est = {"weights": param_bytes(cfg, itemsize, tp),
+           "kv_caches": 2 * max(cache_bytes(cfg, batch, max_len, dtype, kv) for kv in kv_modes) // tp,
+           "predictors": predictor_bytes(cfg, rank, itemsize) if rank else 0}
+    est["total"] = sum(est.values())
+    return est
+
+
+def compiled_temp_bytes(compiled) -> int:
+    """Temporary buffer bytes of a compiled program (0 where the backend does not say)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return 0
+    return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
+
+
+def describe_estimate(est: dict, memory: dict | None) -> str:
+    gb = lambda n: f"{n / (1 << 30):.1f} GiB"  # noqa: E731
+    parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in est.items() if k != "total")
+    limit = f"allocator limit {gb(memory['bytes_limit'])}" if memory else "no device limit reported (CPU): not checked"
+    return f"estimated peak device memory {gb(est['total'])} ({parts}); {limit}"
 
 
 def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: float, head_density: float,
@@ -183,6 +300,8 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
         for j, (backend, kv_mode) in enumerate(combos):
             ops = get_ops(backend)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
+            if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
+                wbytes = decode_weight_bytes(cfg, itemsize)
             variants = [("predictor+lookahead", True, False)]
             if extras and i == 0 and j == 0:
                 variants += [("predictor, no lookahead", False, False), ("fixed indices (no predictor)", True, True)]
@@ -251,6 +370,147 @@ def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch sweep
+# --------------------------------------------------------------------------------------------
+def kv_read_bytes(cfg: ModelConfig, batch: int, max_len: int, itemsize: int, head_density: float = 1.0) -> int:
+    """K/V bytes one decode step reads: each row's whole preallocated cache, for the attended KV heads."""
+    kv_heads = cfg.num_kv_heads if head_density >= 1 else min(cfg.num_kv_heads,
+                                                              max(1, round(head_density * cfg.num_heads)))
+    return batch * cfg.num_layers * 2 * kv_heads * cfg.head_dim * max_len * itemsize
+
+
+def batch_sweep(cfg: ModelConfig, params, *, batches: Sequence[int], densities: list[tuple[float, float]],
+                kernels: list[str], rank: int, kv_mode: str, prompt_len: int, new_tokens: int, reps: int, bw: float,
+                batch_select: str = "union", mesh=None, place_cache=None, on_batch=None) -> list[dict]:
+    """Dense and sparse decode at each batch size: ms per decode step and tokens/s (batch / step time).
+
+    Sparse rows are `sparse_rows` at that batch (random predictors with lookahead, no extras): the
+    first density point with every kernel backend, the others with the first. Each row adds
+      floor_ms_per_step  (weights read once, serving every row, + every row's K/V) / bandwidth
+      union_density_if_independent  (union, sparse, B > 1) 1 - (1 - d)^B: the MLP density an exact union
+          of B rows' top-K sets would need if rows chose independently. A reference for what union's
+          fixed K gives up, not a measurement (scripts/union_density.py measures it on real text).
+    on_batch(rows so far) runs after each batch size (to save partial results).
+    """
+    from tqdm.auto import tqdm
+
+    from dejavu_jax.batching import expected_random_union
+
+    itemsize = jnp.dtype(params["layers"][0]["up"].dtype).itemsize
+    max_len = cache_len(prompt_len, new_tokens)
+    rows: list[dict] = []
+    for b in tqdm(batches, desc="batch sweep", unit="batch size", dynamic_ncols=True):
+        dense = {"impl": "dejavu_jax dense", "bytes_per_token": decode_weight_bytes(cfg, itemsize)}
+        try:
+            dense.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, batch=b, reps=reps,
+                                   place_cache=place_cache))
+        except Exception as e:  # e.g. out of memory at the largest batch: keep the sparse rows and smaller batches
+            dense["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(json.dumps(dense), flush=True)
+        sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=rank, kv_modes=[kv_mode],
+                             prompt_len=prompt_len, new_tokens=new_tokens, reps=reps, bw=bw, extras=False, batch=b,
+                             mesh=mesh, batch_select=batch_select) if densities else []
+        for r in [dense, *sparse]:
+            gathered = "mlp_density" in r and (b == 1 or batch_select == "union")  # per-row masks read every head
+            r["batch"] = b
+            r["kv_bytes_per_step"] = kv_read_bytes(cfg, b, max_len, itemsize, r["head_density"] if gathered else 1.0)
+            r["floor_ms_per_step"] = (r["bytes_per_token"] + r["kv_bytes_per_step"]) / (bw * 1e9) * 1e3
+            if "error" not in r:
+                r["tokens_per_s"] = b / r["decode_ms_per_token"] * 1e3
+            if "mlp_density" in r and b > 1 and batch_select == "union":
+                r["union_density_if_independent"] = expected_random_union(r["mlp_density"], b)
+        rows += [dense, *sparse]
+        if on_batch is not None:
+            on_batch(rows)
+    return rows
+
+
+def _sweep_label(r: dict) -> str:
+    if "mlp_density" not in r:
+        return "dense"
+    return f"sparse {r['kernels']}, mlp {r['mlp_density']}, heads {r['head_density']}"
+
+
+def sweep_markdown(result: dict) -> str:
+    """sweep.md: one row per (batch size, implementation); tokens/s ratios against dense at that batch."""
+    text = (f"{result['model']}, {result['dtype']}, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
+            f"sparse batch selection {result['batch_select']}, kv {result['kv_mode']}, {result['device']}, "
+            f"jax {result['jax']}; floor bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s"
+            f"{'' if result['complete'] else '; INCOMPLETE (stopped before the last batch size)'}\n\n"
+            "ms/step is one decode step of the whole batch (each row's ms/token); tokens/s = batch / step time. "
+            "The floor reads the weights once per step plus every row's K/V.\n\n")
+    lines = ["| batch | implementation | ms/step | tokens/s | floor ms/step | x floor | tokens/s vs dense | "
+             "exact-union MLP density if rows were independent |", "|---|---|---|---|---|---|---|---|"]
+    dense = {r["batch"]: r for r in result["rows"] if "mlp_density" not in r and "error" not in r}
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {_sweep_label(r)} | failed: {r['error']} | | | | | |")
+            continue
+        ref = dense.get(r["batch"])
+        vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref is not None else "-"
+        union = f"{r['union_density_if_independent']:.2f}" if "union_density_if_independent" in r else "-"
+        lines.append(f"| {r['batch']} | {_sweep_label(r)} | {r['decode_ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['floor_ms_per_step']:.3f} | {r['decode_ms_per_token'] / r['floor_ms_per_step']:.2f} | "
+                     f"{vs} | {union} |")
+    return text + "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict], title: str, path: Path) -> None:
+    """ms/step and tokens/s against batch size, one line per implementation (dense floor dotted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list] = {}
+    for r in rows:
+        if "error" not in r:
+            series.setdefault(_sweep_label(r), []).append((r["batch"], r["decode_ms_per_token"], r["tokens_per_s"]))
+    floor = sorted({(r["batch"], r["floor_ms_per_step"]) for r in rows if "mlp_density" not in r})
+    fig, (ax_ms, ax_tps) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, pts in series.items():
+        pts.sort()
+        style = "s--" if label == "dense" else "o-"
+        ax_ms.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+        ax_tps.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+    if floor:
+        ax_ms.plot([p[0] for p in floor], [p[1] for p in floor], "k:", label="dense bytes floor")
+        ax_tps.plot([p[0] for p in floor], [p[0] / p[1] * 1e3 for p in floor], "k:", label="dense bytes floor")
+    for ax, ylabel in ((ax_ms, "ms per decode step"), (ax_tps, "tokens/s (batch / step time)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    ax_tps.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_sweep(result: dict, out: Path) -> None:
+    """sweep.json, sweep.md and (with any measured row) sweep.png in out."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(sweep_markdown(result))
+    if any("error" not in r for r in result["rows"]):
+        plot_sweep(result["rows"], f"{result['model']} {result['dtype']}, prompt {result['prompt_len']}, "
+                   f"{result['batch_select']} selection, {result['device']}", out / "sweep.png")
+
+
+def parse_batches(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]."""
+    try:
+        batches = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"bad --batches {text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batches needs batch sizes >= 1, got {text!r}")
+    return batches
 
 
 def run_torch_baselines(preset_name: str, dtype: str, prompt_len: int, new_tokens: int, variants: str,
@@ -324,11 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-select", choices=["union", "per-row"], default="union",
                    help="sparse decode with --batch > 1: one index set for the batch (top-K of the rows' summed "
                         "predictor probabilities) or per-row keep-masks (dense compute)")
+    p.add_argument("--batches", default="",
+                   help="batch sweep: comma-separated batch sizes (e.g. 1,2,4,8,16,32); times dense and every "
+                        "--sparse point at each and writes sweep.json/.md/.png instead of bench.*")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: a mesh over the first N devices")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--baselines", default="eager,static-compile",
                    help="comma list of transformers variants to time (eager, static-compile), 'copy' for only the "
-                        "cudaMemcpy bandwidth of the floor, or 'none'")
+                        "cudaMemcpy bandwidth of the floor, or 'none'. They run first in their own process, which "
+                        "exits before JAX allocates; a model that fills the GPU (OPT-66B fp16 on 141 GB) cannot "
+                        "hold a second copy for torch in any case: time it in its own run, use 'none' here")
     sp = p.add_argument_group("sparse decode (random predictors with lookahead in the loop)")
     sp.add_argument("--sparse", default="", help="density points MLP:HEADS, comma separated, e.g. "
                                                   "0.25:0.5,0.1:0.5,0.5:0.5 (empty: dense only)")
@@ -344,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dejavu_jax.checkpoint import load_checkpoint, parse_dtype
+    from dejavu_jax.checkpoint import load_checkpoint, load_config, parse_dtype
 
     dtype = parse_dtype(args.dtype)
     for name in ("prompt_len", "new_tokens", "batch", "reps", "rank", "tp"):
@@ -352,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         densities = parse_densities(args.sparse) if args.sparse else []
-        cfg = preset(args.preset) if args.preset else None
+        batches = parse_batches(args.batches) if args.batches else []
+        cfg = preset(args.preset) if args.preset else load_config(args.model)
     except ValueError as e:
         parser.error(str(e))
     kernels = [k for k in args.kernels.split(",") if k]
@@ -363,29 +629,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in kv_modes:
         if k not in ("exact", "lazy"):
             parser.error(f"unknown kv mode {k!r}; choose from exact, lazy")
+    if args.prompt_len + args.new_tokens > cfg.max_positions:
+        parser.error(f"prompt-len + new-tokens exceeds the model's {cfg.max_positions} positions")
+    if batches and len(kv_modes) != 1:
+        parser.error("--batches times one KV mode: give a single --kv-modes")
+    if args.tp > 1 and densities and kv_modes != ["exact"]:
+        parser.error("--tp runs the exact KV mode only (--kv-modes exact)")
 
     # transformers first, in its own process, while the GPU is still empty (JAX's allocator keeps
     # what it grows into, so torch could not fit a 30B model after us).
     torch_rows: list[dict] = []
     if args.baselines != "none" and args.preset:
-        if args.batch != 1:
-            print("transformers baselines run at batch 1 only; skipped", file=sys.stderr)
+        if args.batch != 1 or batches:
+            print("transformers baselines run at batch 1 without --batches only; skipped", file=sys.stderr)
         else:
             for r in run_torch_baselines(args.preset, args.dtype, args.prompt_len, args.new_tokens, args.baselines):
                 print(json.dumps(r), flush=True)
                 torch_rows.append(r)
+
+    # Before anything large is allocated: will the weights, caches and predictors fit?
+    memory = device_memory()
+    est = peak_bytes_estimate(cfg, dtype, batch=max(batches or [args.batch]), prompt_len=args.prompt_len,
+                              new_tokens=args.new_tokens, rank=args.rank if densities else 0,
+                              kv_modes=kv_modes if densities else ["exact"], tp=args.tp)
+    print(describe_estimate(est, memory), flush=True)
+    try:
+        check_fits(est["total"], "weights + KV caches + predictors", memory)
+    except DeviceMemoryError as e:
+        parser.exit(2, f"error: {e}\n")
+    device = jax.devices()[0].device_kind
+    bw = copy_bandwidth_gbs()  # before the weights: its 2 GiB of buffers are freed again
+    bw_source = "XLA elementwise copy"
+    for r in torch_rows:
+        if r.get("copy_bandwidth_gbs", 0) > bw:  # cudaMemcpy beats an XLA copy: the stricter floor
+            bw, bw_source = r["copy_bandwidth_gbs"], "cudaMemcpy (torch)"
+
     mesh, place_cache = None, None
     try:
         if args.tp > 1:
             from dejavu_jax import sharding as S
-            from dejavu_jax.checkpoint import load_config
 
             mesh = S.make_mesh(args.tp)
             place_cache = lambda c: S.shard_cache(c, mesh)  # noqa: E731
             if args.preset:  # created in place: no device ever holds the whole model
                 params = S.init_params_sharded(cfg, jax.random.PRNGKey(0), mesh, dtype)
             else:
-                cfg = load_config(args.model)
                 cfg, params = load_checkpoint(args.model, dtype, sharding=S.param_shardings(cfg, mesh))
         elif args.preset:
             params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
@@ -393,23 +681,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg, params = load_checkpoint(args.model, dtype)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    if args.prompt_len + args.new_tokens > cfg.max_positions:
-        parser.error(f"prompt-len + new-tokens exceeds the model's {cfg.max_positions} positions")
-    device = jax.devices()[0].device_kind
-    bw = copy_bandwidth_gbs()
-    bw_source = "XLA elementwise copy"
-    for r in torch_rows:
-        if r.get("copy_bandwidth_gbs", 0) > bw:  # cudaMemcpy beats an XLA copy: the stricter floor
-            bw, bw_source = r["copy_bandwidth_gbs"], "cudaMemcpy (torch)"
     weight_bytes = decode_weight_bytes(cfg, jnp.dtype(dtype).itemsize)
     bw *= args.tp  # TP: every device reads its 1/TP of the weights at once (floor = bytes / aggregate bandwidth)
     floor_ms = weight_bytes / (bw * 1e9) * 1e3
     print(f"{cfg.name or args.model} on {device}: {weight_bytes / 1e9:.2f} GB of weights per token, "
           f"copy bandwidth {bw:.0f} GB/s ({bw_source}) -> floor {floor_ms:.3f} ms/token", flush=True)
+    out = Path(args.out)
+    info = {"model": cfg.name or args.model, "device": device, "dtype": args.dtype, "tp": args.tp,
+            "batch_select": args.batch_select, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "copy_bandwidth_gbs": bw, "bandwidth_source": bw_source, "weight_bytes_per_token": weight_bytes,
+            "peak_bytes_estimate": est, "jax": jax.__version__}
+    if batches:
+        sweep_result = lambda rows, complete: {**info, "kv_mode": kv_modes[0], "batches": batches,  # noqa: E731
+                                               "complete": complete, "rows": rows}
+        try:
+            rows = batch_sweep(cfg, params, batches=batches, densities=densities, kernels=kernels, rank=args.rank,
+                               kv_mode=kv_modes[0], prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                               reps=args.reps, bw=bw, batch_select=args.batch_select, mesh=mesh,
+                               place_cache=place_cache,
+                               on_batch=lambda rows: write_sweep(sweep_result(rows, False), out))
+        except DeviceMemoryError as e:
+            parser.exit(2, f"error: {e}\n")
+        write_sweep(sweep_result(rows, True), out)
+        print((out / "sweep.md").read_text())
+        return 0
+
     rows = [{"impl": "bandwidth floor (dense weights / copy bandwidth)", "decode_ms_per_token": floor_ms}]
-    rows.append({"impl": "dejavu_jax dense", "floor_ms_per_token": floor_ms,
-                 **bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
-                             reps=args.reps, place_cache=place_cache)})
+    try:
+        rows.append({"impl": "dejavu_jax dense", "floor_ms_per_token": floor_ms,
+                     **bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                 batch=args.batch, reps=args.reps, place_cache=place_cache)})
+    except DeviceMemoryError as e:
+        parser.exit(2, f"error: {e}\n")
     print(json.dumps(rows[-1]), flush=True)
     if "pallas" in kernels and densities and mesh is None and args.batch == 1:
         from pallas_kernels import get_ops
@@ -425,17 +728,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows += [r for r in torch_rows if "copy_bandwidth_gbs" not in r]
     sparse = []
     if densities:
-        if mesh is not None and kv_modes != ["exact"]:
-            parser.error("--tp runs the exact KV mode only (--kv-modes exact)")
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select)
-    result = {"model": cfg.name or args.model, "device": device, "dtype": args.dtype, "batch": args.batch,
-              "tp": args.tp, "batch_select": args.batch_select,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "copy_bandwidth_gbs": bw,
-              "bandwidth_source": bw_source, "weight_bytes_per_token": weight_bytes, "floor_ms_per_token": floor_ms,
-              "rows": rows + sparse, "jax": jax.__version__}
-    out = Path(args.out)
+    result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     header = (f"{result['model']}, {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
@@ -447,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ok_sparse:
         text += "\n" + speedup_table(rows, ok_sparse) + "\n"
         plot_sparse(ok_sparse, rows[1]["decode_ms_per_token"], floor_ms,
-                    f"{result['model']} {args.dtype} batch 1, {device}", out / "bench.png")
+                    f"{result['model']} {args.dtype} batch {args.batch}, {device}", out / "bench.png")
     (out / "bench.md").write_text(text)
     print(text)
     return 0

@@ -94,37 +94,74 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
             raise ValueError(f"parameter {key} has shape {tuple(act_names[key].shape)}, config expects {shape}")
 
 
+RANDOM_BLOCK_ELEMENTS = 1 << 24  # one RNG block: ~16 bytes of temporaries per element (bits, counters, fp32)
+
+
+def _random_blocks(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(n_blocks, rows per block) for random init of a leaf: whole leading-axis rows, at most
+    RANDOM_BLOCK_ELEMENTS elements per block (fewest blocks). The split depends only on the shape, so
+    every execution strategy (sequential, vmapped, sharded) draws the same values."""
+    rows, row_size = shape[0], math.prod(shape[1:])
+    per_block = max(1, RANDOM_BLOCK_ELEMENTS // max(row_size, 1))
+    block_rows = max(d for d in range(1, min(rows, per_block) + 1) if rows % d == 0)
+    return rows // block_rows, block_rows
+
+
+def random_leaf(key: jax.Array, shape: tuple[int, ...], dtype, *, sharded: bool = False) -> jax.Array:
+    """0.02 * N(0, 1) at `shape` in `dtype`, drawn block by block of leading-axis rows (traceable).
+
+    Block b is drawn from fold_in(key, b) in float32 and cast. Unsharded, the blocks run one after
+    another (lax.map writes each into the output in place), so the temporaries are one block's,
+    not the leaf's (RNG bits plus a float32 copy are ~8x the fp16 leaf, e.g. 5 GB for an OPT-66B
+    MLP matrix). Sharded, the blocks are vmapped so each device draws its own rows.
+    """
+    if not shape:
+        return (0.02 * jax.random.normal(key, (), jnp.float32)).astype(dtype)
+    n_blocks, block_rows = _random_blocks(shape)
+
+    def draw(b):  # -> [block_rows, *shape[1:]]
+        return (0.02 * jax.random.normal(jax.random.fold_in(key, b), (block_rows,) + shape[1:],
+                                         jnp.float32)).astype(dtype)
+
+    blocks = jnp.arange(n_blocks)
+    if n_blocks == 1:
+        out = draw(0)[None]
+    else:
+        out = jax.vmap(draw)(blocks) if sharded else jax.lax.map(draw, blocks)
+    return out.reshape(shape)
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, shardings: Params | None = None) -> Params:
     """Random parameters at the config's shapes (for benchmarks at real sizes and tests).
 
-    Each layer is initialised by one jitted call (compiled once, reused for every layer), so
-    peak memory stays one layer above the weights even for 30B+ shapes on a single GPU.
+    Created on the device one leaf at a time (`random_leaf`: one jitted call per leaf, compiled
+    once per shape), so peak memory is the weights plus one RNG block, never a host copy, a
+    float32 model or a second copy made by casting: OPT-66B in fp16 fits one 141 GB GPU.
     shardings: an optional pytree of shardings shaped like `param_shapes(cfg)`; each array is then
     created directly in its shards (nothing is materialised whole on one device).
     """
     shapes = param_shapes(cfg)
-    layer_shapes = shapes.pop("layers")
-    shardings = dict(shardings) if shardings is not None else None
-    layer_shardings = shardings.pop("layers") if shardings is not None else None
+    entries, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+    flat_shardings = ([None] * len(entries) if shardings is None
+                      else jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: x is None))
+    if len(flat_shardings) != len(entries):
+        raise ValueError(f"shardings has {len(flat_shardings)} leaves, the parameters {len(entries)}")
+    jitted: dict = {}  # (shape, is_scale, sharding) -> jitted initialiser, compiled once per shape
 
-    def init_tree(tree, key):
-        entries, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_shape)
-        keys = jax.random.split(key, len(entries))
-        out = []
-        for (path, shape), k in zip(entries, keys):
-            name = jax.tree_util.keystr(path)
-            if "norm" in name and name.endswith("['scale']"):
-                out.append(jnp.ones(shape, dtype))
-            else:
-                out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
+    def make(shape, is_scale, sharding):
+        if is_scale:  # norm scales start at one, like the checkpoints they stand in for
+            return jax.jit(lambda k: jnp.ones(shape, dtype), out_shardings=sharding)
+        return jax.jit(lambda k: random_leaf(k, shape, dtype, sharded=sharding is not None), out_shardings=sharding)
 
-    top_key, *layer_keys = jax.random.split(key, cfg.num_layers + 1)
-    params = jax.jit(lambda k: init_tree(shapes, k), out_shardings=shardings)(top_key)
-    init_layer = jax.jit(lambda k: init_tree(layer_shapes[0], k),
-                         out_shardings=None if layer_shardings is None else layer_shardings[0])
-    params["layers"] = [init_layer(k) for k in layer_keys]
-    return params
+    out = []
+    for ((path, shape), sharding), k in zip(zip(entries, flat_shardings), jax.random.split(key, len(entries))):
+        name = jax.tree_util.keystr(path)
+        is_scale = "norm" in name and name.endswith("['scale']")
+        fn_key = (shape, is_scale, sharding)
+        if fn_key not in jitted:
+            jitted[fn_key] = make(shape, is_scale, sharding)
+        out.append(jitted[fn_key](k))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # --------------------------------------------------------------------------------------------

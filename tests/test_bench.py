@@ -59,3 +59,69 @@ def test_cli_rejects_bad_flags(tiny_opt_ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench_main(["--model", str(tiny_opt_ckpt), "--baselines", "none", "--out", str(tmp_path), *argv])
         assert match in capsys.readouterr().err
+
+
+def test_batch_sweep_writes_dense_and_sparse_rows_per_batch(tiny_opt_ckpt, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert bench_main(["--model", str(tiny_opt_ckpt), "--dtype", "fp32", "--prompt-len", "4", "--new-tokens", "2",
+                       "--reps", "1", "--baselines", "none", "--batches", "1,2", "--sparse", "0.5:0.5",
+                       "--kernels", "xla", "--kv-modes", "exact", "--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["complete"] and result["batches"] == [1, 2]
+    assert not (out / "bench.json").exists()
+    by_batch = {b: [r for r in result["rows"] if r["batch"] == b] for b in (1, 2)}
+    for b, rows in by_batch.items():
+        assert [("mlp_density" in r) for r in rows] == [False, True]  # dense, then the one sparse point
+        for r in rows:
+            assert "error" not in r
+            assert r["tokens_per_s"] == pytest.approx(b / r["decode_ms_per_token"] * 1e3)
+            assert r["floor_ms_per_step"] > 0 and r["decode_temp_bytes"] >= 0
+    # union at B=2 reads the sparse weights once for both rows; the reference union density is 1-(1-d)^2
+    assert by_batch[2][1]["union_density_if_independent"] == pytest.approx(0.75)
+    assert "union_density_if_independent" not in by_batch[1][1]
+    assert by_batch[2][0]["kv_bytes_per_step"] == 2 * by_batch[1][0]["kv_bytes_per_step"]
+    md = (out / "sweep.md").read_text()
+    assert "| 2 | sparse xla, mlp 0.5, heads 0.5 |" in md and "| 1 | dense |" in md and "INCOMPLETE" not in md
+    assert (out / "sweep.png").stat().st_size > 0
+
+
+def test_memory_estimate_refuses_a_run_that_cannot_fit(tiny_opt_ckpt, tmp_path, capsys, monkeypatch):
+    import dejavu_jax.bench as B
+
+    cfg = preset("opt-66b")
+    est = B.peak_bytes_estimate(cfg, "float16", batch=1, prompt_len=128, new_tokens=128, rank=128)
+    assert 131e9 < est["weights"] < 133e9  # fp16 OPT-66B: over the 0.75 default allocator share of 141 GB
+    assert est["total"] == est["weights"] + est["kv_caches"] + est["predictors"]
+    # two caches: k and v per layer, the valid mask [1, 256] and the int32 write index
+    assert est["kv_caches"] == 2 * (64 * 2 * 9216 * 256 * 2 + 256 + 4)
+    B.check_fits(est["total"], "it", None)  # CPU: no limit reported, nothing checked
+    B.check_fits(est["total"], "it", {"bytes_limit": 150 << 30, "bytes_in_use": 0})
+    with pytest.raises(B.DeviceMemoryError, match="XLA_CLIENT_MEM_FRACTION"):
+        B.check_fits(est["total"], "it", {"bytes_limit": 104 << 30, "bytes_in_use": 0})
+
+    monkeypatch.setattr(B, "device_memory", lambda device=None: {"bytes_limit": 4096, "bytes_in_use": 0})
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["--model", str(tiny_opt_ckpt), "--baselines", "none", "--prompt-len", "8", "--new-tokens", "4",
+                    "--out", str(tmp_path / "b")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "weights + KV caches + predictors need" in err and "XLA_CLIENT_MEM_FRACTION" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_jax_refuses_decode_temporaries_beyond_free_memory(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    import dejavu_jax.bench as B
+    from dejavu_jax import model as M
+
+    cfg = preset("opt-125m").replace(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
+                                     ffn_size=64, vocab_size=64, max_positions=64)
+    params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    row = B.bench_jax(cfg, params, prompt_len=4, new_tokens=2, reps=1)
+    assert row["decode_temp_bytes"] > 0  # the CPU backend reports it, so the check below is not vacuous
+    monkeypatch.setattr(B, "device_memory", lambda device=None: {"bytes_limit": 1 << 40,
+                                                                 "bytes_in_use": (1 << 40) - 1})
+    with pytest.raises(B.DeviceMemoryError, match="decode program's temporaries"):
+        B.bench_jax(cfg, params, prompt_len=4, new_tokens=2, reps=1)
