@@ -180,8 +180,9 @@ class BatchSelector:
         if isinstance(base, OracleSelector):
             return Selection(from_importance=lambda imp: self._mask(_oracle_weights(imp), k))
         x = _context_input(ctx, kind, base.lookahead)  # [B, T, D]
-        logits = predictor_logits(base.predictors[ctx.layer][kind], x)  # [B, T, N]
-        B, T = logits.shape[:2]
+        B, T = x.shape[:2]
+        # One row is only ranked; rows that combine as probabilities need calibrated logits.
+        logits = predictor_logits(base.predictors[ctx.layer][kind], x, rank_only=B == 1)  # [B, T, N]
         if base.gather and T == 1 and (B == 1 or self.batch_select == "union"):
             # One row ranks its logits (sigmoid is monotone, and saturates into ties); rows combine
             # as probabilities.

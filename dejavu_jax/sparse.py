@@ -236,12 +236,18 @@ def normalize_input(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
 
 
-def predictor_logits(p: Params, x: jax.Array) -> jax.Array:
-    """Low-rank predictor scores. p: {"a": [D, r], "b": [r, N]}; x [..., D] residual -> [..., N] f32."""
+def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax.Array:
+    """Low-rank predictor scores. p: {"a": [D, r], "b": [r, N]}; x [..., D] residual -> [..., N] f32.
+
+    rank_only: the caller only ranks each row's scores (top-K of one row). The scores are linear in
+    x, so the RMS normalization (a positive per-row scale) cannot change the ranking and is skipped:
+    one kernel less per predictor in the decode step.
+    """
     # Inputs in the predictor's dtype, fp32 accumulation: upcasting fp16 weights instead would add a
     # weight-sized convert per decode step.
     a, b = p["a"], p["b"]
-    z = jnp.einsum("...d,dr->...r", normalize_input(x).astype(a.dtype), a, preferred_element_type=jnp.float32)
+    x = x if rank_only else normalize_input(x)
+    z = jnp.einsum("...d,dr->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32)
     return jnp.einsum("...r,rn->...n", z.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
@@ -343,8 +349,8 @@ class PredictorSelector:
         if k >= n:
             return None
         x = _context_input(ctx, kind, self.lookahead)  # [B, T, D]
-        scores = predictor_logits(self.predictors[ctx.layer][kind], x)  # [B, T, N]
-        B, T = scores.shape[:2]
+        B, T = x.shape[:2]
+        scores = predictor_logits(self.predictors[ctx.layer][kind], x, rank_only=True)  # [B, T, N]
         if self.gather and B == 1 and T == 1:
             return Selection(idx=_topk_rows(ctx)(scores[0], k)[0])  # ascending: in-order row reads
         return Selection(mask=topk_mask(scores, k))

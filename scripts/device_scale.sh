@@ -57,11 +57,11 @@ stamp() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a
 
 stamp "device_scale: big=$BIG_PRESET sweep=$SWEEP_PRESET dtype=$DTYPE kernels=$KERNELS batches=$BATCHES budget=${BUDGET_S}s"
 { nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv 2>/dev/null || echo "no nvidia-smi"; } | tee -a "$LOG"
-python -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 
 status=0
 stamp "(a) $BIG_PRESET dense vs sparse 0.25:0.5 ($KERNELS, exact KV), batch 1: expect ~140 s, cap ${BIG_TIMEOUT_S}s"
-timeout --kill-after=10 "$BIG_TIMEOUT_S" python -m dejavu_jax.bench --preset "$BIG_PRESET" --dtype "$DTYPE" \
+timeout --kill-after=10 "$BIG_TIMEOUT_S" python3 -m dejavu_jax.bench --preset "$BIG_PRESET" --dtype "$DTYPE" \
     --prompt-len "$PROMPT_LEN" --new-tokens "$BIG_NEW_TOKENS" --reps "$REPS" --baselines none \
     --sparse 0.25:0.5 --kernels "$KERNELS" --kv-modes exact --no-extras \
     --out "$OUT/scale/opt66b" 2>&1 | tee -a "$LOG"
@@ -74,7 +74,7 @@ if [ "$left" -lt 60 ]; then
     exit 1
 fi
 stamp "(b) $SWEEP_PRESET batch sweep $BATCHES, dense vs sparse 0.25:0.5 ($KERNELS, union): expect ~220 s, cap ${left}s"
-timeout --kill-after=10 "$left" python -m dejavu_jax.bench --preset "$SWEEP_PRESET" --dtype "$DTYPE" \
+timeout --kill-after=10 "$left" python3 -m dejavu_jax.bench --preset "$SWEEP_PRESET" --dtype "$DTYPE" \
     --prompt-len "$PROMPT_LEN" --new-tokens "$SWEEP_NEW_TOKENS" --reps "$REPS" --baselines none \
     --batches "$BATCHES" --sparse 0.25:0.5 --kernels "$KERNELS" --kv-modes exact --batch-select union \
     --out "$OUT/scale/sweep" 2>&1 | tee -a "$LOG"

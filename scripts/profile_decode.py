@@ -1,7 +1,7 @@
 """Where does a decode step's time go? GPU kernel time per token, by kernel, from a profiler trace.
 
-Random weights at a preset's shapes; for dense decode (XLA, and the gathered kernels with every row
-selected) and for sparse decode (random predictors with lookahead, or fixed indices), traces `--tokens` decode steps of the jitted while-loop and sums each
+Random weights at a preset's shapes; for dense decode (XLA; optionally the gathered kernels with every
+row selected) and for sparse decode (random predictors with lookahead, or fixed indices), traces `--tokens` decode steps of the jitted while-loop and sums each
 kernel name's device time per token. Writes profile.json and profile.md to --out.
 
   python scripts/profile_decode.py --preset opt-6.7b --sparse 0.25:0.5 --kernels pallas --out $OUT/profile
@@ -27,7 +27,6 @@ from dejavu_jax import model as M  # noqa: E402
 from dejavu_jax.checkpoint import parse_dtype  # noqa: E402
 from dejavu_jax.config import preset  # noqa: E402
 from dejavu_jax.generate import Generator  # noqa: E402
-from dejavu_jax.sparse import FixedSelector  # noqa: E402
 from pallas_kernels import get_ops  # noqa: E402
 from pallas_kernels.microbench import _device_events  # noqa: E402
 
@@ -83,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--dense-kernels", action="store_true",
+                   help="also profile dense decode through the gathered kernels (every row selected)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per profile")
     p.add_argument("--out", default="results/profile")
     args = p.parse_args(argv)
@@ -91,15 +92,15 @@ def main(argv=None) -> int:
     params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
     mlp_d, head_d = (float(v) for v in args.sparse.split(":"))
     ops = get_ops(args.kernels)
-    all_rows = FixedSelector([jnp.arange(cfg.ffn_size, dtype=jnp.int32)] * cfg.num_layers,
-                             [jnp.arange(cfg.num_heads, dtype=jnp.int32)] * cfg.num_layers, cfg.ffn_size, cfg.num_heads)
     runs = {"dense": (None, None),
-            f"dense through the {args.kernels} gathered kernels (every row selected)": (all_rows, ops),
             f"sparse {args.kernels} predictor {args.sparse}": (
                 bench.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
                                                 rank=args.rank, dtype=dtype), ops),
             f"sparse {args.kernels} fixed indices {args.sparse}": (
                 bench.fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d), ops)}
+    if args.dense_kernels:
+        runs[f"dense through the {args.kernels} gathered kernels (every row selected)"] = (
+            bench.all_rows_selector(cfg), ops)
     result = {"preset": args.preset, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
               "tokens": args.tokens, "profiles": {}}
     lines = [f"# Decode step profile: {args.preset} {args.dtype}, {result['device']}, jax {jax.__version__}", ""]
