@@ -273,8 +273,12 @@ def all_rows_selector(cfg: ModelConfig):
                          [jnp.arange(cfg.num_heads, dtype=jnp.int32)] * cfg.num_layers, cfg.ffn_size, cfg.num_heads)
 
 
-def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int) -> int:
-    return cfg.num_layers * rank * (2 * cfg.hidden_size + cfg.ffn_size + cfg.num_heads) * itemsize
+def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: str = "linear") -> int:
+    """Bytes of all predictors: heads and MLP share D -> r; the magnitude MLP form has two r -> F heads
+    (gate, up) plus three length-F vectors and a scale."""
+    D, F = cfg.hidden_size, cfg.ffn_size
+    mlp = D * rank + (rank * F if mlp_predictor == "linear" else 2 * rank * F + 3 * F + 1)
+    return cfg.num_layers * (mlp + D * rank + rank * cfg.num_heads) * itemsize
 
 
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,

@@ -10,7 +10,9 @@ neurons to compute. Four modes share one config (`SparsityConfig`):
              average kept fraction equals the target density (neurons: |activation| < t is zeroed;
              heads: output norm < t). Training-free baseline; the kept count varies per token.
 * predictor  Deja Vu: a low-rank predictor `D -> r -> N` per layer and site scores the neurons /
-             heads from the residual stream, and the top-K scores are kept.
+             heads from the residual stream, and the top-K scores are kept. For gated (SwiGLU) MLPs
+             the predictor can instead predict the gate and up pre-activations from one rank-r code
+             and score their magnitude (`predictor_logits`, "magnitude" form).
 
 Lookahead pairing (one function, `input_source`, used by training-data collection, fitting and
 inference, so the three cannot drift apart):
@@ -236,19 +238,44 @@ def normalize_input(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
 
 
-def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax.Array:
-    """Low-rank predictor scores. p: {"a": [D, r], "b": [r, N]}; x [..., D] residual -> [..., N] f32.
+MLP_PREDICTORS = ("linear", "magnitude")  # the forms an MLP predictor can take (heads are always linear)
+MAGNITUDE_EPS = 1e-3  # floor under |silu(g)| and |u| before the log (their natural scale is ~0.1-1)
 
-    rank_only: the caller only ranks each row's scores (top-K of one row). The scores are linear in
-    x, so the RMS normalization (a positive per-row scale) cannot change the ranking and is skipped:
-    one kernel less per predictor in the decode step.
+
+def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax.Array:
+    """Predictor scores (logits of "kept"); the form is read off the param keys. x [..., D] -> [..., N] f32.
+
+    linear    {"a": [D, r], "b": [r, N]}: norm(x) @ a @ b (Deja Vu).
+    magnitude {"a": [D, r], "bg", "bu": [r, N], "cg", "cu", "bias": [N], "scale": [1]}: a shared rank-r
+              code z = norm(x) @ a predicts the gate and up pre-activations g = z @ bg + cg, u = z @ bu + cu
+              and the score is scale * log(|silu(g)| * |u|) + bias. SwiGLU importance |silu(g) * u| is
+              sign-symmetric in u, which no linear score can rank; the log keeps top-K equal to the
+              top-K of the predicted magnitude (for zero bias) while giving BCE a usable logit.
+
+    rank_only: the caller only ranks each row's scores (top-K of one row). Linear scores scale with
+    x, so the RMS normalization (a positive per-row scale) cannot change their ranking and is
+    skipped: one kernel less per predictor in the decode step. The magnitude form always normalizes.
+    Matmul inputs are in the predictor's dtype with fp32 accumulation: upcasting fp16 weights instead
+    would add a weight-sized convert per decode step.
     """
-    # Inputs in the predictor's dtype, fp32 accumulation: upcasting fp16 weights instead would add a
-    # weight-sized convert per decode step.
-    a, b = p["a"], p["b"]
-    x = x if rank_only else normalize_input(x)
-    z = jnp.einsum("...d,dr->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32)
-    return jnp.einsum("...r,rn->...n", z.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    linear = "b" in p
+    x = x if rank_only and linear else normalize_input(x)
+
+    def dot(v, w):  # v [..., K] @ w [K, N] -> [..., N] f32
+        return jnp.einsum("...k,kn->...n", v.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+    z = dot(x, p["a"])
+    if linear:
+        return dot(z, p["b"])
+    g = dot(z, p["bg"]) + p["cg"].astype(jnp.float32)
+    u = dot(z, p["bu"]) + p["cu"].astype(jnp.float32)
+    log_mag = jnp.log(jnp.abs(jax.nn.silu(g)) + MAGNITUDE_EPS) + jnp.log(jnp.abs(u) + MAGNITUDE_EPS)
+    return p["scale"].astype(jnp.float32) * log_mag + p["bias"].astype(jnp.float32)
+
+
+def predictor_form(p: Params) -> str:
+    """"linear" or "magnitude": which `predictor_logits` form a predictor's params have."""
+    return "linear" if "b" in p else "magnitude"
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
@@ -332,7 +359,8 @@ class ThresholdSelector:
 class PredictorSelector:
     """Deja Vu: low-rank predictors score neurons / heads from the residual; the top-K are kept.
 
-    predictors: per layer {"mlp": {"a": [D, r], "b": [r, F]}, "heads": {"a": [D, r], "b": [r, H]}}.
+    predictors: per layer {"mlp": {...}, "heads": {"a": [D, r], "b": [r, H]}}; the MLP dict is either
+    linear {"a", "b"} or the magnitude form (`predictor_logits` documents both).
     gather: for a batch-1 decode step (B == T == 1) return row indices so the gathered `ops` path
     runs (the forward call must then be given `ops`); otherwise per-token masks.
     """
@@ -447,7 +475,7 @@ def load_thresholds(path: str | Path, cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Predictors:
-    """Loaded predictors: params (per layer {"mlp", "heads"} -> {"a", "b"}) and their config dict."""
+    """Loaded predictors: params (per layer {"mlp", "heads"} -> param dicts) and their config dict."""
 
     params: list
     config: dict
@@ -460,11 +488,22 @@ class Predictors:
     def rank(self) -> int:
         return int(self.config["rank"])
 
+    @property
+    def mlp_predictor(self) -> str:
+        """The MLP predictors' form; checkpoints written before the magnitude form existed are linear."""
+        return str(self.config.get("mlp_predictor", "linear"))
 
-def predictor_shapes(cfg: ModelConfig, rank: int) -> list:
-    D = cfg.hidden_size
-    return [{"mlp": {"a": (D, rank), "b": (rank, cfg.ffn_size)},
-             "heads": {"a": (D, rank), "b": (rank, cfg.num_heads)}} for _ in range(cfg.num_layers)]
+
+def predictor_shapes(cfg: ModelConfig, rank: int, mlp_predictor: str = "linear") -> list:
+    """Per-layer param shapes of the predictors; mlp_predictor picks the MLP form (see `predictor_logits`)."""
+    D, F = cfg.hidden_size, cfg.ffn_size
+    if mlp_predictor == "linear":
+        mlp = {"a": (D, rank), "b": (rank, F)}
+    elif mlp_predictor == "magnitude":
+        mlp = {"a": (D, rank), "bg": (rank, F), "bu": (rank, F), "cg": (F,), "cu": (F,), "bias": (F,), "scale": (1,)}
+    else:
+        raise SparsityError(f"unknown MLP predictor form {mlp_predictor!r}; choose one of {', '.join(MLP_PREDICTORS)}")
+    return [{"mlp": dict(mlp), "heads": {"a": (D, rank), "b": (rank, cfg.num_heads)}} for _ in range(cfg.num_layers)]
 
 
 def save_predictors(directory: str | Path, params: list, config: dict, *, overwrite: bool = True,
@@ -497,7 +536,7 @@ def load_predictors(directory: str | Path, cfg: ModelConfig, params: Params | No
                             f"{cfg.name or model_fingerprint(cfg)}: {_shape_summary(cfg.to_dict())}")
     if params is not None and config.get("params_digest"):
         check_digest(config["params_digest"], params, f"predictors in {directory}")
-    shapes = predictor_shapes(cfg, int(config["rank"]))
+    shapes = predictor_shapes(cfg, int(config["rank"]), config.get("mlp_predictor", "linear"))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding), shapes,
                                       is_leaf=lambda x: isinstance(x, tuple))

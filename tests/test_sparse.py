@@ -194,6 +194,18 @@ def random_predictors(cfg, rank=8, seed=0):
     return jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, s) for k, s in zip(keys, leaves)])
 
 
+@pytest.mark.parametrize("form", ["linear", "magnitude"])
+def test_predictor_shapes_match_bench_bytes(tiny, form):
+    from dejavu_jax.bench import predictor_bytes
+
+    cfg, _ = tiny
+    shapes = predictor_shapes(cfg, 8, form)
+    n = sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+    assert predictor_bytes(cfg, 8, 2, form) == 2 * n
+    with pytest.raises(SparsityError, match="unknown MLP predictor"):
+        predictor_shapes(cfg, 8, "quadratic")
+
+
 def test_input_source_pairing():
     assert input_source("mlp", 0, True) == ("block", 0)
     assert input_source("heads", 5, True) == ("block", 4)

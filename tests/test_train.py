@@ -15,7 +15,8 @@ from conftest import make_tokenizer
 from dejavu_jax import model as M
 from dejavu_jax.checkpoint import load_tokenizer, save_checkpoint
 from dejavu_jax.config import ModelConfig
-from dejavu_jax.sparse import PredictorSelector, SparsityError, build_selector, load_predictors
+from dejavu_jax.sparse import (PredictorSelector, SparsityError, build_selector, load_predictors, predictor_form,
+                               predictor_logits, topk_mask)
 from pallas_kernels import get_ops
 from train import collect as C
 from train import fit_predictors as FP
@@ -116,6 +117,10 @@ def test_fit_report_and_predictor_quality(ckpt):
     preds = load_predictors(pred_dir, cfg, params)
     assert preds.rank == 16 and len(preds.params) == cfg.num_layers
     assert preds.params[0]["mlp"]["a"].shape == (cfg.hidden_size, 16)
+    # gated MLPs get the magnitude form by default, ReLU MLPs the linear one; the checkpoint says which
+    form = "linear" if cfg.activation == "relu" else "magnitude"
+    assert report["mlp_predictor"] == preds.mlp_predictor == form
+    assert predictor_form(preds.params[0]["mlp"]) == form
 
 
 def test_sparse_forward_and_generate_with_predictors(ckpt):
@@ -172,6 +177,49 @@ def test_no_lookahead_pipeline(ckpt):
     assert sel.lookahead is False
     toks = jax.random.randint(jax.random.PRNGKey(5), (1, 16), 3, VOCAB)
     logits, _ = M.forward(params, cfg, toks, jnp.arange(16)[None], selector=sel)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_magnitude_init_is_exact_at_full_rank():
+    # Predictor input = the MLP input itself (no lookahead): g and u are linear in norm(x), so the
+    # least-squares init at rank D + 1 reproduces them and ranks neurons like the true |silu(g) u|.
+    cfg = TINY["llama"]
+    D, F, k = cfg.hidden_size, cfg.ffn_size, cfg.ffn_size // 4
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (512, D)) * 3.0, np.float32)
+    scale = {"scale": 1.0 + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (D,))}
+    w = jax.random.normal(jax.random.PRNGKey(2), (2 * F, D)) / np.sqrt(D)
+    h = M.norm(scale, jnp.asarray(x), cfg)
+    gu = h @ w.T
+    truth = topk_mask(jnp.abs(jax.nn.silu(gu[:, :F]) * gu[:, F:]), k)
+    recall = {}
+    for rank in (4, D + 1):
+        p = FP.magnitude_init(x, h, w, rank, k)
+        assert p["a"].shape == (D, rank) and p["bg"].shape == p["bu"].shape == (rank, F)
+        recall[rank] = float(jnp.mean(jnp.sum(topk_mask(predictor_logits(p, jnp.asarray(x)), k) & truth, -1) / k))
+    assert recall[D + 1] > 0.98 and recall[4] < recall[D + 1], recall
+
+
+def test_mlp_predictor_choice_and_old_linear_format(ckpt):
+    cfg, params, model_dir, docs, root = ckpt
+    data, _ = run_pipeline(ckpt)
+    base = ["--data", str(data), "--model", str(model_dir), "--rank", "8", "--epochs", "1", "--batch-size", "128"]
+    if cfg.activation == "relu":  # no gate: the magnitude form is refused with a readable error
+        with pytest.raises(SystemExit):
+            FP.main(base + ["--out", str(root / "p_mag"), "--mlp-predictor", "magnitude"])
+        with pytest.raises(ValueError, match="needs a gated MLP"):
+            FP.FitConfig(mlp_predictor="magnitude").mlp_form(cfg)
+        return
+    out = root / "p_linear"
+    assert FP.main(base + ["--out", str(out), "--mlp-predictor", "linear"]) == 0
+    # a checkpoint written before the form was recorded: no "mlp_predictor" key, linear params
+    conf = json.loads((out / "predictor_config.json").read_text())
+    assert conf.pop("mlp_predictor") == "linear"
+    (out / "predictor_config.json").write_text(json.dumps(conf))
+    preds = load_predictors(out, cfg, params)
+    assert preds.mlp_predictor == "linear" and set(preds.params[0]["mlp"]) == {"a", "b"}
+    sel = build_selector(cfg, params, mode="predictor", mlp_density=0.5, predictors=preds)
+    toks = jax.random.randint(jax.random.PRNGKey(5), (1, 12), 3, VOCAB)
+    logits, _ = M.forward(params, cfg, toks, jnp.arange(12)[None], selector=sel)
     assert np.isfinite(np.asarray(logits)).all()
 
 

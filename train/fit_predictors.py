@@ -2,7 +2,12 @@
 
     python -m train.fit_predictors --data DATA_DIR --model MODEL_DIR [--rank 128] [--out MODEL_DIR/predictors]
 
-Predictor: residual / RMS -> [D, r] -> [r, N] scores, no bias, no nonlinearity (Deja Vu's shape). Labels:
+Predictor: residual / RMS -> [D, r] -> [r, N] scores, no bias, no nonlinearity (Deja Vu's shape), except
+for gated (SwiGLU) MLPs, whose default `--mlp-predictor magnitude` predicts the gate and up
+pre-activations from one rank-r code and scores log|silu(g) u| (`dejavu_jax.sparse.predictor_logits`): it is
+initialised training-free by reduced-rank least squares from the predictor input to the layer's exact
+(gate, up) pre-activations (computed from the collected MLP inputs and the model weights), then fine-tuned
+with the same loss. Labels:
   MLP, ReLU models: neuron fires (ReLU output > 0); MLP, SwiGLU models: neuron is among the top-K of
   |SiLU(gate) * up| for that token; heads: head is among the top-K output norms for that token.
 K comes from --mlp-density / --head-density (the schedule the predictors are meant for; recall is
@@ -33,11 +38,13 @@ from tqdm.auto import tqdm
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.sparse import (
     KINDS,
+    MLP_PREDICTORS,
     THRESHOLDS_FILE,
     SparsityConfig,
     importance_quantiles,
     input_source,
     model_fingerprint,
+    normalize_input,
     params_digest,
     predictor_logits,
     save_predictors,
@@ -53,7 +60,8 @@ class FitConfig:
     lookahead: bool = True
     mlp_density: float = 0.5
     head_density: float = 0.5
-    lr_mlp: float = 1e-3
+    mlp_predictor: str | None = None  # "linear" | "magnitude"; None: magnitude for gated MLPs, else linear
+    lr_mlp: float | None = None  # None: 1e-3 (linear), 1e-4 (magnitude: fine-tuning a least-squares init)
     lr_heads: float = 1e-3
     weight_decay: float = 0.01
     batch_size: int = 1024
@@ -73,8 +81,22 @@ class FitConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {d}")
         if not (0.0 < self.val_fraction < 0.5):
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise ValueError("epochs, batch_size and patience must be >= 1")
+        if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
+            raise ValueError("epochs must be >= 0, batch_size and patience >= 1")
+        if self.mlp_predictor is not None and self.mlp_predictor not in MLP_PREDICTORS:
+            raise ValueError(f"unknown MLP predictor {self.mlp_predictor!r}; choose one of {', '.join(MLP_PREDICTORS)}")
+
+    def mlp_form(self, cfg: ModelConfig) -> str:
+        """The MLP predictor form for this model (the default depends on whether the MLP is gated)."""
+        gated = cfg.up_rows == 2
+        form = self.mlp_predictor or ("magnitude" if gated else "linear")
+        if form == "magnitude" and not gated:
+            raise ValueError(f"the magnitude MLP predictor needs a gated MLP; {cfg.name or 'this model'} has a "
+                             f"{cfg.activation} MLP (use --mlp-predictor linear)")
+        return form
+
+    def mlp_lr(self, form: str) -> float:
+        return self.lr_mlp if self.lr_mlp is not None else (1e-3 if form == "linear" else 1e-4)
 
 
 class LayerData:
@@ -125,24 +147,71 @@ def _scores(p, x):
     return predictor_logits(p, x)
 
 
-def fit_one(x: np.ndarray, y: np.ndarray, k: int, lr: float, fc: FitConfig, seed: int) -> tuple[dict, dict]:
-    """Train one predictor. x [N, D] residuals, y [N, n] bool labels. Returns (params, metrics)."""
+def split_rows(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) row indices, each sorted: the held-out split of `fit_one` for this seed."""
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    n_val = max(1, int(round(val_fraction * n_rows)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def magnitude_init(x: np.ndarray, h: np.ndarray, w: jax.Array, rank: int, k: int, ridge: float = 1e-3,
+                   offset_rows: int = 2048) -> dict:
+    """Training-free magnitude predictor: reduced-rank least squares from the predictor input to the exact
+    gate and up pre-activations.
+
+    x [n, D] predictor inputs (raw residuals); h [n, D] the layer's MLP input after its norm; w [2F, D]
+    gate rows then up rows. The rank-r map is the least-squares map x -> h @ w.T (with a constant
+    term, ridge-regularised) projected onto the top-r right singular vectors of its fitted values:
+    data-aware, unlike a truncated SVD of w, which ranks neurons far worse at the same rank.
+    z is scaled to unit RMS per component, and the bias offset makes about k of F logits positive.
+    """
+    F = w.shape[0] // 2
+    xn = normalize_input(jnp.asarray(x))
+    x1 = jnp.concatenate([xn, jnp.ones((xn.shape[0], 1), jnp.float32)], axis=1)  # [n, D+1]
+    d1 = x1.shape[1]
+    gram = x1.T @ x1
+    gram = gram + ridge * jnp.mean(jnp.diag(gram)) * jnp.eye(d1)
+    coef = jnp.linalg.solve(gram, (x1.T @ jnp.asarray(h, jnp.float32)) @ w.astype(jnp.float32).T)  # [D+1, 2F]
+    chol = jnp.linalg.cholesky(gram)  # fitted values' right singular vectors = those of chol.T @ coef
+    _, _, vt = jnp.linalg.svd(chol.T @ coef, full_matrices=False)
+    v = vt[:rank]  # [r, 2F]
+    a = coef[:-1] @ v.T  # [D, r]
+    c = coef[-1] @ v.T @ v  # [2F]: the constant term, projected like the rest
+    rms = jnp.sqrt(jnp.mean(jnp.square(xn @ a), axis=0)) + 1e-6
+    a, v = a / rms, v * rms[:, None]
+    p = {"a": a, "bg": v[:, :F], "bu": v[:, F:], "cg": c[:F], "cu": c[F:],
+         "bias": jnp.zeros((F,), jnp.float32), "scale": jnp.ones((1,), jnp.float32)}
+    logits = predictor_logits(p, jnp.asarray(x[:offset_rows]))  # [n', F]
+    kth = jnp.sort(logits, axis=-1)[:, F - min(k, F)]
+    p["bias"] = p["bias"] - jnp.median(kth)
+    return p
+
+
+def fit_one(x: np.ndarray, y: np.ndarray, k: int, lr: float, fc: FitConfig, seed: int,
+            init=None) -> tuple[dict, dict]:
+    """Train one predictor. x [N, D] residuals, y [N, n] bool labels. Returns (params, metrics).
+
+    init: None (a random linear predictor) or a function of the training row indices that returns
+    the starting params (any `predictor_logits` form); the start then counts as epoch 0, so
+    fine-tuning can only keep or improve its validation recall.
+    """
     n_rows, d = x.shape
     n_out = y.shape[1]
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n_rows)
-    n_val = max(1, int(round(fc.val_fraction * n_rows)))
-    val, tr = perm[:n_val], perm[n_val:]
-    x_tr, y_tr = jnp.asarray(x[np.sort(tr)], jnp.float32), jnp.asarray(y[np.sort(tr)])
-    x_val, y_val = jnp.asarray(x[np.sort(val)], jnp.float32), jnp.asarray(y[np.sort(val)])
+    tr, val = split_rows(n_rows, fc.val_fraction, seed)
+    x_tr, y_tr = jnp.asarray(x[tr], jnp.float32), jnp.asarray(y[tr])
+    x_val, y_val = jnp.asarray(x[val], jnp.float32), jnp.asarray(y[val])
+    n_val = len(val)
     w = jnp.mean(y_tr.astype(jnp.float32))
     bs = min(fc.batch_size, x_tr.shape[0])
     steps = max(1, x_tr.shape[0] // bs)
 
     key = jax.random.PRNGKey(seed)
     ka, kb = jax.random.split(key)
-    params = {"a": jax.random.normal(ka, (d, fc.rank)) / np.sqrt(d),
-              "b": jax.random.normal(kb, (fc.rank, n_out)) / np.sqrt(fc.rank)}
+    if init is None:
+        params = {"a": jax.random.normal(ka, (d, fc.rank)) / np.sqrt(d),
+                  "b": jax.random.normal(kb, (fc.rank, n_out)) / np.sqrt(fc.rank)}
+    else:
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), init(tr))
     opt = optax.adamw(lr, weight_decay=fc.weight_decay)
     state = opt.init(params)
 
@@ -161,6 +230,10 @@ def fit_one(x: np.ndarray, y: np.ndarray, k: int, lr: float, fc: FitConfig, seed
 
     best = (-1.0, 0.0, params, 0)
     since_best, history = 0, []
+    if init is not None or fc.epochs == 0:
+        rec, prec = recall_precision(_scores(params, x_val), y_val, k)
+        history.append({"epoch": 0, "loss": None, "val_recall": rec, "val_precision": prec})
+        best = (rec, prec, params, 0)
     for ep in range(fc.epochs):
         key, sub = jax.random.split(key)
         params, state, loss = epoch(params, state, sub)
@@ -194,6 +267,10 @@ def fit_predictors(data_dir: str | Path, cfg: ModelConfig, params, fc: FitConfig
     mlp_k, head_k = sp.mlp_schedule(cfg), sp.head_schedule(cfg)
     data = LayerData(shards)
     relu = cfg.activation == "relu"
+    mlp_form = fc.mlp_form(cfg)
+    if mlp_form == "magnitude" and params is None:
+        raise ValueError("the magnitude MLP predictor is initialised from the model's gate/up weights; "
+                         "fit_predictors needs the model params")
     preds, report = [], {"mlp": [], "heads": []}
     tables = {"mlp": [], "heads": []}
     sample_rng = np.random.default_rng(fc.seed)
@@ -205,8 +282,11 @@ def fit_predictors(data_dir: str | Path, cfg: ModelConfig, params, fc: FitConfig
             k = mlp_k[layer] if kind == "mlp" else head_k[layer]
             y = make_labels(imp, k, relu and kind == "mlp")
             x = predictor_input(data, kind, layer, fc.lookahead)
-            lr = fc.lr_mlp if kind == "mlp" else fc.lr_heads
-            p, metrics = fit_one(x, y, k, lr, fc, seed=fc.seed + 2 * layer + (kind == "heads"))
+            lr = fc.mlp_lr(mlp_form) if kind == "mlp" else fc.lr_heads
+            init = None
+            if kind == "mlp" and mlp_form == "magnitude":
+                init = _magnitude_init_fn(params, cfg, data, layer, x, k, fc.rank)
+            p, metrics = fit_one(x, y, k, lr, fc, seed=fc.seed + 2 * layer + (kind == "heads"), init=init)
             layer_preds[kind] = jax.device_get(p)
             metrics["layer"] = layer
             report[kind].append(metrics)
@@ -222,7 +302,7 @@ def fit_predictors(data_dir: str | Path, cfg: ModelConfig, params, fc: FitConfig
                       "min_recall": float(np.min([m["recall"] for m in report[kind]])),
                       "mean_precision": float(np.mean([m["precision"] for m in report[kind]]))} for kind in KINDS}
     pconfig = {
-        "format": "dejavu_jax.predictors/1", "rank": fc.rank, "lookahead": fc.lookahead,
+        "format": "dejavu_jax.predictors/1", "rank": fc.rank, "lookahead": fc.lookahead, "mlp_predictor": mlp_form,
         "input_normalization": "rms", "sparsity": sp.to_dict(), "mlp_k": list(mlp_k), "head_k": list(head_k),
         "labels": {"mlp": "relu_output>0" if relu else "top-K of abs(silu(gate)*up)",
                    "heads": "top-K of head output L2 norm"},
@@ -237,9 +317,25 @@ def fit_predictors(data_dir: str | Path, cfg: ModelConfig, params, fc: FitConfig
     return preds, pconfig, tables
 
 
+def _magnitude_init_fn(params, cfg: ModelConfig, data: LayerData, layer: int, x: np.ndarray, k: int, rank: int):
+    """`fit_one` init for layer's magnitude predictor: least squares on the training rows only."""
+    from dejavu_jax.model import norm
+
+    lp = params["layers"][layer]
+    w = jnp.concatenate([lp["up"][:, 0], lp["up"][:, 1]], axis=0).astype(jnp.float32)  # [2F, D] gate, up rows
+    mlp_in = data.get("mlp", layer)
+
+    def init(rows: np.ndarray) -> dict:
+        h = norm(lp["mlp_norm"], jnp.asarray(mlp_in[rows], jnp.float32), cfg)
+        return magnitude_init(np.asarray(x[rows], np.float32), h, w, rank, k)
+
+    return init
+
+
 def report_markdown(pconfig: dict) -> str:
     lines = [f"# Predictor fit: {pconfig['model_name'] or pconfig['model_fingerprint']}", "",
              f"rank {pconfig['rank']}, lookahead {pconfig['lookahead']}, "
+             f"MLP predictor {pconfig.get('mlp_predictor', 'linear')}, "
              f"{pconfig['data']['tokens']} tokens; recall/precision of the top-K predicted against the labels "
              f"({pconfig['labels']['mlp']}; {pconfig['labels']['heads']}) on the held-out split.", "",
              "| layer | MLP K | MLP recall | MLP precision | heads K | heads recall | heads precision | epochs (mlp/heads) |",
@@ -276,11 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer l's predictors read the residual entering layer l-1")
     p.add_argument("--mlp-density", type=float, default=0.5, help="K/F the MLP predictors are trained and scored for")
     p.add_argument("--head-density", type=float, default=0.5, help="K/H the head predictors are trained and scored for")
-    p.add_argument("--lr-mlp", type=float, default=1e-3)
+    p.add_argument("--mlp-predictor", choices=MLP_PREDICTORS, default=None,
+                   help="MLP predictor form (default: magnitude for gated MLPs, linear for ReLU)")
+    p.add_argument("--lr-mlp", type=float, default=None, help="default 1e-3 (linear), 1e-4 (magnitude)")
     p.add_argument("--lr-heads", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="0: the initialisation only (training-free magnitude)")
     p.add_argument("--patience", type=int, default=5, help="epochs without validation-recall gain before stopping")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -297,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_dir = model_dir_or_default(args.model)
         cfg, params = load_checkpoint(model_dir, jnp.float32)
         fc = FitConfig(rank=args.rank, lookahead=args.lookahead, mlp_density=args.mlp_density,
-                       head_density=args.head_density, lr_mlp=args.lr_mlp, lr_heads=args.lr_heads,
+                       head_density=args.head_density, mlp_predictor=args.mlp_predictor, lr_mlp=args.lr_mlp, lr_heads=args.lr_heads,
                        weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
                        patience=args.patience, seed=args.seed)
         t0 = time.time()
