@@ -20,6 +20,7 @@ from dejavu_jax.sparse import (
     build_selector,
     init_sparse_cache,
     input_source,
+    predictor_logits,
     predictor_shapes,
     topk_mask,
 )
@@ -204,6 +205,21 @@ def test_predictor_shapes_match_bench_bytes(tiny, form):
     assert predictor_bytes(cfg, 8, 2, form) == 2 * n
     with pytest.raises(SparsityError, match="unknown MLP predictor"):
         predictor_shapes(cfg, 8, "quadratic")
+
+
+def test_rank_only_scores_rank_like_normalized_ones():
+    """Decode skips the RMS norm of linear predictors (a positive per-row scale): the per-row top-K
+    must not change. The magnitude form is not scale-free and must ignore the flag."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 16)) * np.array([0.01, 1.0, 300.0])[None, :, None], jnp.float32)
+    lin = {"a": jnp.asarray(rng.standard_normal((16, 4)), jnp.float32),
+           "b": jnp.asarray(rng.standard_normal((4, 40)), jnp.float32)}
+    fast, full = predictor_logits(lin, x, rank_only=True), predictor_logits(lin, x)
+    assert not np.allclose(fast, full)  # the scale really was dropped
+    np.testing.assert_array_equal(topk_mask(fast, 10), topk_mask(full, 10))
+    mag = {"a": lin["a"], "bg": lin["b"], "bu": lin["b"][::-1], "cg": jnp.zeros(40), "cu": jnp.full((40,), 0.1),
+           "bias": jnp.zeros(40), "scale": jnp.ones(1)}
+    np.testing.assert_array_equal(predictor_logits(mag, x, rank_only=True), predictor_logits(mag, x))
 
 
 def test_input_source_pairing():
