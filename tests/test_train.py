@@ -226,7 +226,7 @@ def test_mlp_predictor_choice_and_old_linear_format(ckpt):
 def test_collect_bad_input(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(C.CollectError, match=r"bad.jsonl:2: not a JSON line"):
+    with pytest.raises(C.CollectError, match=r"bad.jsonl:2: malformed row: not valid JSON"):
         C.read_documents(bad)
     bad.write_text('{"body": "no text"}\n')
     with pytest.raises(C.CollectError, match="no string field 'text'"):

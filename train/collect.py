@@ -21,7 +21,6 @@ each shard is written under a temporary name and renamed, so no half shard is ev
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, forward, positions_from_valid
 from dejavu_jax.sparse import model_fingerprint, params_digest
+from dejavu_jax.tasks import TaskError, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data/c4/c4_train_predictor500.jsonl.gz"
@@ -58,21 +58,15 @@ def read_documents(path: str | Path, limit: int | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CollectError(f"data file {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        rows = read_jsonl(path, limit)  # the evaluation's reader: same file:line errors
+    except TaskError as e:
+        raise CollectError(str(e)) from None
     docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CollectError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CollectError(f"{path}:{n}: row has no string field 'text'")
-            docs.append(row["text"])
-            if limit is not None and len(docs) >= limit:
-                break
+    for n, row in rows:
+        if not isinstance(row.get("text"), str):
+            raise CollectError(f"{path}:{n}: row has no string field 'text'")
+        docs.append(row["text"])
     if not docs:
         raise CollectError(f"{path} holds no documents")
     return docs
