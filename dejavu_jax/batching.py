@@ -181,17 +181,17 @@ class BatchSelector:
             return Selection(from_importance=lambda imp: self._mask(_oracle_weights(imp), k))
         x = _context_input(ctx, kind, base.lookahead)  # [B, T, D]
         B, T = x.shape[:2]
-        # One row is only ranked; rows that combine as probabilities need calibrated logits.
+        # One row is only ranked: its raw logits (no norm, no sigmoid, which saturates into ties).
+        # Rows that combine need comparable scores: probabilities of calibrated logits.
         logits = predictor_logits(base.predictors[ctx.layer][kind], x, rank_only=B == 1)  # [B, T, N]
+        scores = logits if B == 1 else jax.nn.sigmoid(logits)
         if base.gather and T == 1 and (B == 1 or self.batch_select == "union"):
-            # One row ranks its logits (sigmoid is monotone, and saturates into ties); rows combine
-            # as probabilities.
-            combined = logits[0, 0] if B == 1 else combine_rows(jax.nn.sigmoid(logits), self.combine)[0]  # [N]
+            combined = combine_rows(scores, self.combine)[0]  # [N]
             topk = _topk_rows(ctx)
             if self.mesh is not None:
                 return Selection(idx=blockwise_topk_idx_local(combined, k, self.mesh, topk_rows=topk))
             return Selection(idx=blockwise_topk_idx(combined, k, self.blocks, topk_rows=topk))
-        return Selection(mask=self._mask(jax.nn.sigmoid(logits), k))
+        return Selection(mask=self._mask(scores, k))
 
     def heads(self, ctx: SelectContext) -> Selection | None:
         return self._select(ctx, "heads", self.base.head_k[ctx.layer], self.base.num_heads)

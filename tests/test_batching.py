@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,6 +96,19 @@ def test_batch_one_equals_predictor_selector(tiny):
     for how in ("union", "per-row"):
         got = step(params, cfg, wrap_selector(pred, batch_select=how), tok, pos, cache)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+
+
+def test_one_row_masks_keep_exactly_k_for_large_residuals(tiny):
+    """A single row ranks raw logits: with a large residual (unnormalized, as the decode path feeds
+    it) a sigmoid would saturate many scores into ties at 1.0 and keep more than K."""
+    from dejavu_jax.model import SelectContext
+
+    cfg, params, pred = tiny
+    sel = BatchSelector(dataclasses.replace(pred, gather=False))
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 3, cfg.hidden_size)) * 1e3, jnp.float32)
+    ctx = SelectContext(layer=1, params=params["layers"][1], prev_input=x, block_input=x, mlp_input=x)
+    mask = sel.neurons(ctx).mask
+    np.testing.assert_array_equal(np.asarray(mask).sum(-1), np.full((1, 3), pred.mlp_k[1]))
 
 
 def test_union_gather_equals_union_masks(tiny):
