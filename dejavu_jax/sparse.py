@@ -59,6 +59,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
 from pallas_kernels import topk_rows_reference
+from pallas_kernels.select_topk import order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
 KV_MODES = ("exact", "lazy")
@@ -196,12 +197,6 @@ def _context_input(ctx: SelectContext, kind: str, lookahead: bool) -> jax.Array:
     return ctx.block_input if j == ctx.layer else ctx.prev_input
 
 
-def _order_key(x: jax.Array) -> jax.Array:
-    """int32 keys that sort like the float32 values (sign-magnitude bits -> two's complement order)."""
-    i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return i ^ ((i >> 31) & jnp.int32(0x7FFFFFFF))
-
-
 def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     """Keep-mask of the k largest entries along the last axis. scores [..., N] -> bool [..., N].
 
@@ -213,7 +208,7 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     n = scores.shape[-1]
     if k >= n:
         return jnp.ones(scores.shape, bool)
-    key = _order_key(scores)
+    key = order_key(scores)
     lo = jnp.full(scores.shape[:-1] + (1,), jnp.iinfo(jnp.int32).min, jnp.int32)  # count(key >= lo) >= k
     hi = jnp.full(scores.shape[:-1] + (1,), jnp.iinfo(jnp.int32).max, jnp.int32)
 
@@ -242,6 +237,11 @@ MLP_PREDICTORS = ("linear", "magnitude")  # the forms an MLP predictor can take 
 MAGNITUDE_EPS = 1e-3  # floor under |silu(g)| and |u| before the log (their natural scale is ~0.1-1)
 
 
+def predictor_form(p: Params) -> str:
+    """"linear" or "magnitude": which `predictor_logits` form a predictor's params have."""
+    return "linear" if "b" in p else "magnitude"
+
+
 def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax.Array:
     """Predictor scores (logits of "kept"); the form is read off the param keys. x [..., D] -> [..., N] f32.
 
@@ -258,7 +258,7 @@ def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax
     Matmul inputs are in the predictor's dtype with fp32 accumulation: upcasting fp16 weights instead
     would add a weight-sized convert per decode step.
     """
-    linear = "b" in p
+    linear = predictor_form(p) == "linear"
     x = x if rank_only and linear else normalize_input(x)
 
     def dot(v, w):  # v [..., K] @ w [K, N] -> [..., N] f32
@@ -271,11 +271,6 @@ def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax
     u = dot(z, p["bu"]) + p["cu"].astype(jnp.float32)
     log_mag = jnp.log(jnp.abs(jax.nn.silu(g)) + MAGNITUDE_EPS) + jnp.log(jnp.abs(u) + MAGNITUDE_EPS)
     return p["scale"].astype(jnp.float32) * log_mag + p["bias"].astype(jnp.float32)
-
-
-def predictor_form(p: Params) -> str:
-    """"linear" or "magnitude": which `predictor_logits` form a predictor's params have."""
-    return "linear" if "b" in p else "magnitude"
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
