@@ -88,6 +88,12 @@ def decode_weight_bytes(cfg: ModelConfig, itemsize: int, mlp_density: float = 1.
     return total * itemsize
 
 
+def error_text(e: Exception) -> str:
+    """One line for a table row whose run failed: the exception type and its first line."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def cache_len(prompt_len: int, new_tokens: int) -> int:
     """KV cache slots of a bench run: prompt + new tokens, rounded up to 64 (one compile per bucket)."""
     return -(-(prompt_len + new_tokens) // 64) * 64
@@ -339,7 +345,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                          ops=step_ops, reps=reps, kv_mode=kv_mode, batch=batch,
                                          place_cache=place_cache))
                 except Exception as e:  # report a failing variant and keep measuring the others
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    row["error"] = error_text(e)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
@@ -417,7 +423,7 @@ def batch_sweep(cfg: ModelConfig, params, *, batches: Sequence[int], densities: 
             dense.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, batch=b, reps=reps,
                                    place_cache=place_cache))
         except Exception as e:  # e.g. out of memory at the largest batch: keep the sparse rows and smaller batches
-            dense["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            dense["error"] = error_text(e)
         print(json.dumps(dense), flush=True)
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=rank, kv_modes=[kv_mode],
                              prompt_len=prompt_len, new_tokens=new_tokens, reps=reps, bw=bw, extras=False, batch=b,
@@ -734,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                  selector=all_rows_selector(cfg), ops=get_ops("pallas"), reps=args.reps))
         except Exception as e:  # a failing variant is reported, the others still run
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            row["error"] = error_text(e)
         print(json.dumps(row), flush=True)
         rows.append(row)
     rows += [r for r in torch_rows if "copy_bandwidth_gbs" not in r]

@@ -41,7 +41,7 @@ def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int) -> dict
     dtype = params["layers"][0]["up"].dtype
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
     valid = jnp.ones((1, prompt_len), bool)
-    max_len = -(-(prompt_len + tokens) // 64) * 64
+    max_len = bench.cache_len(prompt_len, tokens)
     key = jax.random.PRNGKey(0)
 
     def run(_):
