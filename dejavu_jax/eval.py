@@ -494,6 +494,26 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
                         "the context length scores all T positions: one shape per length bucket")
 
 
+def add_jax_args(p: argparse.ArgumentParser) -> None:
+    """--matmul-precision / --compile-cache (shared with `dejavu_jax.report sweep`); see `apply_jax_args`."""
+    p.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="highest",
+                   help="jax_default_matmul_precision; 'highest' keeps float32 matmuls in full float32 on GPUs "
+                        "(no TF32), as transformers torch does by default")
+    p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "dejavu_jax" / "jax_compile"),
+                   help="persistent XLA compilation cache directory ('' to disable): repeated runs skip "
+                        "recompiling the scoring function for each (batch, length) shape")
+
+
+def apply_jax_args(args) -> None:
+    """Set JAX's matmul precision and persistent compilation cache from `add_jax_args`' flags."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def check_shape_args(args) -> None:
     for flag in ("min_bucket", "min_scored"):
         v = getattr(args, flag)
@@ -532,12 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictors", default=None,
                    help="predictors/ directory (mode predictor; threshold mode reads its thresholds.json); "
                         "default MODEL/predictors")
-    p.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="highest",
-                   help="jax_default_matmul_precision; 'highest' keeps float32 matmuls in full float32 on GPUs "
-                        "(no TF32), as transformers torch does by default")
-    p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "dejavu_jax" / "jax_compile"),
-                   help="persistent XLA compilation cache directory ('' to disable): repeated runs skip "
-                        "recompiling the scoring function for each (batch, length) shape")
+    add_jax_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -563,10 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from dejavu_jax.checkpoint import CheckpointError, load_checkpoint, load_tokenizer, parse_dtype
 
-    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    apply_jax_args(args)
 
     try:
         dtype = parse_dtype(args.dtype)

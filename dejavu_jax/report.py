@@ -287,14 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--max-batch-tokens", type=int, default=16384,
                     help="max padded tokens per forward pass (see python -m dejavu_jax.eval --help)")
-    from dejavu_jax.eval import add_shape_args
+    from dejavu_jax.eval import add_jax_args, add_shape_args
 
     add_shape_args(sp)
     sp.add_argument("--data-dir", default=None, help="evaluation data (default: dejavu_jax.eval's, ../shared/data)")
-    sp.add_argument("--matmul-precision", choices=("default", "high", "highest"), default="highest",
-                    help="jax_default_matmul_precision, as in python -m dejavu_jax.eval (no TF32 on GPUs)")
-    sp.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "dejavu_jax" / "jax_compile"),
-                    help="persistent XLA compilation cache directory ('' to disable)")
+    add_jax_args(sp)
     sp.add_argument("--dtype", default="float32")
     sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True)
     sp.add_argument("--out-dir", default="results/sweep", help="eval JSONs and the plot go here (resumable)")
@@ -309,15 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             png, js, md = plot(load_points(args.inputs), args.out, args.title)
         else:
-            from dejavu_jax.eval import check_shape_args
+            from dejavu_jax.eval import apply_jax_args, check_shape_args
 
             check_shape_args(args)
-            import jax
-
-            jax.config.update("jax_default_matmul_precision", args.matmul_precision)
-            if args.compile_cache:
-                jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+            apply_jax_args(args)
             paths = sweep(args.model, args.predictors, args.modes.split(","), parse_densities(args.mlp_densities),
                           parse_densities(args.head_densities), args.tasks, args.out_dir, limit=args.limit,
                           context_length=args.context_length, dtype=args.dtype, batch_size=args.batch_size,
