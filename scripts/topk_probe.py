@@ -1,0 +1,72 @@
+"""Time select_topk variants on the GPU: search ways x warps x chunk, at the OPT MLP and head widths.
+
+Kernel time per selection comes from profiler events (pallas_kernels.microbench._device_events): a
+jitted call runs `reps` independent selections; the median over calls of the summed select_topk
+kernel durations is divided by reps. k = N is the fixed cost (load, bracket, compaction: the search
+exits at once). Usage: python3 scripts/topk_probe.py --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import select_topk as st
+from pallas_kernels.microbench import _device_events
+
+
+def kernel_us(fn, args, reps: int, name: str) -> float:
+    calls = _device_events(fn, args, 5)
+    per_call = [sum(d for n, _, d in c if name in n) / 1e3 / reps for c in calls]
+    return statistics.median(per_call) if per_call else float("nan")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--reps", type=int, default=32)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    cases = [(16384, 4096), (16384, 16384), (36864, 9216), (32, 16)]
+    for (n, k) in cases:
+        s = jnp.asarray(rng.standard_normal((args.reps, n)).astype(np.float32))
+        ref = np.asarray(jax.jit(lambda s: jax.vmap(lambda r: st.topk_rows_reference(r[None], k)[0])(s))(s))
+        if n <= 64:
+            combos = [(2, None, None), (4, None, None)]
+        elif k == n:  # the fixed cost: no search steps
+            combos = [(2, w, None) for w in (8, 16, 32)]
+        else:
+            combos = list(itertools.product((2, 4, 8, 16), (8, 16, 32), (None,)))
+        for ways, warps, chunk in combos:
+            label = dict(n=n, k=k, ways=ways, num_warps=warps, chunk=chunk)
+            try:
+                fn = jax.jit(lambda s: [st.topk_rows(s[i][None], k, ways=ways, num_warps=warps, chunk=chunk)
+                                        for i in range(args.reps)])
+                got = np.concatenate([np.asarray(x) for x in fn(s)])
+                exact = bool(np.array_equal(got, ref))
+                us = kernel_us(fn, (s,), args.reps, "select_topk")
+                rows.append(dict(label, us=round(us, 2), exact=exact))
+            except Exception as e:  # a variant that does not compile is a result too
+                rows.append(dict(label, us=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            print(rows[-1], flush=True)
+        xfn = jax.jit(lambda s: [st.topk_rows_reference(s[i][None], k) for i in range(args.reps)])
+        calls = _device_events(xfn, (s,), 5)
+        xla = statistics.median(sum(d for _, _, d in c) / 1e3 / args.reps for c in calls) if calls else None
+        rows.append(dict(n=n, k=k, impl="xla lax.top_k + sort", us=xla and round(xla, 2)))
+        print(rows[-1], flush=True)
+    (out / "topk_probe.json").write_text(json.dumps(dict(device=str(jax.devices()[0]), rows=rows), indent=1))
+    print(f"wrote {out / 'topk_probe.json'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
