@@ -45,6 +45,7 @@ import numpy as np
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig, preset
 from dejavu_jax.generate import Generator
+from dejavu_jax.sparse import LAZY_WINDOW, refresh_groups
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,14 +74,22 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 5, chain: int | None =
 
 
 def decode_weight_bytes(cfg: ModelConfig, itemsize: int, mlp_density: float = 1.0, head_density: float = 1.0,
-                        kv_exact: bool = True) -> int:
-    """Bytes of weights one batch-1 decode step reads (one embedding row; the whole LM head)."""
+                        kv_exact: bool = True, lazy_window: int = LAZY_WINDOW) -> int:
+    """Bytes of weights one batch-1 decode step reads (one embedding row; the whole LM head).
+
+    kv_exact=False: the lazy KV mode reads the K/V rows (and biases) of the selected heads' KV groups
+    plus the ceil(KV / W) groups it refreshes round-robin each step (W = lazy_window), at most all KV.
+    """
     D, F, H, KV, Dh, E = cfg.hidden_size, cfg.ffn_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
     k_neurons = max(1, round(mlp_density * F))
     k_heads = max(1, round(head_density * H))
-    kv_heads = KV if kv_exact else max(1, round(head_density * KV))
+    if kv_exact:
+        kv_heads = KV
+    else:
+        kv_heads = min(KV, max(1, round(head_density * KV)) + refresh_groups(KV, lazy_window))
     per_layer = (2 * k_heads * Dh * D + 2 * kv_heads * Dh * D + (cfg.up_rows + 1) * k_neurons * D)
-    per_layer_bias = (k_heads * Dh + 2 * KV * Dh + D) * cfg.attn_bias + (k_neurons * cfg.up_rows + D) * cfg.mlp_bias
+    per_layer_bias = ((k_heads * Dh + 2 * kv_heads * Dh + D) * cfg.attn_bias
+                      + (k_neurons * cfg.up_rows + D) * cfg.mlp_bias)
     per_layer += per_layer_bias + 4 * D  # norms
     total = cfg.num_layers * per_layer + cfg.vocab_size * E + E + D  # LM head (tied or not) + embedding row
     if cfg.has_projections:

@@ -245,6 +245,7 @@ class Ops(Protocol):
     gathered_head_proj: Callable
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
+    gathered_window_kv: Callable  # lazy KV mode: K/V of selected heads over the token window
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         # Lazy KV mode (dejavu_jax.sparse): K/V only for the selected heads' KV groups.
         from dejavu_jax.sparse import lazy_kv_update
 
-        k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel)
+        k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel, ops)
         new_cache = (k_all, v_all, win_x)
     else:
         k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))  # [B, KV, T, Dh]

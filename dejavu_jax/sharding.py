@@ -257,6 +257,13 @@ class ShardedOps:
         """Selection runs per shard inside the selector's own shard_map: the base backend's kernel."""
         return self.base.topk_rows
 
+    @property
+    def gathered_window_kv(self):
+        """The lazy KV window recompute is not shard_map'ed (module docstring): the XLA op, under GSPMD."""
+        from pallas_kernels import gathered_window_kv_reference
+
+        return gathered_window_kv_reference
+
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map
 

@@ -31,15 +31,17 @@ only the selected weight rows are read. Oracle and threshold modes always mask (
 activations to know what to keep).
 
 GQA: the query heads are selected (model.py's choice). In the exact KV mode the K/V of every KV head
-are written each token; in the lazy mode only the KV heads whose query heads are selected.
+are written each token; in the lazy mode only the KV heads whose query heads are selected (and
+the ones the round-robin refreshes).
 
 Lazy KV mode (Deja Vu's scheme, `init_sparse_cache(..., kv_mode="lazy")`): the cache also keeps the
 attention inputs of the last W tokens per layer (a ring buffer). A gathered decode step computes K/V
 only for the KV heads of the selected query heads, over all W window tokens (the same weight rows
-are read once, so on a memory-bound GPU recomputing W tokens costs about as much as one), and every
-W tokens all heads are refreshed over the window. Every slot is therefore up to date for a head by
-the time the head is used: slot t is recomputed either when its head becomes active within W steps
-of t, or by the refresh at the end of t's W-block. The outputs equal exact mode's (test).
+are read once, so on a memory-bound GPU recomputing W tokens costs about as much as one), plus
+ceil(KV / W) more KV heads chosen round-robin, so that every head is refreshed over the window once
+every W tokens at a constant cost per step (Deja Vu refreshes all heads every W-th token instead: a
+dense step and a branch). `lazy_kv_update` argues why a head's K/V are complete whenever it is
+used; the outputs equal exact mode's (tests).
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
-from pallas_kernels import topk_rows_reference
+from pallas_kernels import gathered_window_kv_reference, topk_rows_reference
 from pallas_kernels.select_topk import order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
 KV_MODES = ("exact", "lazy")
+LAZY_WINDOW = 16  # default W of the lazy KV mode: tokens recomputed per step, and the refresh period
 KINDS = ("mlp", "heads")  # the two sites a selector chooses for
 
 PREDICTOR_CONFIG = "predictor_config.json"
@@ -98,7 +101,7 @@ class SparsityConfig:
     head_k: tuple[int, ...] | None = None
     lookahead: bool = True
     kv_mode: str = "exact"
-    lazy_window: int = 16
+    lazy_window: int = LAZY_WINDOW
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -554,7 +557,7 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
                    head_density: float = 1.0, predictors: str | Path | Predictors | None = None,
                    lookahead: bool = True, dense_first: int = 0, dense_last: int = 0,
                    mlp_k: Sequence[int] | None = None, head_k: Sequence[int] | None = None,
-                   kv_mode: str = "exact", lazy_window: int = 16, gather: bool = True,
+                   kv_mode: str = "exact", lazy_window: int = LAZY_WINDOW, gather: bool = True,
                    thresholds: str | Path | dict | None = None, calibration_tokens: np.ndarray | None = None,
                    sparsity: SparsityConfig | None = None):
     """A `model.Selector` for `mode` (None for dense).
@@ -615,7 +618,7 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
 # Lazy KV cache
 # --------------------------------------------------------------------------------------------
 def init_sparse_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *,
-                      kv_mode: str = "exact", lazy_window: int = 16) -> KVCache:
+                      kv_mode: str = "exact", lazy_window: int = LAZY_WINDOW) -> KVCache:
     """A KV cache for sparse decoding; kv_mode="lazy" adds the W-token input window per layer."""
     from dejavu_jax.model import init_cache
 
@@ -645,18 +648,35 @@ def ring_write(ring: jax.Array, values: jax.Array, index: jax.Array) -> jax.Arra
     return ring.at[:, where].set(values[:, T - n:].astype(ring.dtype))
 
 
+def refresh_groups(num_kv_heads: int, window: int) -> int:
+    """KV heads the lazy mode refreshes round-robin per decode step, besides the active ones."""
+    return -(-num_kv_heads // window)
+
+
 def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
-                   sel: Selection | None):
+                   sel: Selection | None, ops=None):
     """K/V cache update of one layer in the lazy mode. Called by `model.attention`.
 
     x [B, T, D] normed attention input; positions [B, T]; layer_cache = (k, v [B, KV, S, Dh],
-    index, win_x [B, W, D], win_pos [B, W] already holding this chunk's positions).
-    A gathered decode step (sel.idx set, T == 1) recomputes the K/V of the selected heads' KV
-    groups over the W-token window (all KV heads when the step closes a W-block); anything else
-    (prefill, mask selections) writes every head, like the exact mode.
+    index, win_x [B, W, D], win_pos [B, W] already holding this chunk's positions); ops: the
+    forward's backend (None: the XLA reference).
+    A gathered decode step (sel.idx set, T == 1) recomputes, over the W-token window, the K/V of
+    the selected heads' KV groups and of r = ceil(KV / W) groups chosen round-robin; anything else
+    (prefill, mask selections) writes every head at the new slots, like the exact mode.
     Returns (k, v, win_x) updated.
+
+    Why a head's K/V are complete whenever it is active. At the step that writes slot s, group g
+    is refreshed when s % W == g // r (g // r < W because KV <= r * W), and a refreshed or active
+    group has all its window slots s-W+1 .. s rewritten from the stored inputs. Take a slot t <= s
+    written by a gathered step. Among the W slots t .. t+W-1 exactly one, u, has u % W == g // r;
+    if u <= s, g's slot t was rewritten at step u (t lies in u's window). Otherwise t > s-W+1: t is
+    in the current window, which an active g recomputes now. Slots written by prefill hold every
+    head already. So an active head reads complete K/V; an idle head's K/V are complete up to its
+    last refresh and stale after it, which nobody reads. This assumes that once decoding starts
+    every step of the layer is gathered (as PredictorSelector and FixedSelector do): a mask step
+    or a new multi-token chunk in between writes all heads at its own slots only, not the refresh.
     """
-    from dejavu_jax.model import kv_project
+    from dejavu_jax.model import kv_project, rope
 
     k_cache, v_cache, index, win_x, win_pos = layer_cache
     T = x.shape[1]
@@ -673,18 +693,23 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     slots = s - jnp.mod(s - ring, W)  # [W] cache slot held at each ring position
     slots = jnp.where(slots >= 0, slots, S)  # not yet written: out of range, dropped by the scatter
 
-    def recompute(kv_heads):  # kv_heads [Ka] int32 -> (k, v) with those heads' window slots rewritten
-        w = jnp.take(lp["kv"], kv_heads, axis=1)  # [2, Ka, Dh, D]: only these weight rows are read
-        b = jnp.take(lp["kv_bias"], kv_heads, axis=1) if "kv_bias" in lp else None
-        k_w, v_w = kv_project(cfg, win_x, win_pos, w, b)  # [B, Ka, W, Dh]
-        at = (slice(None), kv_heads[:, None], slots[None, :])
-        return (k_cache.at[at].set(k_w.astype(k_cache.dtype), mode="drop"),
-                v_cache.at[at].set(v_w.astype(v_cache.dtype), mode="drop"))
+    r = refresh_groups(KV, W)
+    refreshed = jnp.mod(s, W) * r + jnp.arange(r)  # [r]; ids >= KV (when r * W > KV) are skipped
+    groups = jnp.concatenate([sel.idx // cfg.kv_group_size, refreshed]).astype(jnp.int32)  # [Ka]
+    # A group named twice (GQA heads of one group, a refreshed group that is also active) is kept
+    # once: the repeats become the id KV, which the window op reads no weights for and the scatter
+    # drops. Repeats would be harmless (equal values written twice) but cost their weight reads;
+    # this [Ka, Ka] compare replaces a sort-based jnp.unique.
+    n = groups.shape[0]
+    earlier = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
+    repeat = jnp.any((groups[:, None] == groups[None, :]) & earlier, axis=1)
+    heads = jnp.where(repeat | (groups >= KV), KV, groups)
 
-    n_active = min(sel.idx.shape[0], KV)
-    # Duplicates (fewer distinct groups than n_active) rewrite one head twice with equal values.
-    active = jnp.unique(sel.idx // cfg.kv_group_size, size=n_active, fill_value=sel.idx[0] // cfg.kv_group_size)
-    refresh = jnp.mod(s + 1, W) == 0
-    k_all, v_all = jax.lax.cond(refresh, lambda: recompute(jnp.arange(KV, dtype=jnp.int32)),
-                                lambda: recompute(active.astype(jnp.int32)))
-    return k_all, v_all, win_x
+    window_kv = ops.gathered_window_kv if ops is not None else gathered_window_kv_reference
+    kv_w = window_kv(win_x, lp["kv"], heads, lp.get("kv_bias"))  # [2, B, Ka, W, Dh], one weight read
+    k_w, v_w = kv_w[0], kv_w[1]  # [B, Ka, W, Dh]
+    if cfg.positions == "rope":  # as kv_project: RoPE on keys at each window token's position
+        k_w = rope(k_w.transpose(0, 2, 1, 3), win_pos, cfg.rope_theta).transpose(0, 2, 1, 3)
+    at = (slice(None), heads[:, None], slots[None, :])
+    return (k_cache.at[at].set(k_w.astype(k_cache.dtype), mode="drop"),
+            v_cache.at[at].set(v_w.astype(v_cache.dtype), mode="drop"), win_x)

@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same six functions with the same signatures, so the model code picks a
+kernels; both expose the same seven functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pallas_kernels.gather_attention import (
     gathered_head_proj_reference,
     gathered_out_proj,
     gathered_out_proj_reference,
+    gathered_window_kv,
+    gathered_window_kv_reference,
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
@@ -32,8 +34,8 @@ BACKENDS = ("xla", "pallas")
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-    """The gathered ops of one backend (gather_mlp.py, gather_attention.py) and its top-K selection
-    (select_topk.py)."""
+    """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv is the
+    lazy KV mode's window recompute) and its top-K selection (select_topk.py)."""
 
     backend: str
     gathered_up: Callable
@@ -42,6 +44,7 @@ class Ops:
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
     topk_rows: Callable
+    gathered_window_kv: Callable
 
 
 def get_ops(backend: str) -> Ops:
@@ -49,10 +52,11 @@ def get_ops(backend: str) -> Ops:
     if backend == "xla":
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
-                   sparse_decode_attention_reference, topk_rows_reference)
+                   sparse_decode_attention_reference, topk_rows_reference,
+                   gathered_window_kv_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows)
+               sparse_decode_attention, topk_rows, gathered_window_kv)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -63,6 +67,7 @@ __all__ = [
     "BACKENDS", "Ops", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
-    "gathered_out_proj_reference", "sparse_decode_attention", "sparse_decode_attention_reference",
+    "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",
+    "sparse_decode_attention", "sparse_decode_attention_reference",
     "topk_rows", "topk_rows_reference",
 ]

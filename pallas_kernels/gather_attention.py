@@ -229,3 +229,142 @@ def sparse_decode_attention_reference(q, k, v, valid, head_idx, *, scale, num_he
     out = jnp.einsum("BKS,BKSH->BKH", p, v_sel.astype(jnp.float32))
     out = jnp.where(total > 0, out / jnp.maximum(total, 1e-30), 0.0)
     return out.astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# K/V of selected heads over a window of tokens (the lazy KV mode's recompute).
+# --------------------------------------------------------------------------------------------------
+
+WINDOW_KV_BLOCK_KEYS = ("block_m", "block_n", "block_d", "num_warps", "num_stages")
+# Triton's tensor-core dot needs every dimension of both operands to be at least 16.
+MIN_DOT = 16
+# Programs the window K/V kernel aims for: about one per SM of an H100 (132). Each program streams
+# block_n x D weight rows; more, thinner programs would re-read the [B*W, D] window from L2 more often.
+WINDOW_KV_PROGRAMS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowKVBlocks:
+    block_m: int  # window rows (batch row x window token) per program
+    block_n: int  # rows of one head's Dh per program
+    block_d: int  # model-width columns per loop step
+    num_warps: int = 4
+    num_stages: int | None = None
+
+
+def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int) -> WindowKVBlocks:
+    """Split each head's Dh rows so that 2 * Ka * (Dh / block_n) >= WINDOW_KV_PROGRAMS.
+
+    Not measured yet. OPT-6.7B at head density 0.5 (Ka = 16 active + 2 refreshed, Dh = 128):
+    block_n = 32, 144 programs, each looping over D = 4096 in [16, 256] x [32, 256] tiles.
+    """
+    splits = pow2_ceil(cdiv(WINDOW_KV_PROGRAMS, 2 * max(n_sel, 1)))
+    dh = max(pow2_ceil(head_dim), MIN_DOT)
+    block_n = min(max(dh // splits, MIN_DOT), dh)
+    block_m = min(max(pow2_ceil(rows), MIN_DOT), 64)
+    block_d = min(max(pow2_ceil(d_model), MIN_DOT), 256)
+    return WindowKVBlocks(block_m=block_m, block_n=block_n, block_d=block_d)
+
+
+def _window_kv_kernel(x_ref, heads_ref, w_ref, *refs, batch, window, n_sel, n_kv, head_dim,
+                      d_model, has_bias, block_m, block_n, block_d):
+    # x_ref [B*W, D] window rows m = b*W + t; heads_ref [Ka]; w_ref [2*KV*Dh, D] (row (c*KV + h)*Dh
+    # + n is weight c's row n of head h); b_ref [2*KV*Dh] (optional); o_ref [2*B*Ka*W, Dh]
+    if has_bias:
+        b_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    c, a = pl.program_id(0), pl.program_id(1)
+    head = heads_ref[a]
+    head_ok = (head >= 0) & (head < n_kv)  # an entry outside [0, KV) reads nothing, stores zeros
+    n = pl.program_id(2) * block_n + jnp.arange(block_n, dtype=jnp.int32)  # [BN]
+    n_ok = n < head_dim
+    w_row = (c * n_kv + jnp.where(head_ok, head, 0)) * head_dim + n  # [BN]
+    row_ok = n_ok & head_ok
+    m = pl.program_id(3) * block_m + jnp.arange(block_m, dtype=jnp.int32)  # [BM]
+    m_ok = m < batch * window
+    # Column masks only where the last block runs past D (then every step carries them).
+    ragged_d = d_model % block_d != 0
+
+    def step(i, acc):  # acc [BM, BN] fp32
+        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+        x_ok, w_ok = m_ok[:, None], row_ok[:, None]
+        if ragged_d:
+            x_ok, w_ok = x_ok & (cols < d_model)[None, :], w_ok & (cols < d_model)[None, :]
+        x = plgpu.load(x_ref.at[m[:, None], cols[None, :]], mask=x_ok, other=0.0)  # [BM, BD]
+        w = plgpu.load(w_ref.at[w_row[:, None], cols[None, :]], mask=w_ok, other=0.0)  # [BN, BD]
+        # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
+        return acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, cdiv(d_model, block_d), step,
+                            jnp.zeros((block_m, block_n), jnp.float32))
+    if has_bias:
+        acc = acc + plgpu.load(b_ref.at[w_row], mask=row_ok, other=0.0).astype(jnp.float32)[None, :]
+    # Window row m = b*W + t goes to output row ((c*B + b)*Ka + a)*W + t.
+    out_row = ((c * batch + m // window) * n_sel + a) * window + m % window  # [BM]
+    plgpu.store(o_ref.at[out_row[:, None], n[None, :]], acc.astype(o_ref.dtype),
+                mask=m_ok[:, None] & n_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def _gathered_window_kv(x_win, w_kv, heads, b, *, blocks: WindowKVBlocks, interpret: bool):
+    batch, window, d_model = x_win.shape
+    _, n_kv, head_dim, _ = w_kv.shape
+    n_sel = heads.shape[0]
+    check_pow2(block_m=blocks.block_m, block_n=blocks.block_n, block_d=blocks.block_d)
+    for name in ("block_m", "block_n", "block_d"):
+        if getattr(blocks, name) < MIN_DOT:
+            raise ValueError(f"{name}={getattr(blocks, name)} must be >= {MIN_DOT} (tensor-core dot)")
+    kernel = functools.partial(
+        _window_kv_kernel, batch=batch, window=window, n_sel=n_sel, n_kv=n_kv, head_dim=head_dim,
+        d_model=d_model, has_bias=b is not None, block_m=blocks.block_m, block_n=blocks.block_n,
+        block_d=blocks.block_d)
+    # Free reshapes: the window rows and the head-major weight rows are already contiguous.
+    operands = (x_win.reshape(batch * window, d_model), heads.astype(jnp.int32),
+                w_kv.reshape(2 * n_kv * head_dim, d_model))
+    if b is not None:
+        operands += (b.reshape(2 * n_kv * head_dim),)
+    out = pl.pallas_call(
+        kernel,
+        grid=(2, n_sel, cdiv(head_dim, blocks.block_n), cdiv(batch * window, blocks.block_m)),
+        out_shape=jax.ShapeDtypeStruct((2 * batch * n_sel * window, head_dim), x_win.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gathered_window_kv",
+    )(*operands)
+    return out.reshape(2, batch, n_sel, window, head_dim)
+
+
+def gathered_window_kv(x_win, w_kv, heads, b=None, *, interpret=False, **blocks):
+    """Keys and values of the selected KV heads for every token of a window.
+
+    x_win [B, W, D] (the window's normed attention inputs); w_kv [2, KV, Dh, D] head-major K (0)
+    and V (1) weights; heads [Ka] int32 KV-head ids, duplicates allowed (computed twice, equal); an
+    entry outside [0, KV) reads no weights and gives zeros (the caller's "skip" marker);
+    b [2, KV, Dh] or None. Returns [2, B, Ka, W, Dh] in x_win.dtype with fp32 sums:
+    out[c, b, a, t] = w_kv[c, heads[a]] @ x_win[b, t] (+ b[c, heads[a]]).
+
+    Each selected head's rows are read once, straight from w_kv: program (c, a, n, m) multiplies
+    window rows m-block [BM, D] by rows n-block of head heads[a] of weight c [BN, D] on the tensor
+    cores, looping over D. Windows shorter than 16 tokens are padded to 16 rows by masked loads.
+    """
+    check_block_keys(blocks, WINDOW_KV_BLOCK_KEYS, "gathered_window_kv")
+    batch, window, d_model = x_win.shape
+    cfg = dataclasses.replace(
+        default_window_kv_blocks(batch * window, heads.shape[0], w_kv.shape[2], d_model), **blocks)
+    return _gathered_window_kv(x_win, w_kv, heads, b, blocks=cfg, interpret=interpret)
+
+
+@jax.jit
+def gathered_window_kv_reference(x_win, w_kv, heads, b=None):
+    """XLA reference: jnp.take of the selected heads (zeros outside [0, KV)), then an einsum."""
+    n_kv = w_kv.shape[1]
+    heads = jnp.where(heads < 0, n_kv, heads)  # take's "fill" would wrap negative ids
+    w_sel = jnp.take(w_kv, heads, axis=1, mode="fill", fill_value=0)  # [2, Ka, Dh, D]
+    out = jnp.einsum("BTD,CKHD->CBKTH", x_win, w_sel, preferred_element_type=jnp.float32)
+    if b is not None:
+        b_sel = jnp.take(b, heads, axis=1, mode="fill", fill_value=0)  # [2, Ka, Dh]
+        out = out + b_sel.astype(jnp.float32)[:, None, :, None, :]
+    return out.astype(x_win.dtype)

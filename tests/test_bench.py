@@ -24,9 +24,14 @@ def test_sparse_bytes_shrink_with_density():
     exact = decode_weight_bytes(cfg, 2, 0.25, 0.5, kv_exact=True)
     lazy = decode_weight_bytes(cfg, 2, 0.25, 0.5, kv_exact=False)
     D, F = cfg.hidden_size, cfg.ffn_size
-    # lazy reads half of the K/V rows that exact reads: the difference is half of the K/V weights.
-    assert exact - lazy == cfg.num_layers * (2 * 16 * 128 * D) * 2
+    # lazy reads the K/V rows (and biases) of 16 of the 32 KV heads plus ceil(32 / W) = 2 refreshed
+    # round-robin at the default window W = 16: 14 heads fewer than exact.
+    kv_head = 2 * 128 * D + 2 * 128  # one KV head's K and V rows and biases, in elements
+    assert exact - lazy == cfg.num_layers * 14 * kv_head * 2
     assert lazy < exact < decode_weight_bytes(cfg, 2)
+    # W = 32 refreshes one head per step; W = 1 every head (capped at KV): exact's bytes.
+    assert decode_weight_bytes(cfg, 2, 0.25, 0.5, kv_exact=False, lazy_window=32) == lazy - cfg.num_layers * kv_head * 2
+    assert decode_weight_bytes(cfg, 2, 0.25, 0.5, kv_exact=False, lazy_window=1) == exact
     assert predictor_bytes(cfg, 128, 2) == cfg.num_layers * 128 * (2 * D + F + 32) * 2
 
 

@@ -276,6 +276,51 @@ def test_sparse_decode_attention_row_without_valid_slots_is_zero():
     assert rel_err(out, ref) < 1e-6
 
 
+WINDOW_KV_CASES = [
+    # B, W, D, KV, Dh, heads, bias, blocks
+    (1, 5, 100, 4, 24, [3, 0, 3, 4, -1], True, {}),  # W < 16, odd D and Dh, a repeat, two skipped ids
+    (1, 16, 96, 3, 16, [2, 1, 0], False, {}),  # W = 16, every head once
+    (2, 16, 72, 2, 48, [1, 1, 0], True, dict(block_m=16, block_n=16, block_d=32)),  # GQA-like KV = 2:
+    # two window-row blocks (B*W = 32), three Dh blocks, ragged D loop
+    (3, 7, 64, 8, 32, [7, 2], False, dict(block_m=16, block_n=16, block_d=16)),  # B*W = 21: 2nd
+    # row block half masked
+]
+
+
+@pytest.mark.parametrize("B,W,D,KV,Dh,heads,bias,blocks,dtype", with_dtypes(WINDOW_KV_CASES, (0, 2)))
+def test_gathered_window_kv_matches_reference(B, W, D, KV, Dh, heads, bias, blocks, dtype):
+    ks = keys(W * 100 + D, 3)
+    x, w = normal(ks[0], (B, W, D), dtype), normal(ks[1], (2, KV, Dh, D), dtype, D ** -0.5)
+    b = normal(ks[2], (2, KV, Dh), dtype) if bias else None
+    heads = jnp.asarray(np.array(heads, np.int32))
+    out = ga.gathered_window_kv(x, w, heads, b, interpret=INTERPRET, **blocks)
+    ref = ga.gathered_window_kv_reference(x, w, heads, b)
+    assert out.shape == (2, B, heads.shape[0], W, Dh) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    expect = np.einsum("BTD,CKHD->CBKTH", f64(x), f64(w)[:, np.clip(heads, 0, KV - 1)])
+    if bias:
+        expect = expect + f64(b)[:, np.clip(heads, 0, KV - 1)][:, None, :, None, :]
+    skipped = (np.asarray(heads) < 0) | (np.asarray(heads) >= KV)
+    expect[:, :, skipped] = 0.0  # ids outside [0, KV) give zeros
+    assert rel_err(out, expect) < TOL[dtype]
+
+
+def test_gathered_window_kv_reads_only_the_named_heads():
+    """Weights of heads not named (and of the skip id's would-be rows) are never loaded: NaNs there
+    do not reach the output."""
+    ks = keys(53, 2)
+    B, W, D, KV, Dh = 1, 3, 40, 5, 16
+    x = normal(ks[0], (B, W, D), jnp.float32)
+    w = np.asarray(normal(ks[1], (2, KV, Dh, D), jnp.float32)).copy()
+    w[:, [0, 2, 4]] = np.nan
+    heads = jnp.asarray(np.array([3, 1, 5, 3], np.int32))  # 5 = KV: skipped
+    out = ga.gathered_window_kv(x, jnp.asarray(w), heads, interpret=INTERPRET)
+    ref = ga.gathered_window_kv_reference(x, jnp.asarray(w), heads)
+    assert rel_err(out, ref) < TOL[jnp.float32]
+    assert np.all(np.asarray(out[:, :, 2]) == 0.0)
+    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 3])  # a repeated head: equal values
+
+
 # --------------------------------------------------------------------------------------------------
 # Backend switch, argument checks, Triton lowering
 # --------------------------------------------------------------------------------------------------
@@ -319,6 +364,7 @@ def test_get_ops_backends():
     xla = pk.get_ops("xla")
     assert xla.gathered_up is gm.gathered_up_reference
     assert xla.sparse_decode_attention is ga.sparse_decode_attention_reference
+    assert xla.gathered_window_kv is ga.gathered_window_kv_reference
     pallas = pk.get_ops("pallas")
     ks = keys(23, 3)
     x, w, idx = normal(ks[0], (1, 48), jnp.float32), normal(ks[1], (20, 1, 48), jnp.float32), \
@@ -365,6 +411,8 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     kv = spec(1, 3, 70, 64)
     attn = functools.partial(ga.sparse_decode_attention, scale=0.125, num_heads=9)
     assert _lowers_to_triton(attn, spec(1, 5, 64), kv, kv, spec(1, 70, dtype=jnp.bool_), heads)
+    window_kv = spec(2, 3, 64, 576)  # SmolLM2's 3 KV heads, a 5-token window, bias
+    assert _lowers_to_triton(ga.gathered_window_kv, spec(1, 5, 576), window_kv, heads, spec(2, 3, 64))
     for n, k in ((1536, 384), (9, 4), (36864, 9216)):
         assert _lowers_to_triton(functools.partial(st.topk_rows, k=k), spec(1, n, dtype=jnp.float32))
 
@@ -422,3 +470,18 @@ def test_gpu_attention_model_size(B):
     assert rel_err(o, ga.sparse_decode_attention_reference(q, k, v, valid, idx, **kw)) < 2e-3
     y = ga.gathered_out_proj(o, w, idx)
     assert rel_err(y, ga.gathered_out_proj_reference(o, w, idx)) < 2e-3
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("W", [16, 5])
+def test_gpu_window_kv_model_size(W):
+    """OPT-6.7B K/V at head density 0.5 plus the lazy mode's 2 refreshed heads (a repeat, a skip)."""
+    KV, Dh, D = 32, 128, 4096
+    ks = keys(59, 4)
+    x, w = normal(ks[0], (1, W, D), jnp.float16), normal(ks[1], (2, KV, Dh, D), jnp.float16, D ** -0.5)
+    b = normal(ks[2], (2, KV, Dh), jnp.float16)
+    active = pick(ks[3], KV, 16)
+    heads = jnp.concatenate([active, active[:1], jnp.array([KV], jnp.int32)])  # a repeat, a skip
+    out = ga.gathered_window_kv(x, w, heads, b)
+    assert rel_err(out, ga.gathered_window_kv_reference(x, w, heads, b)) < 2e-3

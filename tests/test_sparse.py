@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 
 import jax
@@ -11,6 +13,7 @@ import pytest
 
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig
+from dejavu_jax.model import Selection
 from dejavu_jax.sparse import (
     FixedSelector,
     OracleSelector,
@@ -62,9 +65,10 @@ def kl_to_dense(dense_logits, logits):
     return float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
 
 
-def decode_steps(params, cfg, prompt, n_steps, selector=None, ops=None, cache=None):
+def decode_steps(params, cfg, prompt, n_steps, selector=None, ops=None, cache=None, step_selector=None):
     """Dense prefill, then n_steps decode steps on fixed random tokens, all in one jitted call
-    (one compilation per test). Returns logits [B, n_steps, V]."""
+    (one compilation per test). step_selector(i), if given, is step i's selector (i traced) in place of
+    selector. Returns logits [B, n_steps, V]."""
     B, T = prompt.shape
     cache = cache if cache is not None else M.init_cache(cfg, B, T + n_steps + 1, jnp.float32)
     toks = jax.random.randint(jax.random.PRNGKey(7), (n_steps, B, 1), 0, cfg.vocab_size)
@@ -75,7 +79,8 @@ def decode_steps(params, cfg, prompt, n_steps, selector=None, ops=None, cache=No
 
         def step(cache, xs):
             tok, i = xs
-            logits, cache = M.forward(params, cfg, tok, jnp.full((B, 1), T + i), cache, selector=selector, ops=ops)
+            sel = selector if step_selector is None else step_selector(i)
+            logits, cache = M.forward(params, cfg, tok, jnp.full((B, 1), T + i), cache, selector=sel, ops=ops)
             return cache, logits[:, 0]
 
         _, out = jax.lax.scan(step, cache, (toks, jnp.arange(n_steps)))
@@ -257,34 +262,113 @@ def test_selector_is_a_pytree_with_predictor_leaves(tiny):
 # ------------------------------------------------------------------------------------------
 # Lazy KV mode
 # ------------------------------------------------------------------------------------------
-def test_lazy_kv_equals_exact(tiny):
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_lazy_kv_equals_exact(tiny, backend):
     window = 3
     cfg, params = tiny
+    ops = get_ops(backend)
     prompt, _ = tokens_for(cfg, B=1, T=5)
     preds = random_predictors(cfg, seed=3)
     L = cfg.num_layers
     # one head per layer, chosen anew each step: heads go idle and come back, across refreshes
     sel = PredictorSelector(preds, (cfg.ffn_size // 2,) * L, (1,) * L, cfg.ffn_size, cfg.num_heads, True, True)
     n = 9  # three refresh periods
-    exact = decode_steps(params, cfg, prompt, n, selector=sel, ops=OPS)
+    exact = decode_steps(params, cfg, prompt, n, selector=sel, ops=ops)
     lazy_cache = init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=window)
-    lazy = decode_steps(params, cfg, prompt, n, selector=sel, ops=OPS, cache=lazy_cache)
+    lazy = decode_steps(params, cfg, prompt, n, selector=sel, ops=ops, cache=lazy_cache)
     np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
 
 
-def test_lazy_kv_skips_idle_heads(tiny):
-    """Between refreshes, K/V of heads nobody selected are not written (that is the saving)."""
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_lazy_kv_skips_idle_heads(tiny, backend):
+    """K/V of heads nobody selected (and the round-robin does not refresh) are not written: the saving."""
     cfg, params = tiny
     L, T = cfg.num_layers, 5
     prompt, _ = tokens_for(cfg, B=1, T=T)
     only0 = FixedSelector([None] * L, [np.array([0])] * L, cfg.ffn_size, cfg.num_heads)
     cache = init_sparse_cache(cfg, 1, 16, jnp.float32, kv_mode="lazy", lazy_window=8)
     _, cache = M.forward(params, cfg, prompt, jnp.arange(T)[None], cache)
-    _, cache = M.forward(params, cfg, prompt[:, :1], jnp.array([[T]]), cache, selector=only0, ops=OPS)
+    # slot T = 5: the round-robin refreshes group 5 % 8 = 5 (past KV: none)
+    _, cache = M.forward(params, cfg, prompt[:, :1], jnp.array([[T]]), cache, selector=only0, ops=get_ops(backend))
     k = cache.k[1]  # [B, KV, S, Dh]
     assert float(jnp.abs(k[0, 0, T]).sum()) > 0  # head 0's group written at the new slot
     assert float(jnp.abs(k[0, -1, T]).sum()) == 0  # the last KV group (no selected head) not written
     assert int(cache.index) == T + 1 and cache.win_x[0].shape == (1, 8, cfg.hidden_size)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["head_idx"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class StepHeads:
+    """Test selector: query heads head_idx [L, K] (a traced array, so it can change per step), all neurons."""
+
+    head_idx: jax.Array
+
+    def heads(self, ctx):
+        return Selection(idx=self.head_idx[ctx.layer])
+
+    def neurons(self, ctx):
+        return None
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_lazy_kv_round_robin_refresh_equals_exact(tiny, backend):
+    """Heads idle for longer than the window, then used: their K/V older than the window come from
+    the round-robin refresh alone (and repeated KV groups, GQA, are handled)."""
+    cfg, params = tiny
+    window, T, n = 3, 5, 14
+    H, L = cfg.num_heads, cfg.num_layers
+    prompt, _ = tokens_for(cfg, B=1, T=T)
+    # steps 0-6: heads {0, 1}; steps 7-13: the last two heads, idle for 7 > W decode slots before.
+    # Llama tiny (H=6, KV=2): both pairs share one KV group each; OPT tiny: four distinct groups.
+    first, last = np.array([0, 1]), np.array([H - 2, H - 1])
+    schedule = jnp.asarray(np.stack([np.stack([first if i < 7 else last] * L) for i in range(n)]), jnp.int32)
+    ops = get_ops(backend)
+
+    def step_selector(i):
+        return StepHeads(schedule[i])
+
+    exact = decode_steps(params, cfg, prompt, n, ops=ops, step_selector=step_selector)
+    cache = init_sparse_cache(cfg, 1, T + n + 1, jnp.float32, kv_mode="lazy", lazy_window=window)
+    lazy = decode_steps(params, cfg, prompt, n, ops=ops, cache=cache, step_selector=step_selector)
+    np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
+    dense = decode_steps(params, cfg, prompt, n)
+    assert float(jnp.max(jnp.abs(lazy - dense))) > 1e-2  # the selections really changed the outputs
+
+
+def test_lazy_kv_cache_is_complete_up_to_each_refresh(tiny):
+    """The invariant the lazy mode rests on, read off the cache: after decoding with one head only,
+    every KV group equals exact mode's cache at every slot up to its last round-robin refresh (the
+    selected group: everywhere), and is unwritten after it."""
+    cfg, params = tiny
+    window, T, n = 3, 4, 10
+    L, KV, S = cfg.num_layers, cfg.num_kv_heads, T + 10 + 2
+    prompt, _ = tokens_for(cfg, B=1, T=T)
+    toks = np.asarray(jax.random.randint(jax.random.PRNGKey(5), (n, 1, 1), 0, cfg.vocab_size))
+    only0 = FixedSelector([None] * L, [np.array([0])] * L, cfg.ffn_size, cfg.num_heads)
+
+    @jax.jit
+    def run(params, cache):
+        _, cache = M.forward(params, cfg, prompt, jnp.arange(T)[None], cache)
+        for i in range(n):
+            _, cache = M.forward(params, cfg, jnp.asarray(toks[i]), jnp.array([[T + i]]), cache,
+                                 selector=only0, ops=OPS)
+        return cache
+
+    exact = run(params, init_sparse_cache(cfg, 1, S, jnp.float32))
+    lazy = run(params, init_sparse_cache(cfg, 1, S, jnp.float32, kv_mode="lazy", lazy_window=window))
+    r = -(-KV // window)
+    decoded = np.arange(T, T + n)
+    for layer in range(L):
+        for g in range(KV):
+            if g == 0:
+                complete_to = T + n - 1
+            else:
+                complete_to = decoded[decoded % window == g // r].max()  # g's last refresh
+            for cache_kv in ("k", "v"):
+                got = np.asarray(getattr(lazy, cache_kv)[layer][0, g])  # [S, Dh]
+                want = np.asarray(getattr(exact, cache_kv)[layer][0, g])
+                np.testing.assert_allclose(got[:complete_to + 1], want[:complete_to + 1], atol=1e-5, rtol=1e-5)
+                assert np.all(got[complete_to + 1:] == 0.0), (layer, g, complete_to)
 
 
 # ------------------------------------------------------------------------------------------
