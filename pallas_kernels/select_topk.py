@@ -29,8 +29,11 @@ from pallas_kernels._common import cdiv, pow2_ceil
 
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
-MAX_CHUNK = 8192  # scores per register-resident chunk: 16 int32 per thread at 16 warps
-DEFAULT_WAYS = 2  # bounds counted per search step (2: bisection)
+MAX_CHUNK = 8192  # scores per register-resident chunk: 32 int32 per thread at 8 warps
+# Measured on the H100 (scripts/topk_probe.py, pallas_kernels/results/topk_probe.json): 8 warps beat 16
+# and 32 at F = 16384 (15.9 / 17.4 / 19.9 us), and a 4/8/16-way search that counts several bounds per
+# block-wide reduction was slower than bisection at every warp count (22-43 us).
+MAX_WARPS = 8
 
 
 def order_key(x: jax.Array) -> jax.Array:
@@ -39,7 +42,7 @@ def order_key(x: jax.Array) -> jax.Array:
     return i ^ ((i >> 31) & jnp.int32(INT32_MAX))
 
 
-def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks, ways):
+def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks):
     # s_ref [G, N] float32 scores; o_ref [G, K (+ chunk when interpreted)] int32: row g's top-K, ascending.
     g = pl.program_id(0)
     lane = jnp.arange(chunk, dtype=jnp.int32)
@@ -67,36 +70,12 @@ def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks, ways):
         lo, hi, c_lo = carry
         return (lo < hi) & (c_lo != k)
 
-    if ways == 2:
-        def step(carry):
-            lo, hi, c_lo = carry
-            mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
-            c_mid = count(lambda key: key >= mid)
-            ok = c_mid >= k
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1), jnp.where(ok, c_mid, c_lo)
-    else:
-        # `ways`-way search: one pass counts the keys above `ways` spaced bounds lo = t_0 < t_1 <= ...
-        # <= hi at once (a [ways, chunk] compare and one block-wide reduction), so each reduction
-        # shrinks the bracket ~ways-fold instead of 2-fold. Offsets are uint32 (hi - lo can exceed
-        # int32): t_j = lo + j * q + ceil(j * r / ways) with hi - lo = q * ways + r, so t_j <= hi and
-        # t_1 > lo whenever lo < hi (progress).
-        j = jnp.arange(ways, dtype=jnp.int32)
-        ju = j.astype(jnp.uint32)
-
-        def step(carry):
-            lo, hi, c_lo = carry
-            span = jax.lax.bitcast_convert_type(hi - lo, jnp.uint32)  # wraps to the true hi - lo
-            q, r = span // ways, span % ways
-            offs = ju * q + (ju * r + (ways - 1)) // ways
-            bounds = lo + jax.lax.bitcast_convert_type(offs, jnp.int32)  # wraps back into [lo, hi]
-            hits = sum(((key[None, :] >= bounds[:, None]) & ok[None, :]).astype(jnp.int32)
-                       for key, ok in zip(keys, oks))
-            counts = jnp.sum(hits, axis=1)  # [ways] non-increasing; counts[0] = c_lo >= k
-            last = jnp.sum((counts >= k).astype(jnp.int32)) - 1  # the highest bound still keeping >= k
-            pick = lambda v, at: jnp.sum(jnp.where(j == at, v, 0))  # noqa: E731  v[at] as a reduction
-            new_lo, new_c = pick(bounds, last), pick(counts, last)
-            new_hi = jnp.where(last == ways - 1, hi, pick(bounds, jnp.minimum(last + 1, ways - 1)) - 1)
-            return new_lo, new_hi, new_c
+    def step(carry):
+        lo, hi, c_lo = carry
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        c_mid = count(lambda key: key >= mid)
+        ok = c_mid >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1), jnp.where(ok, c_mid, c_lo)
 
     lo, _, _ = jax.lax.while_loop(cond, step, (lo0, hi0, jnp.int32(n)))
     need_eq = k - count(lambda key: key > lo)  # how many keys equal to lo to keep (first ones win)
@@ -116,10 +95,10 @@ def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks, ways):
         n_sel, n_eq = n_sel + jnp.sum(sel_i), n_eq + jnp.sum(eq_i)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk", "num_warps", "ways", "interpret"))
-def _topk_rows(scores, *, k, chunk, num_warps, ways, interpret):
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "num_warps", "interpret"))
+def _topk_rows(scores, *, k, chunk, num_warps, interpret):
     groups, n = scores.shape
-    kernel = functools.partial(_topk_kernel, n=n, k=k, chunk=chunk, n_chunks=cdiv(n, chunk), ways=ways)
+    kernel = functools.partial(_topk_kernel, n=n, k=k, chunk=chunk, n_chunks=cdiv(n, chunk))
     out = pl.pallas_call(
         kernel,
         grid=(groups,),
@@ -131,8 +110,7 @@ def _topk_rows(scores, *, k, chunk, num_warps, ways, interpret):
     return out[:, :k] if interpret else out
 
 
-def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = None, num_warps: int | None = None,
-              ways: int = DEFAULT_WAYS):
+def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = None, num_warps: int | None = None):
     """Ascending indices of the k largest scores of each row. scores [G, N] -> int32 [G, k].
 
     Ties at the boundary go to the lower index (the set `lax.top_k` returns). NaN scores are
@@ -147,10 +125,8 @@ def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = No
     chunk = chunk or min(pow2_ceil(n), MAX_CHUNK)
     if chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two")
-    if ways < 2 or ways & (ways - 1):
-        raise ValueError(f"ways={ways} must be a power of two >= 2")
-    num_warps = num_warps or max(1, min(16, chunk // 512))
-    return _topk_rows(scores, k=k, chunk=chunk, num_warps=num_warps, ways=ways, interpret=interpret)
+    num_warps = num_warps or max(1, min(MAX_WARPS, chunk // 512))
+    return _topk_rows(scores, k=k, chunk=chunk, num_warps=num_warps, interpret=interpret)
 
 
 def topk_rows_reference(scores, k: int):

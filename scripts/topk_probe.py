@@ -1,4 +1,4 @@
-"""Time select_topk variants on the GPU: search ways x warps x chunk, at the OPT MLP and head widths.
+"""Time select_topk at OPT MLP and head widths on the GPU, per warp count, against lax.top_k + sort.
 
 Kernel time per selection comes from profiler events (pallas_kernels.microbench._device_events): a
 jitted call runs `reps` independent selections; the median over calls of the summed select_topk
@@ -8,7 +8,6 @@ exits at once). Usage: python3 scripts/topk_probe.py --out DIR
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -41,16 +40,10 @@ def main(argv=None) -> None:
     for (n, k) in cases:
         s = jnp.asarray(rng.standard_normal((args.reps, n)).astype(np.float32))
         ref = np.asarray(jax.jit(lambda s: jax.vmap(lambda r: st.topk_rows_reference(r[None], k)[0])(s))(s))
-        if n <= 64:
-            combos = [(2, None, None), (4, None, None)]
-        elif k == n:  # the fixed cost: no search steps
-            combos = [(2, w, None) for w in (8, 16, 32)]
-        else:
-            combos = list(itertools.product((2, 4, 8, 16), (8, 16, 32), (None,)))
-        for ways, warps, chunk in combos:
-            label = dict(n=n, k=k, ways=ways, num_warps=warps, chunk=chunk)
+        for warps in ((None,) if n <= 64 else (4, 8, 16, 32)):
+            label = dict(n=n, k=k, num_warps=warps)
             try:
-                fn = jax.jit(lambda s: [st.topk_rows(s[i][None], k, ways=ways, num_warps=warps, chunk=chunk)
+                fn = jax.jit(lambda s: [st.topk_rows(s[i][None], k, num_warps=warps)
                                         for i in range(args.reps)])
                 got = np.concatenate([np.asarray(x) for x in fn(s)])
                 exact = bool(np.array_equal(got, ref))
