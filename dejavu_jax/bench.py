@@ -258,7 +258,7 @@ def describe_estimate(est: dict, memory: dict | None) -> str:
 def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: float, head_density: float,
                               rank: int, dtype, lookahead: bool = True):
     """Predictors with random weights at real shapes: the latency of predicting in the loop, not its quality."""
-    from dejavu_jax.sparse import PredictorSelector, SparsityConfig
+    from dejavu_jax.sparse import PredictorSelector, SparsityConfig, share_first_matmul
 
     sp = SparsityConfig(mode="predictor", mlp_density=mlp_density, head_density=head_density, lookahead=lookahead)
     D = cfg.hidden_size
@@ -270,8 +270,8 @@ def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: 
                 "heads": {"a": normal(kc, (D, rank)), "b": normal(kd, (rank, cfg.num_heads))}}
 
     preds = [layer(k) for k in jax.random.split(key, cfg.num_layers)]
-    return PredictorSelector(preds, sp.mlp_schedule(cfg), sp.head_schedule(cfg), cfg.ffn_size, cfg.num_heads,
-                             lookahead, True)
+    return share_first_matmul(PredictorSelector(preds, sp.mlp_schedule(cfg), sp.head_schedule(cfg), cfg.ffn_size,
+                                                cfg.num_heads, lookahead, True))
 
 
 def fixed_index_selector(cfg: ModelConfig, *, mlp_density: float, head_density: float, seed: int = 0):

@@ -229,6 +229,7 @@ class SelectContext:
     block_input: jax.Array
     mlp_input: jax.Array | None = None
     ops: Ops | None = None
+    scratch: dict = dataclasses.field(default_factory=dict)  # a selector's values from heads() for neurons()
 
 
 class Selector(Protocol):

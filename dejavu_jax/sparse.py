@@ -263,15 +263,20 @@ def predictor_logits(p: Params, x: jax.Array, *, rank_only: bool = False) -> jax
     """
     linear = predictor_form(p) == "linear"
     x = x if rank_only and linear else normalize_input(x)
+    return scores_from_code(p, _pdot(x, p["a"]))
 
-    def dot(v, w):  # v [..., K] @ w [K, N] -> [..., N] f32
-        return jnp.einsum("...k,kn->...n", v.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    z = dot(x, p["a"])
-    if linear:
-        return dot(z, p["b"])
-    g = dot(z, p["bg"]) + p["cg"].astype(jnp.float32)
-    u = dot(z, p["bu"]) + p["cu"].astype(jnp.float32)
+def _pdot(v: jax.Array, w: jax.Array) -> jax.Array:
+    """v [..., K] @ w [K, N] -> [..., N] f32, inputs in the predictor weight's dtype."""
+    return jnp.einsum("...k,kn->...n", v.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def scores_from_code(p: Params, z: jax.Array) -> jax.Array:
+    """The second half of `predictor_logits`: rank-r code z = x @ p["a"] [..., r] -> scores [..., N] f32."""
+    if predictor_form(p) == "linear":
+        return _pdot(z, p["b"])
+    g = _pdot(z, p["bg"]) + p["cg"].astype(jnp.float32)
+    u = _pdot(z, p["bu"]) + p["cu"].astype(jnp.float32)
     log_mag = jnp.log(jnp.abs(jax.nn.silu(g)) + MAGNITUDE_EPS) + jnp.log(jnp.abs(u) + MAGNITUDE_EPS)
     return p["scale"].astype(jnp.float32) * log_mag + p["bias"].astype(jnp.float32)
 
@@ -351,7 +356,7 @@ class ThresholdSelector:
         return Selection(from_importance=functools.partial(_above, threshold=self.mlp_threshold[ctx.layer]))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["predictors"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["predictors", "shared_a"],
                    meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads", "lookahead", "gather"])
 @dataclasses.dataclass(frozen=True)
 class PredictorSelector:
@@ -370,14 +375,28 @@ class PredictorSelector:
     num_heads: int
     lookahead: bool = True
     gather: bool = True
+    shared_a: list | None = None  # per layer [D, r_heads + r_mlp] or None: see `share_first_matmul`
 
     def _select(self, ctx: SelectContext, kind: str, k: int, n: int) -> Selection | None:
         if k >= n:
             return None
         x = _context_input(ctx, kind, self.lookahead)  # [B, T, D]
         B, T = x.shape[:2]
-        scores = predictor_logits(self.predictors[ctx.layer][kind], x, rank_only=True)  # [B, T, N]
-        if self.gather and B == 1 and T == 1:
+        p = self.predictors[ctx.layer][kind]
+        gathered = self.gather and B == 1 and T == 1
+        shared = self.shared_a[ctx.layer] if (self.shared_a is not None and gathered) else None
+        if shared is not None and kind == "heads" and self.mlp_k[ctx.layer] < self.num_neurons:
+            # One matvec for both sites' codes (they read the same residual under lookahead); the
+            # MLP half waits in ctx.scratch for this block's neurons() call.
+            z = _pdot(x, shared)  # [1, 1, r_heads + r_mlp]
+            r = p["a"].shape[1]
+            ctx.scratch["mlp_code"] = z[..., r:]
+            scores = scores_from_code(p, z[..., :r])
+        elif kind == "mlp" and "mlp_code" in ctx.scratch:
+            scores = scores_from_code(p, ctx.scratch.pop("mlp_code"))
+        else:
+            scores = predictor_logits(p, x, rank_only=True)  # [B, T, N]
+        if gathered:
             return Selection(idx=_topk_rows(ctx)(scores[0], k)[0])  # ascending: in-order row reads
         return Selection(mask=topk_mask(scores, k))
 
@@ -386,6 +405,22 @@ class PredictorSelector:
 
     def neurons(self, ctx: SelectContext) -> Selection | None:
         return self._select(ctx, "mlp", self.mlp_k[ctx.layer], self.num_neurons)
+
+
+def share_first_matmul(selector: PredictorSelector) -> PredictorSelector:
+    """The selector with each layer's heads and MLP input matrices concatenated, [D, r_h + r_m].
+
+    Under lookahead both predictors of a layer read the same residual, so a batch-1 decode step can
+    compute both rank-r codes with one matvec (one kernel and one read of x instead of two). Only
+    for linear predictors, whose rank-only scores skip the input normalization on both sides; other
+    selectors are returned unchanged. The concatenation is done once here, not per step.
+    """
+    preds = selector.predictors
+    if not selector.lookahead or not all(predictor_form(lp[k]) == "linear" for lp in preds for k in KINDS):
+        return selector
+    shared = [jnp.concatenate([lp["heads"]["a"], lp["mlp"]["a"].astype(lp["heads"]["a"].dtype)], axis=1)
+              for lp in preds]
+    return dataclasses.replace(selector, shared_a=shared)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,7 +646,7 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
                             f"the other setting")
     if len(preds.params) != cfg.num_layers:
         raise SparsityError(f"predictors cover {len(preds.params)} layers, the model has {cfg.num_layers}")
-    return PredictorSelector(preds.params, mk, hk, F, H, sp.lookahead, gather)
+    return share_first_matmul(PredictorSelector(preds.params, mk, hk, F, H, sp.lookahead, gather))
 
 
 # --------------------------------------------------------------------------------------------

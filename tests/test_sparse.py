@@ -25,6 +25,7 @@ from dejavu_jax.sparse import (
     input_source,
     predictor_logits,
     predictor_shapes,
+    share_first_matmul,
     topk_mask,
 )
 from pallas_kernels import get_ops
@@ -247,6 +248,23 @@ def test_predictor_gather_equals_predictor_mask(tiny):
     a = decode_steps(params, cfg, prompt, 3, selector=gat, ops=OPS)
     b = decode_steps(params, cfg, prompt, 3, selector=msk)
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_first_matmul_decodes_like_separate_predictors(tiny):
+    """share_first_matmul computes both sites' codes with one matvec; the selections (hence the
+    logits) are the same as with two. Without lookahead the sites read different residuals: unchanged."""
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    preds = random_predictors(cfg)
+    L = cfg.num_layers
+    mk, hk = (cfg.ffn_size // 2,) * L, (2,) * L
+    sep = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, True, gather=True)
+    shared = share_first_matmul(sep)
+    assert [a.shape for a in shared.shared_a] == [(cfg.hidden_size, 16)] * L
+    np.testing.assert_allclose(decode_steps(params, cfg, prompt, 3, selector=shared, ops=OPS),
+                               decode_steps(params, cfg, prompt, 3, selector=sep, ops=OPS), atol=1e-5, rtol=1e-5)
+    no_lookahead = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, False, gather=True)
+    assert share_first_matmul(no_lookahead).shared_a is None
 
 
 def test_selector_is_a_pytree_with_predictor_leaves(tiny):

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue-7 latency runs on the GPU machine (device tool), from the repo root:
+#   1. the kernels' GPU tests (TESTS=1): top-K, window K/V, the model-size gpu tests, lazy == exact
+#   2. python -m dejavu_jax.bench at each preset of PRESETS: dense, transformers eager and static cache +
+#      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
+#      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it)
+# Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt.
+set -uo pipefail
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/bench_out}
+PRESETS=${PRESETS:-opt-6.7b}
+SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
+BASELINES=${BASELINES:-eager,static-compile}
+mkdir -p "$OUT"
+if [ "${TESTS:-1}" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
+    -k "window_kv or topk or gpu or lazy" 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+fi
+for preset in $PRESETS; do
+  date
+  python3 -m dejavu_jax.bench --preset "$preset" --dtype fp16 --reps 3 --sparse "$SPARSE" --kernels pallas \
+    --kv-modes lazy,exact --baselines "$BASELINES" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
+done 2>&1 | tee "$OUT/log.txt"
