@@ -10,7 +10,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHON
 OUT=${OUT:-/tmp/bench_out}
 PRESETS=${PRESETS:-opt-6.7b}
 SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
-BASELINES=${BASELINES:-eager,static-compile}
+BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \

@@ -22,6 +22,17 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def full_fp32_matmuls_on_gpu():
+    """GPUs run fp32 matmuls as TF32 by default (~1e-3 relative error): the fp32 comparisons here
+    (sparse vs dense, lazy vs exact KV, kernels vs references) are meant at full fp32. No effect on CPU."""
+    if jax.default_backend() != "gpu":
+        yield
+        return
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def make_hf_model(name: str, seed: int = 0):
     """A tiny random transformers model (fp32, eval mode) with weights large enough to give varied tokens."""
     import torch
