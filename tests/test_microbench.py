@@ -61,3 +61,44 @@ def test_window_kv_sweep_configs_lower_to_triton_at_opt_6_7b():
         fn = functools.partial(ga.gathered_window_kv, **blocks)
         text = jax.jit(fn).trace(x, w_kv, heads, b).lower(lowering_platforms=("cuda",)).as_text()
         assert "__gpu$xla.gpu.triton" in text, blocks
+
+
+def _load_profile_decode():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_decode_lazy_kv_runs_on_cpu(monkeypatch):
+    """--kv-mode lazy: the sparse decode loop runs on the lazy cache (window ring per layer); on
+    CPU the trace has no GPU events, so profile() reports that instead of kernel times."""
+    from dejavu_jax import bench
+    from dejavu_jax import model as M
+    from dejavu_jax.config import ModelConfig
+    from pallas_kernels import get_ops
+
+    pd = _load_profile_decode()
+    caches = []
+    make_cache = pd.init_sparse_cache
+
+    def spy(*args, **kw):
+        caches.append(make_cache(*args, **kw))
+        return caches[-1]
+
+    monkeypatch.setattr(pd, "init_sparse_cache", spy)
+    cfg = ModelConfig(vocab_size=67, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+                      ffn_size=64, max_positions=128, norm="layernorm", activation="relu", positions="learned",
+                      position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="tiny-opt")
+    params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    sel = bench.fixed_index_selector(cfg, mlp_density=0.5, head_density=0.5)
+    r = pd.profile(cfg, params, selector=sel, ops=get_ops("xla"), tokens=3, prompt_len=4, kv_mode="lazy")
+    assert caches and all(c.win_x is not None and len(c.win_x) == cfg.num_layers for c in caches)
+    if jax.default_backend() == "cpu":
+        assert "no GPU events" in r["error"]
+    with pytest.raises(SystemExit):  # only the modes the cache knows
+        pd.main(["--kv-mode", "approximate"])
