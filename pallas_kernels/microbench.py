@@ -12,6 +12,7 @@ L * R, so launch gaps inside the call count; the summed kernel durations and the
 (median of many calls minus an empty call) are reported beside it. After warm-up only.
 
     python -m pallas_kernels.microbench --out DIR [--sweep] [--batch4] [--seconds N] [--quick]
+        [--window-kv [--window-kv-heads KA ...]] [--no-mlp] [--no-attention]
 writes DIR/kernels.json (all rows), DIR/kernels.jsonl (rows as measured) and DIR/kernels.md.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import gather_attention as ga
-from pallas_kernels._common import on_cpu
+from pallas_kernels._common import check_pow2, on_cpu
 from pallas_kernels import gather_mlp as gm
 
 OPT_6_7B_MLP = dict(D=4096, F=16384)
@@ -386,6 +387,132 @@ def attention_microbench(head_densities: Sequence[float] = (0.25, 0.5, 1.0), *,
 
 
 # --------------------------------------------------------------------------------------------------
+# Window K/V (the lazy KV mode's per-step recompute)
+# --------------------------------------------------------------------------------------------------
+
+OPT_6_7B_WINDOW_KV = dict(KV=32, Dh=128, D=4096, W=16)
+# KV heads a lazy decode step recomputes: 8 (head density 0.25), 18 (16 active at 0.5 plus the
+# 2 = ceil(32 / 16) refreshed round-robin), 32 (all).
+WINDOW_KV_HEADS = (8, 18, 32)
+# Block arguments the sweep tries (block_m stays at its minimum: B * W = 16 window rows at batch 1).
+# Every size is a power of two and >= ga.MIN_DOT, as the kernel requires.
+WINDOW_KV_SWEEP = (
+    dict(block_n=16, block_d=256, num_warps=4),
+    dict(block_n=32, block_d=256, num_warps=4),
+    dict(block_n=64, block_d=256, num_warps=4),
+    dict(block_n=128, block_d=256, num_warps=8),
+    dict(block_n=32, block_d=512, num_warps=4),
+    dict(block_n=16, block_d=512, num_warps=4, num_stages=3),
+    dict(block_n=32, block_d=128, num_warps=4, num_stages=4),
+    dict(block_n=32, block_d=256, num_warps=4, num_stages=3),
+    dict(block_n=64, block_d=128, num_warps=4, num_stages=4),
+    dict(block_n=64, block_d=512, num_warps=8, num_stages=3),
+)
+
+
+def check_window_kv_blocks(blocks: dict) -> None:
+    """Raise ValueError unless every block size is a power of two and at least the dot minimum."""
+    for name in ("block_m", "block_n", "block_d"):
+        if name in blocks:
+            check_pow2(**{name: blocks[name]})
+            if blocks[name] < ga.MIN_DOT:
+                raise ValueError(f"{name}={blocks[name]} must be >= {ga.MIN_DOT} (tensor-core dot)")
+    check_pow2(num_warps=blocks.get("num_warps", 4))
+
+
+def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
+                         KV: int = 32, Dh: int = 128, D: int = 4096, W: int = 16, batch: int = 1,
+                         bias: bool = True, dtype: str = "float16",
+                         methods: Sequence[str] = ("pallas", "xla", "dense"),
+                         blocks: dict | None = None, n_layers: int = 8, reps: int = 4,
+                         n_trials: int = 20, bandwidth_gbs: float | None = None,
+                         log: Callable = print, deadline: float = float("inf")) -> list[dict]:
+    """K and V of Ka selected KV heads over a W-token window (`ga.gathered_window_kv`).
+
+    Methods: "pallas" (the kernel, with `blocks` or its defaults), "xla" (its reference: jnp.take of
+    the heads + einsum) and "dense" (the einsum over all KV heads, what the exact mode's projection
+    of W tokens would read). bytes = the weight rows the method reads (activations < 1%); floor_us
+    is those bytes at the copy bandwidth, sel_floor_us the selected heads' 2 * Ka * Dh * D rows
+    (the dense row's speed-of-light were it to read only those). One dict per (Ka, method).
+    """
+    bw = bandwidth_gbs or copy_bandwidth_gbs()
+    dt = jnp.dtype(dtype)
+    item = dt.itemsize
+    kernel_blocks = dict(blocks or {}, interpret=on_cpu())
+    check_window_kv_blocks(blocks or {})
+
+    def pallas_window_kv(x_win, layer):  # x_win [B, W, D] -> [2, B, Ka, W, Dh]
+        w_kv, b, heads = layer
+        return ga.gathered_window_kv(x_win, w_kv, heads, b, **kernel_blocks)
+
+    def xla_window_kv(x_win, layer):
+        w_kv, b, heads = layer
+        return ga.gathered_window_kv_reference(x_win, w_kv, heads, b)
+
+    def dense_window_kv(x_win, layer):  # every KV head: [2, B, KV, W, Dh]
+        w_kv, b, _ = layer
+        out = jnp.einsum("BTD,CKHD->CBKTH", x_win, w_kv, preferred_element_type=jnp.float32)
+        if b is not None:
+            out = out + b.astype(jnp.float32)[:, None, :, None, :]
+        return out.astype(x_win.dtype)
+
+    appliers = dict(pallas=pallas_window_kv, xla=xla_window_kv, dense=dense_window_kv)
+    rows = []
+    for n_sel in heads_counts:
+        key = jax.random.key(1000 + n_sel)
+        layers = []
+        for l in range(n_layers):
+            k1, k2, k3 = jax.random.split(jax.random.fold_in(key, l), 3)
+            w_kv = (jax.random.normal(k1, (2, KV, Dh, D), jnp.float32) * D ** -0.5).astype(dt)
+            b = (jax.random.normal(k2, (2, KV, Dh), jnp.float32) * 0.1).astype(dt) if bias else None
+            heads = jax.random.permutation(k3, KV)[:n_sel].astype(jnp.int32)  # distinct, unsorted
+            layers.append((w_kv, b, heads))
+        xs = [jax.random.normal(jax.random.fold_in(key, 99 + r), (batch, W, D),
+                                jnp.float32).astype(dt) for r in range(reps)]
+        sel_bytes = 2 * n_sel * Dh * D * item
+        sel_floor_us = sel_bytes / (bw * 1e3)
+        for method in methods:
+            if time.perf_counter() > deadline:
+                return rows
+            timing = time_per_application(appliers[method], xs, layers, n_trials)
+            t_us = timing.pop("time_us")
+            n_bytes = 2 * KV * Dh * D * item if method == "dense" else sel_bytes
+            floor_us = n_bytes / (bw * 1e3)
+            row = dict(op="window_kv", method=method, KV=KV, Dh=Dh, D=D, W=W, batch=batch,
+                       Ka=n_sel, dtype=dtype, time_us=round(t_us, 2), bytes=n_bytes,
+                       floor_us=round(floor_us, 2), x_floor=round(t_us / floor_us, 3),
+                       sel_floor_us=round(sel_floor_us, 2),
+                       gbs=round(n_bytes / (t_us * 1e3), 1), bandwidth_gbs=round(bw, 1),
+                       blocks=(blocks or {}) if method == "pallas" else {},
+                       **{k: (round(v, 2) if isinstance(v, float) else v)
+                          for k, v in timing.items()})
+            log(json.dumps(row))
+            rows.append(row)
+        del layers
+    return rows
+
+
+def window_kv_sweep(heads_counts: Sequence[int] = WINDOW_KV_HEADS,
+                    configs: Sequence[dict] = WINDOW_KV_SWEEP, **kw) -> list[dict]:
+    """The window K/V kernel alone with each block config of `configs`, at every Ka; rows get
+    sweep=True. kw: window_kv_microbench's shape, timing and deadline arguments."""
+    for blocks in configs:
+        check_window_kv_blocks(blocks)
+    rows = []
+    for blocks in configs:
+        new = window_kv_microbench(heads_counts, methods=("pallas",), blocks=blocks, **kw)
+        rows += [dict(r, sweep=True) for r in new]
+    return rows
+
+
+def best_window_kv_blocks(rows: list[dict]) -> dict | None:
+    """The window K/V sweep config with the least summed time over the Ka values at which every
+    config was measured (None without a complete config)."""
+    return _least_total_config([r for r in rows if r["op"] == "window_kv" and r.get("sweep")],
+                               "blocks", "Ka")
+
+
+# --------------------------------------------------------------------------------------------------
 # Block-size sweep (tuning) and report
 # --------------------------------------------------------------------------------------------------
 
@@ -423,17 +550,23 @@ def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
 PALLAS_MLP = ("pallas", "pallas_atomic_last", "pallas_tuned")
 
 
+def _least_total_config(sweep_rows: list[dict], blocks_key: str, point_key: str) -> dict | None:
+    """The block config (row[blocks_key]) with the least summed time_us over the points
+    (row[point_key] values) at which every config was measured; None without a complete config."""
+    points = {r[point_key] for r in sweep_rows}
+    totals: dict[str, list] = {}
+    for r in sweep_rows:
+        totals.setdefault(json.dumps(r[blocks_key], sort_keys=True), []).append(r["time_us"])
+    complete = {k: sum(v) for k, v in totals.items() if len(v) == len(points)}
+    return json.loads(min(complete, key=complete.get)) if complete else None
+
+
 def best_blocks(rows: list[dict], method: str) -> dict | None:
     """The sweep config of `method` ("pallas_up" / "pallas_down") with the least summed time over
     the densities at which every config was measured."""
     key = "up_blocks" if method == "pallas_up" else "down_blocks"
-    sweep_rows = [r for r in rows if r["method"] == method and r.get("sweep")]
-    densities = {r["density"] for r in sweep_rows}
-    totals: dict[str, list] = {}
-    for r in sweep_rows:
-        totals.setdefault(json.dumps(r[key], sort_keys=True), []).append(r["time_us"])
-    complete = {k: sum(v) for k, v in totals.items() if len(v) == len(densities)}
-    return json.loads(min(complete, key=complete.get)) if complete else None
+    return _least_total_config([r for r in rows if r["method"] == method and r.get("sweep")],
+                               key, "density")
 
 
 def to_markdown(rows: list[dict], device: str) -> str:
@@ -492,6 +625,31 @@ def to_markdown(rows: list[dict], device: str) -> str:
             lines.append(f"| {r['Kh']}/{r['H']} | {r['seq_len']} | {r['method']} | {r['time_us']} |"
                          f" {r.get('kernel_us', '')} | {r['floor_us']} | {r['x_floor']} |"
                          f" {r['gbs']} |")
+    window = [r for r in rows if r["op"] == "window_kv" and not r.get("sweep")]
+    if window:
+        lines += ["\n## Window K/V of the selected KV heads (lazy KV mode's recompute)\n",
+                  "sel floor = the selected heads' K and V rows (2 * Ka * Dh * D) / copy bandwidth;"
+                  " floor = the method's own bytes (dense: all KV heads).\n",
+                  "| Ka/KV | W | method | blocks | us | kernel us | wall us | floor us | x floor |"
+                  " sel floor us | x sel floor | GB/s | kernels (us) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in window:
+            lines.append(f"| {r['Ka']}/{r['KV']} | {r['W']} | {r['method']} |"
+                         f" {r['blocks'] or ('default' if r['method'] == 'pallas' else '')} | {r['time_us']} | {r.get('kernel_us', '')} |"
+                         f" {r.get('wall_us', '')} | {r['floor_us']} | {r['x_floor']} |"
+                         f" {r['sel_floor_us']} | {round(r['time_us'] / r['sel_floor_us'], 3)} |"
+                         f" {r['gbs']} | {r.get('kernels', '')} |")
+    window_sweep = [r for r in rows if r["op"] == "window_kv" and r.get("sweep")]
+    if window_sweep:
+        best = best_window_kv_blocks(rows)
+        lines += ["\n## Window K/V kernel block sweep\n",
+                  f"best summed over Ka: {best}\n",
+                  "| Ka | blocks | us | kernel us | x floor | GB/s | best at this Ka |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(window_sweep, key=lambda r: (r["Ka"], r["time_us"])):
+            fastest = min(x["time_us"] for x in window_sweep if x["Ka"] == r["Ka"])
+            lines.append(f"| {r['Ka']} | {r['blocks']} | {r['time_us']} | {r.get('kernel_us', '')} |"
+                         f" {r['x_floor']} | {r['gbs']} | {r['time_us'] == fastest} |")
     return "\n".join(lines) + "\n"
 
 
@@ -503,6 +661,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=float("inf"),
                    help="stop starting new measurements after this many seconds")
     p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--no-mlp", action="store_true", help="skip the MLP rows (and the MLP sweep)")
+    p.add_argument("--window-kv", action="store_true",
+                   help="also time the lazy KV mode's window K/V kernel (with --sweep: its blocks)")
+    p.add_argument("--window-kv-shape", type=int, nargs=4, metavar=("KV", "DH", "D", "W"),
+                   default=[OPT_6_7B_WINDOW_KV[k] for k in ("KV", "Dh", "D", "W")])
+    p.add_argument("--window-kv-heads", type=int, nargs="+", default=list(WINDOW_KV_HEADS),
+                   metavar="KA", help="selected KV heads per window K/V row")
     p.add_argument("--batch4", action="store_true", help="also time the MLP at batch 4")
     p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
     p.add_argument("--mlp-shape", type=int, nargs=2, metavar=("D", "F"),
@@ -530,15 +695,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     common = dict(bandwidth_gbs=bw, log=log, deadline=deadline)
     # 1. defaults against XLA and dense, 2. attention, 3. batch 4, 4. block sweep of each kernel
     # alone, 5. the MLP again with the sweep's best blocks. Later stages drop at the deadline.
-    rows = kernel_microbench(shapes, densities=args.densities, n_trials=trials, **common)
+    rows = [] if args.no_mlp else kernel_microbench(shapes, densities=args.densities,
+                                                     n_trials=trials, **common)
     if not args.no_attention:
         rows += attention_microbench(D=attn_D, H=attn_H, Dh=attn_Dh, seq_len=attn_seq,
                                      n_trials=trials, **common)
+    win_KV, win_Dh, win_D, win_W = args.window_kv_shape
+    window_kw = dict(KV=win_KV, Dh=win_Dh, D=win_D, W=win_W, n_trials=trials, **common)
+    if args.window_kv:
+        rows += window_kv_microbench(args.window_kv_heads, **window_kw)
     if args.batch4:
         batch_rows = kernel_microbench(shapes, densities=(0.1, 0.5), batch=4,
                                        methods=("pallas", "xla", "dense"), n_trials=trials, **common)
         rows += [dict(r, op="mlp_batch4") for r in batch_rows]
-    if args.sweep:
+    if args.sweep and args.window_kv:
+        rows += window_kv_sweep(args.window_kv_heads, **window_kw)
+        log(json.dumps(dict(best_window_kv_blocks=best_window_kv_blocks(rows))))
+    if args.sweep and not args.no_mlp:
         rows += sweep(shapes, **common)
         up, down = best_blocks(rows, "pallas_up"), best_blocks(rows, "pallas_down")
         log(json.dumps(dict(best_up_blocks=up, best_down_blocks=down)))

@@ -2,9 +2,13 @@
 
 Random weights at a preset's shapes; for dense decode (XLA; optionally the gathered kernels with every
 row selected) and for sparse decode (random predictors with lookahead, or fixed indices), traces `--tokens` decode steps of the jitted while-loop and sums each
-kernel name's device time per token. Writes profile.json and profile.md to --out.
+kernel name's device time per token. Writes profile.json and profile.md to --out. `--kv-mode lazy`
+gives the sparse runs the lazy KV cache (`sparse.init_sparse_cache`): each gathered step recomputes
+the selected KV heads' K/V over the W-token window (`gathered_window_kv`) and scatters them into the
+cache; dense decode keeps the exact cache either way.
 
   python scripts/profile_decode.py --preset opt-6.7b --sparse 0.25:0.5 --kernels pallas --out $OUT/profile
+  python scripts/profile_decode.py --preset opt-6.7b --sparse 0.25:0.5 --kv-mode lazy --out $OUT/profile-lazy
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from dejavu_jax import model as M  # noqa: E402
 from dejavu_jax.checkpoint import parse_dtype  # noqa: E402
 from dejavu_jax.config import preset  # noqa: E402
 from dejavu_jax.generate import Generator  # noqa: E402
+from dejavu_jax.sparse import KV_MODES, init_sparse_cache  # noqa: E402
 from pallas_kernels import get_ops  # noqa: E402
 from pallas_kernels.microbench import _device_events  # noqa: E402
 
@@ -36,7 +41,9 @@ def kernel_family(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]
 
 
-def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int) -> dict:
+def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int, kv_mode: str = "exact") -> dict:
+    """Kernel time per token of `tokens` decode steps; kv_mode "lazy" builds the cache as
+    bench.bench_jax does (the lazy recompute runs only for gathered steps: a sparse selector)."""
     gen = Generator(cfg.replace(eos_token_id=None), selector=selector, ops=ops)
     dtype = params["layers"][0]["up"].dtype
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
@@ -45,7 +52,8 @@ def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int) -> dict
     key = jax.random.PRNGKey(0)
 
     def run(_):
-        logits, cache, pos = gen.prefill(params, prompt, valid, M.init_cache(cfg, 1, max_len, dtype))
+        logits, cache, pos = gen.prefill(params, prompt, valid,
+                                         init_sparse_cache(cfg, 1, max_len, dtype, kv_mode=kv_mode))
         jax.block_until_ready(cache)
         return gen.decode(params, gen._sel_dynamic, cache, logits, pos, key, max_new_tokens=tokens)[0]
 
@@ -80,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparse", default="0.25:0.5", help="MLP:HEADS density for the sparse profiles")
     p.add_argument("--kernels", default="pallas")
     p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--kv-mode", default="exact", choices=KV_MODES,
+                   help="KV cache of the sparse runs (dense decode always uses the exact cache)")
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--dense-kernels", action="store_true",
@@ -92,20 +102,22 @@ def main(argv=None) -> int:
     params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
     mlp_d, head_d = (float(v) for v in args.sparse.split(":"))
     ops = get_ops(args.kernels)
-    runs = {"dense": (None, None),
-            f"sparse {args.kernels} predictor {args.sparse}": (
+    kv = f", kv {args.kv_mode}"
+    runs = {"dense": (None, None, "exact"),
+            f"sparse {args.kernels} predictor {args.sparse}{kv}": (
                 bench.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
-                                                rank=args.rank, dtype=dtype), ops),
-            f"sparse {args.kernels} fixed indices {args.sparse}": (
-                bench.fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d), ops)}
+                                                rank=args.rank, dtype=dtype), ops, args.kv_mode),
+            f"sparse {args.kernels} fixed indices {args.sparse}{kv}": (
+                bench.fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d), ops, args.kv_mode)}
     if args.dense_kernels:
-        runs[f"dense through the {args.kernels} gathered kernels (every row selected)"] = (
-            bench.all_rows_selector(cfg), ops)
+        runs[f"dense through the {args.kernels} gathered kernels (every row selected){kv}"] = (
+            bench.all_rows_selector(cfg), ops, args.kv_mode)
     result = {"preset": args.preset, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
-              "tokens": args.tokens, "profiles": {}}
+              "tokens": args.tokens, "kv_mode": args.kv_mode, "profiles": {}}
     lines = [f"# Decode step profile: {args.preset} {args.dtype}, {result['device']}, jax {jax.__version__}", ""]
-    for name, (sel, run_ops) in runs.items():
-        r = profile(cfg, params, selector=sel, ops=run_ops, tokens=args.tokens, prompt_len=args.prompt_len)
+    for name, (sel, run_ops, kv_mode) in runs.items():
+        r = profile(cfg, params, selector=sel, ops=run_ops, tokens=args.tokens, prompt_len=args.prompt_len,
+                    kv_mode=kv_mode)
         result["profiles"][name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "by_kernel"}), flush=True)
         if "error" in r:

@@ -1,0 +1,104 @@
+"""pallas_kernels.microbench on CPU: the window K/V rows and sweep run in quick mode at tiny shapes
+(the kernel interpreted; times are host wall clock there, so only the rows' contents are checked)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import gather_attention as ga
+from pallas_kernels import microbench as mb
+
+TINY_WINDOW = dict(KV=4, Dh=16, D=64, W=4, n_layers=2, reps=1, n_trials=1, bandwidth_gbs=1.0,
+                   log=lambda line: None)
+
+
+def test_window_kv_microbench_rows():
+    rows = mb.window_kv_microbench((1, 3), **TINY_WINDOW)
+    assert [(r["Ka"], r["method"]) for r in rows] == [
+        (1, "pallas"), (1, "xla"), (1, "dense"), (3, "pallas"), (3, "xla"), (3, "dense")]
+    for r in rows:
+        assert r["op"] == "window_kv" and (r["KV"], r["Dh"], r["D"], r["W"]) == (4, 16, 64, 4)
+        heads = 4 if r["method"] == "dense" else r["Ka"]
+        assert r["bytes"] == 2 * heads * 16 * 64 * 2  # K and V rows, fp16
+        assert r["sel_floor_us"] == round(2 * r["Ka"] * 16 * 64 * 2 / 1e3, 2)
+        assert r["time_us"] > 0
+        assert r["gbs"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e3), abs=0.1)
+        assert r["x_floor"] == pytest.approx(r["time_us"] / r["floor_us"], rel=0.01)
+    md = mb.to_markdown(rows, "cpu")
+    assert "Window K/V of the selected KV heads" in md and "| 3/4 | 4 | dense |" in md
+
+
+def test_window_kv_sweep_picks_a_complete_config():
+    configs = mb.WINDOW_KV_SWEEP[:2]
+    rows = mb.window_kv_sweep((2,), configs=configs, **TINY_WINDOW)
+    assert [r["blocks"] for r in rows] == list(configs) and all(r["sweep"] for r in rows)
+    assert mb.best_window_kv_blocks(rows) == min(rows, key=lambda r: r["time_us"])["blocks"]
+    assert "Window K/V kernel block sweep" in mb.to_markdown(rows, "cpu")
+
+
+def test_window_kv_sweep_configs_are_valid():
+    for blocks in mb.WINDOW_KV_SWEEP:
+        mb.check_window_kv_blocks(blocks)  # powers of two, >= the tensor-core dot minimum
+        assert set(blocks) <= set(ga.WINDOW_KV_BLOCK_KEYS)
+    with pytest.raises(ValueError):
+        mb.check_window_kv_blocks(dict(block_n=8))
+    with pytest.raises(ValueError):
+        mb.check_window_kv_blocks(dict(block_d=96))
+
+
+def test_window_kv_sweep_configs_lower_to_triton_at_opt_6_7b():
+    """Each sweep config passes the Triton lowering rules at the GPU run's shape (lowered for CUDA
+    on CPU: abstract inputs, nothing compiled), so no config of the GPU sweep fails to build."""
+    shape = mb.OPT_6_7B_WINDOW_KV
+    KV, Dh, D, W = (shape[k] for k in ("KV", "Dh", "D", "W"))
+    x = jax.ShapeDtypeStruct((1, W, D), jnp.float16)
+    w_kv, b = jax.ShapeDtypeStruct((2, KV, Dh, D), jnp.float16), jax.ShapeDtypeStruct((2, KV, Dh), jnp.float16)
+    heads = jax.ShapeDtypeStruct((18,), jnp.int32)
+    for blocks in mb.WINDOW_KV_SWEEP:
+        fn = functools.partial(ga.gathered_window_kv, **blocks)
+        text = jax.jit(fn).trace(x, w_kv, heads, b).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text, blocks
+
+
+def _load_profile_decode():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_decode_lazy_kv_runs_on_cpu(monkeypatch):
+    """--kv-mode lazy: the sparse decode loop runs on the lazy cache (window ring per layer); on
+    CPU the trace has no GPU events, so profile() reports that instead of kernel times."""
+    from dejavu_jax import bench
+    from dejavu_jax import model as M
+    from dejavu_jax.config import ModelConfig
+    from pallas_kernels import get_ops
+
+    pd = _load_profile_decode()
+    caches = []
+    make_cache = pd.init_sparse_cache
+
+    def spy(*args, **kw):
+        caches.append(make_cache(*args, **kw))
+        return caches[-1]
+
+    monkeypatch.setattr(pd, "init_sparse_cache", spy)
+    cfg = ModelConfig(vocab_size=67, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+                      ffn_size=64, max_positions=128, norm="layernorm", activation="relu", positions="learned",
+                      position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="tiny-opt")
+    params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    sel = bench.fixed_index_selector(cfg, mlp_density=0.5, head_density=0.5)
+    r = pd.profile(cfg, params, selector=sel, ops=get_ops("xla"), tokens=3, prompt_len=4, kv_mode="lazy")
+    assert caches and all(c.win_x is not None and len(c.win_x) == cfg.num_layers for c in caches)
+    if jax.default_backend() == "cpu":
+        assert "no GPU events" in r["error"]
+    with pytest.raises(SystemExit):  # only the modes the cache knows
+        pd.main(["--kv-mode", "approximate"])
