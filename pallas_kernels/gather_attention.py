@@ -252,6 +252,15 @@ class WindowKVBlocks:
     num_stages: int | None = None
 
 
+def check_window_kv_blocks(blocks: WindowKVBlocks) -> None:
+    """Raise ValueError unless every block size is a power of two and at least the dot minimum."""
+    check_pow2(block_m=blocks.block_m, block_n=blocks.block_n, block_d=blocks.block_d,
+               num_warps=blocks.num_warps)
+    for name in ("block_m", "block_n", "block_d"):
+        if getattr(blocks, name) < MIN_DOT:
+            raise ValueError(f"{name}={getattr(blocks, name)} must be >= {MIN_DOT} (tensor-core dot)")
+
+
 def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int) -> WindowKVBlocks:
     """Split each head's Dh rows so that 2 * Ka * (Dh / block_n) >= WINDOW_KV_PROGRAMS.
 
@@ -312,10 +321,7 @@ def _gathered_window_kv(x_win, w_kv, heads, b, *, blocks: WindowKVBlocks, interp
     batch, window, d_model = x_win.shape
     _, n_kv, head_dim, _ = w_kv.shape
     n_sel = heads.shape[0]
-    check_pow2(block_m=blocks.block_m, block_n=blocks.block_n, block_d=blocks.block_d)
-    for name in ("block_m", "block_n", "block_d"):
-        if getattr(blocks, name) < MIN_DOT:
-            raise ValueError(f"{name}={getattr(blocks, name)} must be >= {MIN_DOT} (tensor-core dot)")
+    check_window_kv_blocks(blocks)
     kernel = functools.partial(
         _window_kv_kernel, batch=batch, window=window, n_sel=n_sel, n_kv=n_kv, head_dim=head_dim,
         d_model=d_model, has_bias=b is not None, block_m=blocks.block_m, block_n=blocks.block_n,

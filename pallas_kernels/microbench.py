@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import gather_attention as ga
-from pallas_kernels._common import check_pow2, on_cpu
+from pallas_kernels._common import on_cpu
 from pallas_kernels import gather_mlp as gm
 
 OPT_6_7B_MLP = dict(D=4096, F=16384)
@@ -411,13 +411,9 @@ WINDOW_KV_SWEEP = (
 
 
 def check_window_kv_blocks(blocks: dict) -> None:
-    """Raise ValueError unless every block size is a power of two and at least the dot minimum."""
-    for name in ("block_m", "block_n", "block_d"):
-        if name in blocks:
-            check_pow2(**{name: blocks[name]})
-            if blocks[name] < ga.MIN_DOT:
-                raise ValueError(f"{name}={blocks[name]} must be >= {ga.MIN_DOT} (tensor-core dot)")
-    check_pow2(num_warps=blocks.get("num_warps", 4))
+    """ga.check_window_kv_blocks for a partial block dict (the keys not given at their minimum)."""
+    minimal = ga.WindowKVBlocks(block_m=ga.MIN_DOT, block_n=ga.MIN_DOT, block_d=ga.MIN_DOT)
+    ga.check_window_kv_blocks(dataclasses.replace(minimal, **blocks))
 
 
 def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
