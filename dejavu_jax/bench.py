@@ -18,8 +18,13 @@ tokens, and before anything large is allocated the run prints its estimated peak
 caches, predictors) and stops with an error if it exceeds the allocator's limit. JAX's GPU
 allocator stops at XLA_CLIENT_MEM_FRACTION of the GPU (0.75 by default, also without
 preallocation): OPT-66B in fp16 (132 GB) on a 141 GB GPU needs XLA_CLIENT_MEM_FRACTION=0.95.
-The transformers baselines run first, in their own process that exits before JAX allocates; at
-66B they need the GPU alone, so time them in a separate run (--baselines none here).
+The transformers baselines run first, in their own process that exits before JAX allocates, so
+at 66B the GPU holds one copy of the weights at a time.
+
+    python -m dejavu_jax.bench --preset opt-66b --tp 2 --baselines copy --sparse 0.25:0.5 --kernels pallas
+
+--tp N shards the model over the first N devices (Megatron-style, one all-reduce per block half);
+`scripts/tp_scaling.py` puts the bench.json files of several TP degrees side by side.
 """
 
 from __future__ import annotations
@@ -541,11 +546,39 @@ def run_torch_baselines(preset_name: str, dtype: str, prompt_len: int, new_token
                         timeout: int = 1200) -> list[dict]:
     cmd = [sys.executable, "-m", "dejavu_jax.bench_torch", "--preset", preset_name, "--dtype", dtype,
            "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens), "--variants", variants]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
-        rows.append({"impl": f"transformers ({variants})", "error": proc.stderr.strip().splitlines()[-1:]})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        stdout, failure = proc.stdout, proc.returncode != 0 and proc.stderr.strip().splitlines()[-1:]
+    except subprocess.TimeoutExpired as e:  # report what finished (e.g. the copy probe) and go on without it
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        failure = [f"timed out after {timeout} s"]
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if failure:
+        done = {r["impl"] for r in rows}
+        rows.append({"impl": f"transformers ({','.join(v for v in variants.split(',') if f'transformers {v}' not in done)})",
+                     "error": failure})
     return rows
+
+
+def scaling_table(results: Sequence[dict]) -> str:
+    """Markdown: ms/token of each implementation at every TP degree of the given bench.json results
+    (same model and settings), the speedup over TP=1 and the scaling efficiency t1 / (TP * t_TP)."""
+    by_tp = {r.get("tp", 1): {_label(row): row for row in r["rows"] if "error" not in row and "prefill_ms" in row}
+             for r in results}  # measured rows only (not the floor)
+    if 1 not in by_tp:
+        raise ValueError("scaling needs a TP=1 result among the inputs")
+    degrees = sorted(by_tp)
+    head = "| implementation | " + " | ".join(f"TP={t} ms/token" for t in degrees)
+    head += "".join(f" | TP={t} speedup | TP={t} efficiency" for t in degrees[1:]) + " |"
+    lines = [head, "|---" * (1 + len(degrees) + 2 * (len(degrees) - 1)) + "|"]
+    for label, base in by_tp[1].items():
+        if not all(label in by_tp[t] for t in degrees):
+            continue
+        ms = [by_tp[t][label]["decode_ms_per_token"] for t in degrees]
+        cells = [f"{m:.3f}" for m in ms]
+        cells += [f"{ms[0] / m:.2f}x | {ms[0] / (t * m):.0%}" for t, m in zip(degrees[1:], ms[1:])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _label(r: dict) -> str:
@@ -616,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="eager,static-compile",
                    help="comma list of transformers variants to time (eager, static-compile), 'copy' for only the "
                         "cudaMemcpy bandwidth of the floor, or 'none'. They run first in their own process, which "
-                        "exits before JAX allocates; a model that fills the GPU (OPT-66B fp16 on 141 GB) cannot "
-                        "hold a second copy for torch in any case: time it in its own run, use 'none' here")
+                        "exits before JAX allocates, so a model that fills the GPU can be timed by both")
+    p.add_argument("--baselines-timeout", type=int, default=1200, metavar="S",
+                   help="seconds the transformers process may take; past it, the rows it finished are kept")
     sp = p.add_argument_group("sparse decode (random predictors with lookahead in the loop)")
     sp.add_argument("--sparse", default="", help="density points MLP:HEADS, comma separated, e.g. "
                                                   "0.25:0.5,0.1:0.5,0.5:0.5 (empty: dense only)")
@@ -670,7 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch != 1 or batches:
             print("transformers baselines run at batch 1 without --batches only; skipped", file=sys.stderr)
         else:
-            for r in run_torch_baselines(args.preset, args.dtype, args.prompt_len, args.new_tokens, args.baselines):
+            for r in run_torch_baselines(args.preset, args.dtype, args.prompt_len, args.new_tokens, args.baselines,
+                                         timeout=args.baselines_timeout):
                 print(json.dumps(r), flush=True)
                 torch_rows.append(r)
 

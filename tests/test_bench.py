@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dejavu_jax import bench as B
 from dejavu_jax.bench import decode_weight_bytes, main as bench_main, parse_densities, predictor_bytes
 from dejavu_jax.config import preset
 
@@ -130,3 +131,26 @@ def test_bench_jax_refuses_decode_temporaries_beyond_free_memory(monkeypatch):
                                                                  "bytes_in_use": (1 << 40) - 1})
     with pytest.raises(B.DeviceMemoryError, match="decode program's temporaries"):
         B.bench_jax(cfg, params, prompt_len=4, new_tokens=2, reps=1)
+
+
+def test_scaling_table_speedup_and_efficiency():
+    def result(tp, dense_ms, sparse_ms):
+        return {"tp": tp, "rows": [
+            {"impl": "bandwidth floor (dense weights / copy bandwidth)", "decode_ms_per_token": 10.0 / tp},
+            {"impl": "dejavu_jax dense", "prefill_ms": 1.0, "decode_ms_per_token": dense_ms},
+            {"impl": "sparse", "mlp_density": 0.25, "head_density": 0.5, "prefill_ms": 1.0,
+             "decode_ms_per_token": sparse_ms},
+            {"impl": "transformers eager", "error": ["timed out after 9 s"]}]}
+
+    table = B.scaling_table([result(2, 6.0, 4.0), result(1, 10.0, 6.0)]).splitlines()
+    assert table[0].startswith("| implementation | TP=1 ms/token | TP=2 ms/token | TP=2 speedup | TP=2 efficiency")
+    assert table[2] == "| dejavu_jax dense | 10.000 | 6.000 | 1.67x | 83% |"
+    assert table[3] == "| sparse, mlp 0.25, heads 0.5 | 6.000 | 4.000 | 1.50x | 75% |"
+    assert len(table) == 4  # the floor and failed rows are not scaled
+    with pytest.raises(ValueError, match="TP=1"):
+        B.scaling_table([result(2, 6.0, 4.0)])
+
+
+def test_torch_baselines_past_their_timeout_become_an_error_row():
+    rows = B.run_torch_baselines("opt-125m", "fp32", 8, 4, "eager", timeout=1)
+    assert rows[-1]["impl"] == "transformers (eager)" and rows[-1]["error"] == ["timed out after 1 s"]

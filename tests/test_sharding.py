@@ -2,8 +2,10 @@
 
 The 4 devices need XLA_FLAGS=--xla_force_host_platform_device_count=4 before JAX starts, while
 the rest of the suite runs in one process with 1 device; so the multi-device checks run once in a
-child process (this file executed as a script: `python tests/test_sharding.py worker`), which prints
-one JSON object of measured differences and collective counts, and the tests assert on it.
+child process (this file executed as a script: `python tests/test_sharding.py worker [TP]`), which
+prints one JSON object of measured differences and collective counts, and the tests assert on it.
+On a machine with 2 or more GPUs the same worker also runs on 2 real GPUs (NCCL all-reduces,
+compiled Pallas kernels per shard): `test_two_gpus_*`, skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TP = 4
+TP = 4  # CPU host devices; the GPU variant uses 2
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -37,7 +39,7 @@ def _tiny_configs():
     }
 
 
-def _worker() -> dict:
+def _worker(TP: int = TP) -> dict:  # noqa: N803 (the device count reads as the constant it shadows)
     import tempfile
 
     import jax
@@ -144,8 +146,8 @@ def _worker() -> dict:
         r["sparse_b1_diff"] = maxdiff(sparse_ref, compiled["sparse_smap"](sparams, tp_sel, *args)[0])
         r["sparse_b1_vs_dense"] = maxdiff(sparse_ref, one(params, None, *args[:2], c1, None))
 
-        # 5. Pallas kernels (interpret mode) per shard under shard_map: one sparse step, equal to XLA
-        #    (GQA only: it covers every kernel, and interpret mode is slow on CPU)
+        # 5. Pallas kernels (interpret mode on CPU) per shard under shard_map: one sparse step, equal to
+        #    XLA (GQA only: it covers every kernel, and interpret mode is slow on CPU)
         if name == "llama":
             pal = S.sharded_ops(get_ops("pallas"), mesh)
             lx, _ = S.decode_step_fn(cfg, mesh, c1, ops=smap_ops, donate=False)(sparams, tp_sel, *args)
@@ -174,8 +176,8 @@ def _worker() -> dict:
     return out
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
-    print("RESULT " + json.dumps(_worker()), flush=True)
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    print("RESULT " + json.dumps(_worker(int(sys.argv[2]) if len(sys.argv) > 2 else TP)), flush=True)
     sys.exit(0)
 
 
@@ -190,16 +192,35 @@ from dejavu_jax import sharding as S  # noqa: E402
 from dejavu_jax.config import preset  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tp_results():
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                                      f" --xla_force_host_platform_device_count={TP}").strip(),
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker"], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+def _run_worker(tp: int, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker", str(tp)], capture_output=True,
+                          text=True, env=dict(os.environ, **env), cwd=REPO, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"TP worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    return _run_worker(TP, {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                                          f" --xla_force_host_platform_device_count={TP}").strip(),
+                            "JAX_PLATFORMS": "cpu"})
+
+
+def _gpu_count() -> int:
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def two_gpu_results():
+    if _gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    # the child shares the GPUs with this process: no preallocation; fp32 dots at full precision (not TF32)
+    return _run_worker(2, {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0,1"),
+                           "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "JAX_DEFAULT_MATMUL_PRECISION": "highest"})
 
 
 FAMILIES = ["opt", "llama"]
@@ -263,6 +284,25 @@ def test_sharded_checkpoint_restore(tp_results):
     assert r["ckpt_shardings_match"]
     assert r["ckpt_up_shard_shape"] == [cfg.ffn_size // TP, cfg.up_rows, cfg.hidden_size]
     assert r["ckpt_value_diff"] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_gpus_sharded_decode_equals_single_device(two_gpu_results, family):
+    """TP=2 on real GPUs: NCCL all-reduces, per-shard top-K, and (GQA) the compiled Pallas kernels."""
+    r = two_gpu_results[family]
+    for key in ("prefill_diff", "decode_dense_diff", "step_b1_dense_diff", "sparse_b1_diff", "sparse_b2_diff",
+                "oracle_mask_diff"):
+        assert r[key] < 1e-4, (key, r[key])
+    assert r["sparse_b1_vs_dense"] > 1e-2 and r["idx_blockwise"]
+    for key in ("dense", "sparse_smap"):
+        assert r[f"hlo_{key}"]["all-reduce"] == 2 * _tiny_layers(family), r[f"hlo_{key}"]
+        assert r[f"hlo_{key}"]["all-gather"] == 0, r[f"hlo_{key}"]
+    if family == "llama":
+        assert r["pallas_vs_xla_diff"] < 1e-4
+        assert "error" not in r["bench_tp_rows"][0], r["bench_tp_rows"]
+    else:
+        assert r["ckpt_shardings_match"] and r["ckpt_value_diff"] == 0.0
 
 
 def _tiny_cfg(family):
