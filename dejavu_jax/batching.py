@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from dejavu_jax.model import SelectContext, Selection
 from dejavu_jax.sparse import (OracleSelector, PredictorSelector, SparsityError, _context_input, _topk_rows,
-                               predictor_logits)
+                               predictor_logits, topk_mask)
 from pallas_kernels import topk_rows_reference
 
 BATCH_SELECT = ("union", "per-row")
@@ -101,16 +101,16 @@ def blockwise_topk_idx_local(scores: jax.Array, k: int, mesh, axis: str = "model
 def blockwise_topk_mask(scores: jax.Array, k: int, blocks: int = 1) -> jax.Array:
     """Keep-mask of the per-block top-(k/blocks) along the last axis. scores [..., N] -> bool [..., N].
 
-    Threshold at each block's k_b-th largest value, like `sparse.topk_mask` (ties at the boundary kept).
+    Threshold at each block's k_b-th largest value (ties at the boundary kept), found by
+    `sparse.topk_mask`'s bisection: compares and counts only, which shard like any reduction, where
+    a `lax.top_k` over a sharded axis needs the partitioner's TopK handling (and a sort on CPU).
     """
     n = scores.shape[-1]
     _check_blocks(n, blocks)
     nb, kb = n // blocks, per_block_k(k, blocks)
     if kb >= nb:
         return jnp.ones(scores.shape, bool)
-    s = scores.reshape(scores.shape[:-1] + (blocks, nb))
-    kth = jax.lax.top_k(s, kb)[0][..., -1:]
-    return (s >= kth).reshape(scores.shape)
+    return topk_mask(scores.reshape(scores.shape[:-1] + (blocks, nb)), kb).reshape(scores.shape)
 
 
 def combine_rows(scores: jax.Array, how: str) -> jax.Array:
