@@ -261,7 +261,7 @@ def describe_estimate(est: dict, memory: dict | None) -> str:
 
 
 def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: float, head_density: float,
-                              rank: int, dtype, lookahead: bool = True):
+                              rank: int, dtype, lookahead: bool = True, transpose: bool = True):
     """Predictors with random weights at real shapes: the latency of predicting in the loop, not its quality."""
     from dejavu_jax.sparse import PredictorSelector, SparsityConfig, share_first_matmul
 
@@ -276,7 +276,7 @@ def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: 
 
     preds = [layer(k) for k in jax.random.split(key, cfg.num_layers)]
     return share_first_matmul(PredictorSelector(preds, sp.mlp_schedule(cfg), sp.head_schedule(cfg), cfg.ffn_size,
-                                                cfg.num_heads, lookahead, True))
+                                                cfg.num_heads, lookahead, True), transpose=transpose)
 
 
 def fixed_index_selector(cfg: ModelConfig, *, mlp_density: float, head_density: float, seed: int = 0):
@@ -331,10 +331,13 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
-            variants = [("predictor+lookahead", True, False)]
+            variants = [("predictor+lookahead", True, False, True)]  # label, lookahead, fixed, transposed
             if extras and i == 0 and j == 0:
-                variants += [("predictor, no lookahead", False, False), ("fixed indices (no predictor)", True, True)]
-            for label, lookahead, fixed in variants:
+                variants += [("predictor, no lookahead", False, False, True),
+                             ("fixed indices (no predictor)", True, True, True)]
+                if batch == 1 and mesh is None:  # the layout only matters to the batch-1 gathered step
+                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False))
+            for label, lookahead, fixed, transpose in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
 
@@ -343,7 +346,8 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
                 else:
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
-                                                    head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead)
+                                                    head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead,
+                                                    transpose=transpose)
                 step_ops, place_cache = ops, None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup

@@ -271,6 +271,11 @@ def _pdot(v: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...k,kn->...n", v.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+def _pdot_t(v: jax.Array, w_t: jax.Array) -> jax.Array:
+    """v [..., K] @ w_t[N, K].T -> [..., N] f32: `_pdot` for a transposed weight."""
+    return jnp.einsum("...k,nk->...n", v.astype(w_t.dtype), w_t, preferred_element_type=jnp.float32)
+
+
 def scores_from_code(p: Params, z: jax.Array) -> jax.Array:
     """The second half of `predictor_logits`: rank-r code z = x @ p["a"] [..., r] -> scores [..., N] f32."""
     if predictor_form(p) == "linear":
@@ -356,7 +361,7 @@ class ThresholdSelector:
         return Selection(from_importance=functools.partial(_above, threshold=self.mlp_threshold[ctx.layer]))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["predictors", "shared_a"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["predictors", "shared_a", "decode_b"],
                    meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads", "lookahead", "gather"])
 @dataclasses.dataclass(frozen=True)
 class PredictorSelector:
@@ -375,7 +380,16 @@ class PredictorSelector:
     num_heads: int
     lookahead: bool = True
     gather: bool = True
-    shared_a: list | None = None  # per layer [D, r_heads + r_mlp] or None: see `share_first_matmul`
+    # The batch-1 decode step's layout (`share_first_matmul`): per layer both input matrices
+    # concatenated, [D, r_heads + r_mlp], or transposed [r_heads + r_mlp, D] when decode_b (per layer
+    # {"heads": [H, r], "mlp": [F, r]}, the output matrices transposed) is given too.
+    shared_a: list | None = None
+    decode_b: list | None = None
+
+    def _scores_from_code(self, layer: int, kind: str, p: Params, z: jax.Array) -> jax.Array:
+        if self.decode_b is None:
+            return scores_from_code(p, z)
+        return _pdot_t(z, self.decode_b[layer][kind])
 
     def _select(self, ctx: SelectContext, kind: str, k: int, n: int) -> Selection | None:
         if k >= n:
@@ -388,12 +402,12 @@ class PredictorSelector:
         if shared is not None and kind == "heads" and self.mlp_k[ctx.layer] < self.num_neurons:
             # One matvec for both sites' codes (they read the same residual under lookahead); the
             # MLP half waits in ctx.scratch for this block's neurons() call.
-            z = _pdot(x, shared)  # [1, 1, r_heads + r_mlp]
+            z = _pdot(x, shared) if self.decode_b is None else _pdot_t(x, shared)  # [1, 1, r_heads + r_mlp]
             r = p["a"].shape[1]
             ctx.scratch["mlp_code"] = z[..., r:]
-            scores = scores_from_code(p, z[..., :r])
+            scores = self._scores_from_code(ctx.layer, kind, p, z[..., :r])
         elif kind == "mlp" and "mlp_code" in ctx.scratch:
-            scores = scores_from_code(p, ctx.scratch.pop("mlp_code"))
+            scores = self._scores_from_code(ctx.layer, kind, p, ctx.scratch.pop("mlp_code"))
         else:
             scores = predictor_logits(p, x, rank_only=True)  # [B, T, N]
         if gathered:
@@ -407,20 +421,28 @@ class PredictorSelector:
         return self._select(ctx, "mlp", self.mlp_k[ctx.layer], self.num_neurons)
 
 
-def share_first_matmul(selector: PredictorSelector) -> PredictorSelector:
+def share_first_matmul(selector: PredictorSelector, *, transpose: bool = True) -> PredictorSelector:
     """The selector with each layer's heads and MLP input matrices concatenated, [D, r_h + r_m].
 
     Under lookahead both predictors of a layer read the same residual, so a batch-1 decode step can
     compute both rank-r codes with one matvec (one kernel and one read of x instead of two). Only
     for linear predictors, whose rank-only scores skip the input normalization on both sides; other
     selectors are returned unchanged. The concatenation is done once here, not per step.
+
+    transpose: store the concatenation as [r_h + r_m, D] and the output matrices as [N, r], so both
+    matvecs contract the weights' minor axis, as the model's own weight matvecs do (XLA then emits
+    its matvec kernels rather than column reductions). Costs a second copy of the output matrices
+    (F x r per layer).
     """
     preds = selector.predictors
     if not selector.lookahead or not all(predictor_form(lp[k]) == "linear" for lp in preds for k in KINDS):
         return selector
     shared = [jnp.concatenate([lp["heads"]["a"], lp["mlp"]["a"].astype(lp["heads"]["a"].dtype)], axis=1)
               for lp in preds]
-    return dataclasses.replace(selector, shared_a=shared)
+    if not transpose:
+        return dataclasses.replace(selector, shared_a=shared)
+    return dataclasses.replace(selector, shared_a=[a.T for a in shared],
+                               decode_b=[{k: lp[k]["b"].T for k in KINDS} for lp in preds])
 
 
 @dataclasses.dataclass(frozen=True)

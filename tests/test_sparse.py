@@ -261,17 +261,25 @@ def test_predictor_gather_equals_predictor_mask(tiny):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_shared_first_matmul_decodes_like_separate_predictors(tiny):
-    """share_first_matmul computes both sites' codes with one matvec; the selections (hence the
-    logits) are the same as with two. Without lookahead the sites read different residuals: unchanged."""
+@pytest.mark.parametrize("transpose", [False, True])
+def test_shared_first_matmul_decodes_like_separate_predictors(tiny, transpose):
+    """share_first_matmul computes both sites' codes with one matvec (optionally from transposed
+    matrices); the selections (hence the logits) are the same as with two. Without lookahead the
+    sites read different residuals: unchanged."""
     cfg, params = tiny
     prompt, _ = tokens_for(cfg, B=1, T=6)
     preds = random_predictors(cfg)
     L = cfg.num_layers
     mk, hk = (cfg.ffn_size // 2,) * L, (2,) * L
     sep = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, True, gather=True)
-    shared = share_first_matmul(sep)
-    assert [a.shape for a in shared.shared_a] == [(cfg.hidden_size, 16)] * L
+    shared = share_first_matmul(sep, transpose=transpose)
+    D, r = cfg.hidden_size, 16
+    assert [a.shape for a in shared.shared_a] == [(r, D) if transpose else (D, r)] * L
+    if transpose:
+        assert [(b["mlp"].shape, b["heads"].shape) for b in shared.decode_b] == \
+            [((cfg.ffn_size, r // 2), (cfg.num_heads, r // 2))] * L
+    else:
+        assert shared.decode_b is None
     np.testing.assert_allclose(decode_steps(params, cfg, prompt, 3, selector=shared, ops=OPS),
                                decode_steps(params, cfg, prompt, 3, selector=sep, ops=OPS), atol=1e-5, rtol=1e-5)
     no_lookahead = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, False, gather=True)
