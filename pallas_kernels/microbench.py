@@ -407,6 +407,9 @@ WINDOW_KV_SWEEP = (
     dict(block_n=32, block_d=256, num_warps=4, num_stages=3),
     dict(block_n=64, block_d=128, num_warps=4, num_stages=4),
     dict(block_n=64, block_d=512, num_warps=8, num_stages=3),
+    dict(block_n=16, block_d=256, num_warps=4, num_stages=4),
+    dict(block_n=16, block_d=128, num_warps=4, num_stages=4),
+    dict(block_n=32, block_d=128, num_warps=4, num_stages=6),
 )
 
 
