@@ -664,9 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rank", type=int, default=128, help="predictor rank r (D -> r -> N)")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the no-lookahead and no-predictor variants at the first density point")
-    sp.add_argument("--dense-attention-kernel", action="store_true",
-                    help="also time dense decode with attention through the Pallas decode-attention kernel "
-                         "(all heads; XLA matvecs for the weights)")
     sp.add_argument("--dense-pallas", action="store_true",
                     help="also time dense decode through the Pallas gathered kernels with every row selected "
                          "(on the H100 at OPT-6.7B: 5.47 ms/token vs 5.30 for XLA's dense matvecs)")
@@ -784,8 +781,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(rows[-1]), flush=True)
     dense_variants = []
-    if args.dense_attention_kernel and mesh is None:
-        dense_variants.append(("dejavu_jax dense, pallas decode attention", None))
     if args.dense_pallas and mesh is None and args.batch == 1:
         dense_variants.append(("dejavu_jax dense, pallas kernels (every row selected)", all_rows_selector(cfg)))
     for impl, selector in dense_variants:

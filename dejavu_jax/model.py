@@ -373,16 +373,6 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
         out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
-    elif T == 1 and ops is not None and sel is None and record is None:
-        # Dense decode step with kernels at hand: all heads through the decode-attention kernel (one
-        # launch and a small merge, where XLA emits ~5 small kernels per layer), XLA matvecs around it.
-        q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, 1, H, Dh]
-        if cfg.positions == "rope":
-            q = rope(q, positions, cfg.rope_theta)
-        valid = key_valid & (key_slot[None, :] <= query_slot[0])
-        o = ops.sparse_decode_attention(q[:, 0], k_all, v_all, valid, jnp.arange(H, dtype=jnp.int32),
-                                        scale=scale, num_heads=H)  # [B, H, Dh]
-        out = jnp.einsum("bnh,nhd->bd", o, lp["out"])[:, None]  # [B, 1, D]
     else:
         q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]
         if cfg.positions == "rope":

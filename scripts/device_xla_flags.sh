@@ -3,15 +3,15 @@
 # in one device call: does an XLA option move dense or sparse decode?  Outputs: "$OUT/flags/<tag>/"
 # (bench.json + bench.md each; no plots, to stay within the files a call returns) and log.txt.
 #
-#   bash scripts/device_xla_flags.sh    # defaults below: OPT-6.7B dense (+ the dense attention-kernel
-#                                       # variant) and sparse 0.25:0.5 lazy, default flags vs
+#   bash scripts/device_xla_flags.sh    # defaults below: OPT-6.7B dense and sparse 0.25:0.5 lazy,
+#                                       # default flags vs
 #                                       # command buffers that also capture while loops/conditionals
 #
 # Overrides: PRESET, BENCH_ARGS (the bench flags after --preset), VARIANTS ("tag=flags;tag=flags").
 set -u -o pipefail
 
 PRESET=${PRESET:-opt-6.7b}
-BENCH_ARGS=${BENCH_ARGS:---dtype fp16 --reps 5 --baselines copy --dense-attention-kernel --sparse 0.25:0.5 --kernels pallas --kv-modes lazy --no-extras}
+BENCH_ARGS=${BENCH_ARGS:---dtype fp16 --reps 5 --baselines copy --sparse 0.25:0.5 --kernels pallas --kv-modes lazy --no-extras}
 VARIANTS=${VARIANTS:-default=;while_cmdbuf=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL}
 OUT=${OUT:-results/tmp/device_xla_flags}
 

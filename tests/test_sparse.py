@@ -116,17 +116,6 @@ def test_all_selected_gather_decode_equals_dense(tiny):
     np.testing.assert_allclose(gathered, dense, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_dense_decode_with_attention_kernel_equals_dense(tiny, backend):
-    """No selector but ops given: decode steps run attention through the decode-attention kernel
-    (batch 2, so the per-row valid slots matter)."""
-    cfg, params = tiny
-    prompt, _ = tokens_for(cfg, B=2, T=6)
-    dense = decode_steps(params, cfg, prompt, 3)
-    kernel = decode_steps(params, cfg, prompt, 3, ops=get_ops(backend))
-    np.testing.assert_allclose(kernel, dense, atol=1e-4, rtol=1e-4)
-
-
 def test_gathered_decode_equals_mask_decode(tiny):
     cfg, params = tiny
     prompt, _ = tokens_for(cfg, B=1, T=6)
