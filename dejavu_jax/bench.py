@@ -30,7 +30,6 @@ at 66B the GPU holds one copy of the weights at a time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -332,16 +331,13 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
-            # label, lookahead, fixed indices, transposed predictor layout, fused add+norm kernel
-            variants = [("predictor+lookahead", True, False, True, True)]
+            variants = [("predictor+lookahead", True, False, True)]  # label, lookahead, fixed, transposed
             if extras and i == 0 and j == 0:
-                variants += [("predictor, no lookahead", False, False, True, True),
-                             ("fixed indices (no predictor)", True, True, True, True)]
+                variants += [("predictor, no lookahead", False, False, True),
+                             ("fixed indices (no predictor)", True, True, True)]
                 if batch == 1 and mesh is None:  # the layout only matters to the batch-1 gathered step
-                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, True))
-                if backend == "pallas":
-                    variants.append(("predictor+lookahead, XLA add+norm", True, False, True, False))
-            for label, lookahead, fixed, transpose, fused_norm in variants:
+                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False))
+            for label, lookahead, fixed, transpose in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
 
@@ -352,11 +348,11 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
                                                     head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead,
                                                     transpose=transpose)
-                step_ops, place_cache = (ops if fused_norm else dataclasses.replace(ops, add_norm=None)), None
+                step_ops, place_cache = ops, None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup
 
-                    sel, step_ops, place_cache = decode_setup(sel, step_ops, mesh, batch_select=batch_select)
+                    sel, step_ops, place_cache = decode_setup(sel, ops, mesh, batch_select=batch_select)
                 nbytes = wbytes + (0 if fixed else pbytes)
                 row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
                        "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
@@ -668,8 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rank", type=int, default=128, help="predictor rank r (D -> r -> N)")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the no-lookahead and no-predictor variants at the first density point")
-    sp.add_argument("--dense-fused-norm", action="store_true",
-                    help="also time dense decode with the residual adds and norms in the Pallas add+norm kernel")
     sp.add_argument("--dense-pallas", action="store_true",
                     help="also time dense decode through the Pallas gathered kernels with every row selected "
                          "(on the H100 at OPT-6.7B: 5.47 ms/token vs 5.30 for XLA's dense matvecs)")
@@ -787,8 +781,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(rows[-1]), flush=True)
     dense_variants = []
-    if args.dense_fused_norm and mesh is None:
-        dense_variants.append(("dejavu_jax dense, fused add+norm kernel", None))
     if args.dense_pallas and mesh is None and args.batch == 1:
         dense_variants.append(("dejavu_jax dense, pallas kernels (every row selected)", all_rows_selector(cfg)))
     for impl, selector in dense_variants:

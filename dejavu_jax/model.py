@@ -399,30 +399,22 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
     """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v))."""
     ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h, ops=ops)
     head_sel = selector.heads(ctx) if selector is not None else None
-    x = add_norm(lp["attn_norm"], h, None, cfg, ops)[1] if cfg.pre_norm else h
+    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
                                     head_sel, ops, record)
-    h, x = add_norm(lp["mlp_norm"] if cfg.pre_norm else lp["attn_norm"], h, attn_out, cfg, ops)
-    if not cfg.pre_norm:  # post-LN: the normed sum is the residual and the MLP's input
-        h = x
+    h = h + attn_out
+    if not cfg.pre_norm:
+        h = norm(lp["attn_norm"], h, cfg)
     if selector is not None:
         ctx.mlp_input = h
         neuron_sel = selector.neurons(ctx)
     else:
         neuron_sel = None
-    mlp_out = mlp(lp, cfg, x, neuron_sel, ops, record)
-    if cfg.pre_norm:
-        return h + mlp_out, new_cache
-    return add_norm(lp["mlp_norm"], h, mlp_out, cfg, ops)[1], new_cache
-
-
-def add_norm(p: Params, h: jax.Array, delta: jax.Array | None, cfg: ModelConfig, ops: Ops | None):
-    """(h + delta, norm(h + delta)): with ops, one fused kernel (`pallas_kernels.fused_norm`) where XLA
-    emits the add, the statistics and the normalisation separately. delta None: (h, norm(h))."""
-    if ops is None or getattr(ops, "add_norm", None) is None:
-        s = h if delta is None else h + delta
-        return s, norm(p, s, cfg)
-    return ops.add_norm(h, delta, p["scale"], p.get("bias"), eps=cfg.norm_eps, norm=cfg.norm)
+    x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm else h
+    h = h + mlp(lp, cfg, x, neuron_sel, ops, record)
+    if not cfg.pre_norm:
+        h = norm(lp["mlp_norm"], h, cfg)
+    return h, new_cache
 
 
 # --------------------------------------------------------------------------------------------

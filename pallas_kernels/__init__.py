@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same eight functions with the same signatures, so the model code picks a
+kernels; both expose the same seven functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pallas_kernels.gather_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
-from pallas_kernels.fused_norm import add_norm, add_norm_reference
 from pallas_kernels.select_topk import topk_rows, topk_rows_reference
 from pallas_kernels.gather_mlp import (
     gathered_down,
@@ -36,8 +35,7 @@ BACKENDS = ("xla", "pallas")
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv is the
-    lazy KV mode's window recompute), its top-K selection (select_topk.py) and the fused residual
-    add + norm of the per-layer glue (fused_norm.py)."""
+    lazy KV mode's window recompute) and its top-K selection (select_topk.py)."""
 
     backend: str
     gathered_up: Callable
@@ -47,7 +45,6 @@ class Ops:
     sparse_decode_attention: Callable
     topk_rows: Callable
     gathered_window_kv: Callable
-    add_norm: Callable
 
 
 def get_ops(backend: str) -> Ops:
@@ -56,10 +53,10 @@ def get_ops(backend: str) -> Ops:
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference,
-                   gathered_window_kv_reference, add_norm_reference)
+                   gathered_window_kv_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows, gathered_window_kv, add_norm)
+               sparse_decode_attention, topk_rows, gathered_window_kv)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -67,7 +64,7 @@ def get_ops(backend: str) -> Ops:
 
 
 __all__ = [
-    "BACKENDS", "Ops", "get_ops", "add_norm", "add_norm_reference",
+    "BACKENDS", "Ops", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",

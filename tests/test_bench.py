@@ -55,7 +55,7 @@ def test_cli_dense_and_sparse_on_cpu(tiny_opt_ckpt, tmp_path, capsys):
     sparse = [r for r in result["rows"] if "mlp_density" in r]
     assert {r["variant"] for r in sparse} == {"predictor+lookahead", "predictor, no lookahead",
                                              "fixed indices (no predictor)",
-                                             "predictor+lookahead, [D, r] predictor layout"}  # xla: no add+norm row
+                                             "predictor+lookahead, [D, r] predictor layout"}
     assert all("error" not in r and r["decode_ms_per_token"] > 0 for r in sparse)
     assert (out / "bench.png").stat().st_size > 0 and "x floor" in (out / "bench.md").read_text()
 
