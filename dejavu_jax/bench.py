@@ -233,13 +233,15 @@ def peak_bytes_estimate(cfg: ModelConfig, dtype, *, batch: int, prompt_len: int,
     """Estimated peak device bytes of a bench run, per device: weights + two KV caches + one predictor set.
 
     rank 0: no sparse runs (no predictors). Two caches: bench_jax keeps the one being decoded and at
-    most one more alive. Compiled programs' temporaries come on top and are checked when compiled.
+    most one more alive. The predictor set is the bench's selector as built (the predictors and
+    their transposed decode-step copies, `sparse.share_first_matmul`), counted whole on each device.
+    Compiled programs' temporaries come on top and are checked when compiled.
     """
     itemsize = jnp.dtype(dtype).itemsize
     max_len = cache_len(prompt_len, new_tokens)
     est = {"weights": param_bytes(cfg, itemsize, tp),
            "kv_caches": 2 * max(cache_bytes(cfg, batch, max_len, dtype, kv) for kv in kv_modes) // tp,
-           "predictors": predictor_bytes(cfg, rank, itemsize) if rank else 0}
+           "predictors": selector_bytes(cfg, rank, dtype) if rank else 0}
     est["total"] = sum(est.values())
     return est
 
@@ -296,6 +298,13 @@ def all_rows_selector(cfg: ModelConfig):
 
     return FixedSelector([jnp.arange(cfg.ffn_size, dtype=jnp.int32)] * cfg.num_layers,
                          [jnp.arange(cfg.num_heads, dtype=jnp.int32)] * cfg.num_layers, cfg.ffn_size, cfg.num_heads)
+
+
+def selector_bytes(cfg: ModelConfig, rank: int, dtype) -> int:
+    """Device bytes of `random_predictor_selector`'s arrays (shapes only: nothing is allocated)."""
+    shape = jax.eval_shape(lambda: random_predictor_selector(cfg, jax.random.PRNGKey(0), mlp_density=0.5,
+                                                             head_density=0.5, rank=rank, dtype=dtype))
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shape))
 
 
 def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: str = "linear") -> int:

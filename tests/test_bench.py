@@ -99,6 +99,8 @@ def test_memory_estimate_refuses_a_run_that_cannot_fit(tiny_opt_ckpt, tmp_path, 
     est = B.peak_bytes_estimate(cfg, "float16", batch=1, prompt_len=128, new_tokens=128, rank=128)
     assert 131e9 < est["weights"] < 133e9  # fp16 OPT-66B: over the 0.75 default allocator share of 141 GB
     assert est["total"] == est["weights"] + est["kv_caches"] + est["predictors"]
+    # the predictors read per token, plus their transposed decode-step copies (same sizes)
+    assert est["predictors"] == 2 * B.predictor_bytes(cfg, 128, 2)
     # two caches: k and v per layer, the valid mask [1, 256] and the int32 write index
     assert est["kv_caches"] == 2 * (64 * 2 * 9216 * 256 * 2 + 256 + 4)
     B.check_fits(est["total"], "it", None)  # CPU: no limit reported, nothing checked
