@@ -566,10 +566,10 @@ def run_torch_baselines(preset_name: str, dtype: str, prompt_len: int, new_token
         stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         failure = [f"timed out after {timeout} s"]
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    if failure:
+    if failure:  # one error row naming the variants that did not finish
         done = {r["impl"] for r in rows}
-        rows.append({"impl": f"transformers ({','.join(v for v in variants.split(',') if f'transformers {v}' not in done)})",
-                     "error": failure})
+        missing = [v for v in variants.split(",") if f"transformers {v}" not in done]
+        rows.append({"impl": f"transformers ({','.join(missing)})", "error": failure})
     return rows
 
 
@@ -584,7 +584,7 @@ def scaling_table(results: Sequence[dict]) -> str:
     head = "| implementation | " + " | ".join(f"TP={t} ms/token" for t in degrees)
     head += "".join(f" | TP={t} speedup | TP={t} efficiency" for t in degrees[1:]) + " |"
     lines = [head, "|---" * (1 + len(degrees) + 2 * (len(degrees) - 1)) + "|"]
-    for label, base in by_tp[1].items():
+    for label in by_tp[1]:
         if not all(label in by_tp[t] for t in degrees):
             continue
         ms = [by_tp[t][label]["decode_ms_per_token"] for t in degrees]
@@ -789,16 +789,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceMemoryError as e:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(rows[-1]), flush=True)
-    dense_variants = []
     if args.dense_pallas and mesh is None and args.batch == 1:
-        dense_variants.append(("dejavu_jax dense, pallas kernels (every row selected)", all_rows_selector(cfg)))
-    for impl, selector in dense_variants:
         from pallas_kernels import get_ops
 
-        row = {"impl": impl, "floor_ms_per_token": floor_ms}
+        row = {"impl": "dejavu_jax dense, pallas kernels (every row selected)", "floor_ms_per_token": floor_ms}
         try:
             row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                 batch=args.batch, selector=selector, ops=get_ops("pallas"), reps=args.reps))
+                                 selector=all_rows_selector(cfg), ops=get_ops("pallas"), reps=args.reps))
         except Exception as e:  # a failing variant is reported, the others still run
             row["error"] = error_text(e)
         print(json.dumps(row), flush=True)
