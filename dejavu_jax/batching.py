@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from dejavu_jax.model import SelectContext, Selection
-from dejavu_jax.sparse import (OracleSelector, PredictorSelector, SparsityError, _context_input, _topk_rows,
-                               predictor_logits, topk_mask)
+from dejavu_jax.sparse import (OracleSelector, PredictorSelector, SparsityError, _check_blocks, _context_input,
+                               _topk_rows, blockwise_topk_idx, blockwise_topk_mask, per_block_k, predictor_logits)
 from pallas_kernels import topk_rows_reference
 
 BATCH_SELECT = ("union", "per-row")
@@ -51,31 +51,6 @@ COMBINE = ("max", "sum")
 # --------------------------------------------------------------------------------------------
 # Blockwise top-K (blocks = tensor-parallel shards; 1 = plain top-K)
 # --------------------------------------------------------------------------------------------
-def per_block_k(k: int, blocks: int) -> int:
-    """Rows each of `blocks` slices keeps for a layer-wide budget k: ceil(k / blocks)."""
-    return -(-k // blocks)
-
-
-def _check_blocks(n: int, blocks: int) -> None:
-    if blocks < 1 or n % blocks:
-        raise SparsityError(f"{n} neurons/heads cannot be split into {blocks} equal shards")
-
-
-def blockwise_topk_idx(scores: jax.Array, k: int, blocks: int = 1, topk_rows=topk_rows_reference) -> jax.Array:
-    """Sorted global indices of the per-block top-(k/blocks). scores [N] -> [blocks * ceil(k/blocks)] int32.
-
-    Block s covers rows s*N/blocks .. (s+1)*N/blocks - 1 and owns positions s*k_b .. (s+1)*k_b - 1
-    of the result (k_b = ceil(k/blocks)), ascending within the block: ascending row reads per shard.
-    topk_rows: [G, n] scores -> [G, k] ascending indices (an `Ops.topk_rows`).
-    """
-    n = scores.shape[-1]
-    _check_blocks(n, blocks)
-    nb, kb = n // blocks, per_block_k(k, blocks)
-    local = topk_rows(scores.reshape(blocks, nb), kb)  # [blocks, kb]
-    offsets = (jnp.arange(blocks, dtype=jnp.int32) * nb)[:, None]
-    return (local.astype(jnp.int32) + offsets).reshape(blocks * kb)
-
-
 def blockwise_topk_idx_local(scores: jax.Array, k: int, mesh, axis: str = "model",
                              topk_rows=topk_rows_reference) -> jax.Array:
     """blockwise_topk_idx with one block per device of `mesh`'s `axis`, computed where the scores live.
@@ -96,21 +71,6 @@ def blockwise_topk_idx_local(scores: jax.Array, k: int, mesh, axis: str = "model
         return idx + jax.lax.axis_index(axis).astype(jnp.int32) * s.shape[0]
 
     return shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P(axis), check_vma=False)(scores)
-
-
-def blockwise_topk_mask(scores: jax.Array, k: int, blocks: int = 1) -> jax.Array:
-    """Keep-mask of the per-block top-(k/blocks) along the last axis. scores [..., N] -> bool [..., N].
-
-    Threshold at each block's k_b-th largest value (ties at the boundary kept), found by
-    `sparse.topk_mask`'s bisection: compares and counts only, which shard like any reduction, where
-    a `lax.top_k` over a sharded axis needs the partitioner's TopK handling (and a sort on CPU).
-    """
-    n = scores.shape[-1]
-    _check_blocks(n, blocks)
-    nb, kb = n // blocks, per_block_k(k, blocks)
-    if kb >= nb:
-        return jnp.ones(scores.shape, bool)
-    return topk_mask(scores.reshape(scores.shape[:-1] + (blocks, nb)), kb).reshape(scores.shape)
 
 
 def combine_rows(scores: jax.Array, how: str) -> jax.Array:
@@ -163,14 +123,17 @@ class BatchSelector:
             raise SparsityError(f"blocks (tensor-parallel shards) must be >= 1, got {self.blocks}")
         _check_blocks(self.base.num_neurons, self.blocks)
         _check_blocks(self.base.num_heads, self.blocks)
+        if isinstance(self.base, PredictorSelector) and self.base.mlp_blocks > 1 and self.blocks > 1:
+            raise SparsityError("per-block MLP top-K (mlp_topk_block) and tensor parallelism cannot be combined: "
+                                "the shards already rank their neurons per shard")
         if self.mesh is not None and self.mesh.shape.get("model") != self.blocks:
             raise SparsityError(f"mesh has model axis {dict(self.mesh.shape)}, selector has blocks={self.blocks}")
 
-    def _mask(self, scores: jax.Array, k: int) -> jax.Array:
+    def _mask(self, scores: jax.Array, k: int, blocks: int) -> jax.Array:
         """scores [B, T, N] (row-comparable) -> keep-mask [B, T, N]."""
         if self.batch_select == "per-row":
-            return blockwise_topk_mask(scores, k, self.blocks)
-        keep = blockwise_topk_mask(combine_rows(scores, self.combine), k, self.blocks)  # [T, N]
+            return blockwise_topk_mask(scores, k, blocks)
+        keep = blockwise_topk_mask(combine_rows(scores, self.combine), k, blocks)  # [T, N]
         return jnp.broadcast_to(keep[None], scores.shape)
 
     def _select(self, ctx: SelectContext, kind: str, k: int, n: int) -> Selection | None:
@@ -178,7 +141,8 @@ class BatchSelector:
             return None
         base = self.base
         if isinstance(base, OracleSelector):
-            return Selection(from_importance=lambda imp: self._mask(_oracle_weights(imp), k))
+            return Selection(from_importance=lambda imp: self._mask(_oracle_weights(imp), k, self.blocks))
+        blocks = base.mlp_blocks if kind == "mlp" and base.mlp_blocks > 1 else self.blocks
         x = _context_input(ctx, kind, base.lookahead)  # [B, T, D]
         B, T = x.shape[:2]
         # One row is only ranked: its raw logits (no norm, no sigmoid, which saturates into ties).
@@ -190,8 +154,8 @@ class BatchSelector:
             topk = _topk_rows(ctx)
             if self.mesh is not None:
                 return Selection(idx=blockwise_topk_idx_local(combined, k, self.mesh, topk_rows=topk))
-            return Selection(idx=blockwise_topk_idx(combined, k, self.blocks, topk_rows=topk))
-        return Selection(mask=self._mask(scores, k))
+            return Selection(idx=blockwise_topk_idx(combined, k, blocks, topk_rows=topk))
+        return Selection(mask=self._mask(scores, k, blocks))
 
     def heads(self, ctx: SelectContext) -> Selection | None:
         return self._select(ctx, "heads", self.base.head_k[ctx.layer], self.base.num_heads)

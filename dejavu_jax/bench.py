@@ -50,7 +50,7 @@ import numpy as np
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig, preset
 from dejavu_jax.generate import Generator
-from dejavu_jax.sparse import LAZY_WINDOW, refresh_groups
+from dejavu_jax.sparse import LAZY_WINDOW, MLP_TOPK_BLOCK, refresh_groups
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -263,11 +263,13 @@ def describe_estimate(est: dict, memory: dict | None) -> str:
 
 
 def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: float, head_density: float,
-                              rank: int, dtype, lookahead: bool = True, transpose: bool = True):
+                              rank: int, dtype, lookahead: bool = True, transpose: bool = True,
+                              mlp_topk_block: int = 0):
     """Predictors with random weights at real shapes: the latency of predicting in the loop, not its quality."""
     from dejavu_jax.sparse import PredictorSelector, SparsityConfig, share_first_matmul
 
-    sp = SparsityConfig(mode="predictor", mlp_density=mlp_density, head_density=head_density, lookahead=lookahead)
+    sp = SparsityConfig(mode="predictor", mlp_density=mlp_density, head_density=head_density, lookahead=lookahead,
+                        mlp_topk_block=mlp_topk_block)
     D = cfg.hidden_size
 
     def layer(k):
@@ -278,7 +280,8 @@ def random_predictor_selector(cfg: ModelConfig, key: jax.Array, *, mlp_density: 
 
     preds = [layer(k) for k in jax.random.split(key, cfg.num_layers)]
     return share_first_matmul(PredictorSelector(preds, sp.mlp_schedule(cfg), sp.head_schedule(cfg), cfg.ffn_size,
-                                                cfg.num_heads, lookahead, True), transpose=transpose)
+                                                cfg.num_heads, lookahead, True, mlp_blocks=sp.mlp_topk_blocks(cfg)),
+                              transpose=transpose)
 
 
 def fixed_index_selector(cfg: ModelConfig, *, mlp_density: float, head_density: float, seed: int = 0):
@@ -317,8 +320,12 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
 
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
-                extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union") -> list[dict]:
+                extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
+                mlp_topk_block: int = 0) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
+
+    mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
+    layer); with extras, the first point also runs the other setting for comparison.
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -340,13 +347,21 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
-            variants = [("predictor+lookahead", True, False, True)]  # label, lookahead, fixed, transposed
+            block = mlp_topk_block
+            main = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
+            # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block
+            variants = [(main, True, False, True, block)]
             if extras and i == 0 and j == 0:
-                variants += [("predictor, no lookahead", False, False, True),
-                             ("fixed indices (no predictor)", True, True, True)]
+                if block:
+                    variants.append(("predictor+lookahead, one MLP top-K per layer", True, False, True, 0))
+                elif mesh is None and cfg.ffn_size % MLP_TOPK_BLOCK == 0:
+                    variants.append((f"predictor+lookahead, MLP top-K per {MLP_TOPK_BLOCK} rows", True, False,
+                                     True, MLP_TOPK_BLOCK))
+                variants += [("predictor, no lookahead", False, False, True, block),
+                             ("fixed indices (no predictor)", True, True, True, 0)]
                 if batch == 1 and mesh is None:  # the layout only matters to the batch-1 gathered step
-                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False))
-            for label, lookahead, fixed, transpose in variants:
+                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block))
+            for label, lookahead, fixed, transpose, block in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
 
@@ -356,7 +371,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 else:
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
                                                     head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead,
-                                                    transpose=transpose)
+                                                    transpose=transpose, mlp_topk_block=block)
                 step_ops, place_cache = ops, None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup
@@ -365,7 +380,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 nbytes = wbytes + (0 if fixed else pbytes)
                 row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
                        "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
-                       "rank": 0 if fixed else rank, "bytes_per_token": nbytes,
+                       "rank": 0 if fixed else rank, "mlp_topk_block": 0 if fixed else block, "main": label == main, "bytes_per_token": nbytes,
                        "floor_ms_per_token": nbytes / (bw * 1e9) * 1e3}
                 try:
                     row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
@@ -387,16 +402,16 @@ def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}
     for r in rows:
-        if "error" in r or r["variant"] != "predictor+lookahead":
+        if "error" in r or not r.get("main"):
             continue
         series.setdefault(f"{r['kernels']} kernels, kv {r['kv_mode']}", []).append(
             (r["mlp_density"], r["decode_ms_per_token"], r["floor_ms_per_token"]))
     for label, pts in series.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"sparse, {label}")
-    first = next((r for r in rows if r["variant"] == "predictor+lookahead"), None)
+    first = next((r for r in rows if r.get("main")), None)
     floor_pts = sorted({(r["mlp_density"], r["floor_ms_per_token"]) for r in rows if first is not None
-                        and r["variant"] == "predictor+lookahead" and r["kernels"] == first["kernels"]
+                        and r.get("main") and r["kernels"] == first["kernels"]
                         and r["kv_mode"] == first["kv_mode"]})
     if floor_pts:
         ax.plot([p[0] for p in floor_pts], [p[1] for p in floor_pts], "k:",
@@ -671,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kernels", default="xla,pallas", help="gathered-matmul backends to time")
     sp.add_argument("--kv-modes", default="exact", help="exact and/or lazy (Deja Vu's recompute window)")
     sp.add_argument("--rank", type=int, default=128, help="predictor rank r (D -> r -> N)")
+    sp.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
+                    help="the predictors rank MLP neurons per block of B rows, each keeping its share of K (0: one "
+                         "top-K per layer); the extras also time the other setting")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the no-lookahead and no-predictor variants at the first density point")
     sp.add_argument("--dense-pallas", action="store_true",
@@ -805,7 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if densities:
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
-                             extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select)
+                             extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
+                             mlp_topk_block=args.mlp_topk_block)
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

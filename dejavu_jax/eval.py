@@ -549,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-density", type=float, default=1.0, help="fraction of attention heads kept (sparse modes)")
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="predictor pairing: layer l's selection from layer l-1's input (must match training)")
+    p.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
+                   help="predictor mode: rank the MLP neurons per block of B consecutive ones, each block keeping "
+                        "its share of K (0 = one top-K over the layer)")
     p.add_argument("--predictors", default=None,
                    help="predictors/ directory (mode predictor; threshold mode reads its thresholds.json); "
                         "default MODEL/predictors")
@@ -607,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             selector = build_selector(cfg, params, mode=args.mode, mlp_density=args.mlp_density,
                                       head_density=args.head_density, predictors=predictors,
-                                      lookahead=args.lookahead)
+                                      lookahead=args.lookahead, mlp_topk_block=args.mlp_topk_block)
         except (ValueError, OSError) as e:
             print(f"error: --mode {args.mode}: {e}", file=sys.stderr)
             return 2
@@ -619,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = EvalSettings(context_length=context_length, stride=args.stride, limit=args.limit,
                             data_dir=data_dir, progress=not args.no_progress)
     tag = f"{model_dir.name}_{args.mode}" + ("" if args.mode == "dense" else f"_mlp{args.mlp_density:g}_head{args.head_density:g}")
+    tag += f"_block{args.mlp_topk_block}" if args.mlp_topk_block else ""
     out = resolve_repo_path(args.out or f"results/eval_{tag}.json")
     device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} x{jax.device_count()}"
     print(f"evaluating {model_dir} ({cfg.name or cfg.family}, {args.dtype}, mode {args.mode}) on {device}; "
@@ -632,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report["meta"] = {
         "model": str(model_dir), "config_name": cfg.name, "mode": args.mode, "mlp_density": args.mlp_density,
-        "head_density": args.head_density, "predictors": args.predictors, "dtype": args.dtype, "device": device,
+        "head_density": args.head_density, "mlp_topk_block": args.mlp_topk_block,
+        "predictors": args.predictors, "dtype": args.dtype, "device": device,
         "matmul_precision": args.matmul_precision,
         "context_length": context_length, "stride": args.stride or context_length, "limit": args.limit,
         "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens,

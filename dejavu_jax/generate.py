@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--predictors", help="predictor directory (default: MODEL/predictors)")
     sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                     help="predict layer l+1's neurons/heads from layer l's input")
+    sp.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
+                    help="predictor mode: rank the MLP neurons per block of B consecutive ones, each block keeping "
+                         "its share of K (0 = one top-K over the layer; 128 is the fast decode setting)")
     sp.add_argument("--kernels", choices=["xla", "pallas"], default="xla", help="gathered-matmul backend")
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
@@ -321,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         selector_args = None
         if args.mode != "dense":
             selector_args = dict(mode=args.mode, mlp_density=args.mlp_density, head_density=args.head_density,
-                                 predictors=args.predictors, lookahead=args.lookahead)
+                                 predictors=args.predictors, lookahead=args.lookahead,
+                                 mlp_topk_block=args.mlp_topk_block)
         texts, result = generate_text(args.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                       dtype=parse_dtype(args.dtype) if args.dtype else None, chat=args.chat,
                                       selector_args=selector_args, kernels=args.kernels,

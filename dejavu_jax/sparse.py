@@ -61,11 +61,12 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
 from pallas_kernels import gathered_window_kv_reference, topk_rows_reference
-from pallas_kernels.select_topk import order_key
+from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
 KV_MODES = ("exact", "lazy")
 LAZY_WINDOW = 16  # default W of the lazy KV mode: tokens recomputed per step, and the refresh period
+MLP_TOPK_BLOCK = 128  # the per-block MLP top-K's block (SparsityConfig.mlp_topk_block) the CLIs suggest
 KINDS = ("mlp", "heads")  # the two sites a selector chooses for
 
 PREDICTOR_CONFIG = "predictor_config.json"
@@ -90,6 +91,11 @@ class SparsityConfig:
     run dense. mlp_k / head_k: explicit per-layer K lists (length L) that override the densities
     and dense_first/last when given. lookahead: predictor input pairing (see module docstring).
     kv_mode: "exact" or "lazy"; lazy_window: W, the lazy mode's token window and refresh period.
+    mlp_topk_block: 0 ranks each layer's F neurons in one top-K. B > 0 ranks them per block of B
+    consecutive neurons (F / B blocks), each keeping ceil(K / (F / B)) of its own, as tensor-parallel
+    shards do: the decode step's selection then runs in parallel over the blocks, scores included
+    (`pallas_kernels.code_topk_rows`), instead of one program searching all F scores. Predictor
+    mode only (it decides which neurons the predictors' scores keep); F must be a multiple of B.
     """
 
     mode: str = "dense"
@@ -102,6 +108,7 @@ class SparsityConfig:
     lookahead: bool = True
     kv_mode: str = "exact"
     lazy_window: int = LAZY_WINDOW
+    mlp_topk_block: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -117,6 +124,10 @@ class SparsityConfig:
             raise SparsityError(f"unknown kv_mode {self.kv_mode!r}; choose one of {', '.join(KV_MODES)}")
         if int(self.lazy_window) < 1:
             raise SparsityError(f"lazy_window must be >= 1, got {self.lazy_window}")
+        if int(self.mlp_topk_block) < 0:
+            raise SparsityError(f"mlp_topk_block must be >= 0 (0: one top-K over all neurons), got {self.mlp_topk_block}")
+        if self.mlp_topk_block and self.mode != "predictor":
+            raise SparsityError(f"mlp_topk_block applies to the predictor mode only, not {self.mode!r}")
         for name in ("mlp_k", "head_k"):
             ks = getattr(self, name)
             if ks is not None:
@@ -149,9 +160,18 @@ class SparsityConfig:
         """Query heads kept per layer (== num_heads for dense layers)."""
         return self._schedule(cfg, self.head_k, self.head_density, cfg.num_heads, "attention head")
 
+    def mlp_topk_blocks(self, cfg: ModelConfig) -> int:
+        """How many blocks each layer's neurons are ranked in (1: one global top-K)."""
+        if not self.mlp_topk_block:
+            return 1
+        if cfg.ffn_size % self.mlp_topk_block:
+            raise SparsityError(f"mlp_topk_block={self.mlp_topk_block} does not divide the {cfg.ffn_size} MLP neurons")
+        return cfg.ffn_size // self.mlp_topk_block
+
     def validate(self, cfg: ModelConfig) -> None:
         self.mlp_schedule(cfg)
         self.head_schedule(cfg)
+        self.mlp_topk_blocks(cfg)
 
     # Serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,6 +243,48 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
 
     lo, _ = jax.lax.fori_loop(0, 33, step, (lo, hi))
     return key >= lo
+
+
+# Blockwise top-K: N rows in `blocks` equal contiguous blocks, each keeping its top-ceil(K / blocks).
+# Tensor-parallel shards are blocks (Deja Vu's per-rank top-K); so is SparsityConfig.mlp_topk_block.
+def per_block_k(k: int, blocks: int) -> int:
+    """Rows each of `blocks` slices keeps for a layer-wide budget k: ceil(k / blocks)."""
+    return -(-k // blocks)
+
+
+def _check_blocks(n: int, blocks: int) -> None:
+    if blocks < 1 or n % blocks:
+        raise SparsityError(f"{n} neurons/heads cannot be split into {blocks} equal blocks")
+
+
+def blockwise_topk_idx(scores: jax.Array, k: int, blocks: int = 1, topk_rows=topk_rows_reference) -> jax.Array:
+    """Sorted global indices of the per-block top-(k/blocks). scores [N] -> [blocks * ceil(k/blocks)] int32.
+
+    Block s covers rows s*N/blocks .. (s+1)*N/blocks - 1 and owns positions s*k_b .. (s+1)*k_b - 1
+    of the result (k_b = ceil(k/blocks)), ascending within the block: ascending row reads per shard.
+    topk_rows: [G, n] scores -> [G, k] ascending indices (an `Ops.topk_rows`).
+    """
+    n = scores.shape[-1]
+    _check_blocks(n, blocks)
+    nb, kb = n // blocks, per_block_k(k, blocks)
+    local = topk_rows(scores.reshape(blocks, nb), kb)  # [blocks, kb]
+    offsets = (jnp.arange(blocks, dtype=jnp.int32) * nb)[:, None]
+    return (local.astype(jnp.int32) + offsets).reshape(blocks * kb)
+
+
+def blockwise_topk_mask(scores: jax.Array, k: int, blocks: int = 1) -> jax.Array:
+    """Keep-mask of the per-block top-(k/blocks) along the last axis. scores [..., N] -> bool [..., N].
+
+    Threshold at each block's k_b-th largest value (ties at the boundary kept), found by
+    `sparse.topk_mask`'s bisection: compares and counts only, which shard like any reduction, where
+    a `lax.top_k` over a sharded axis needs the partitioner's TopK handling (and a sort on CPU).
+    """
+    n = scores.shape[-1]
+    _check_blocks(n, blocks)
+    nb, kb = n // blocks, per_block_k(k, blocks)
+    if kb >= nb:
+        return jnp.ones(scores.shape, bool)
+    return topk_mask(scores.reshape(scores.shape[:-1] + (blocks, nb)), kb).reshape(scores.shape)
 
 
 def _topk_rows(ctx: SelectContext):
@@ -362,7 +424,8 @@ class ThresholdSelector:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["predictors", "shared_a", "decode_b"],
-                   meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads", "lookahead", "gather"])
+                   meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads", "lookahead", "gather",
+                                "mlp_blocks"])
 @dataclasses.dataclass(frozen=True)
 class PredictorSelector:
     """Deja Vu: low-rank predictors score neurons / heads from the residual; the top-K are kept.
@@ -371,6 +434,8 @@ class PredictorSelector:
     linear {"a", "b"} or the magnitude form (`predictor_logits` documents both).
     gather: for a batch-1 decode step (B == T == 1) return row indices so the gathered `ops` path
     runs (the forward call must then be given `ops`); otherwise per-token masks.
+    mlp_blocks: the MLP neurons are ranked in this many equal blocks, each keeping ceil(K / blocks)
+    (`SparsityConfig.mlp_topk_block`); heads are always ranked all together.
     """
 
     predictors: list[dict[str, dict[str, jax.Array]]]
@@ -385,6 +450,7 @@ class PredictorSelector:
     # {"heads": [H, r], "mlp": [F, r]}, the output matrices transposed) is given too.
     shared_a: list | None = None
     decode_b: list | None = None
+    mlp_blocks: int = 1
 
     def _scores_from_code(self, layer: int, kind: str, p: Params, z: jax.Array) -> jax.Array:
         if self.decode_b is None:
@@ -397,22 +463,30 @@ class PredictorSelector:
         x = _context_input(ctx, kind, self.lookahead)  # [B, T, D]
         B, T = x.shape[:2]
         p = self.predictors[ctx.layer][kind]
+        blocks = self.mlp_blocks if kind == "mlp" else 1
         gathered = self.gather and B == 1 and T == 1
         shared = self.shared_a[ctx.layer] if (self.shared_a is not None and gathered) else None
+        code = None  # [1, 1, r]: this site's rank-r code, when the shared matvec computed it
         if shared is not None and kind == "heads" and self.mlp_k[ctx.layer] < self.num_neurons:
             # One matvec for both sites' codes (they read the same residual under lookahead); the
             # MLP half waits in ctx.scratch for this block's neurons() call.
             z = _pdot(x, shared) if self.decode_b is None else _pdot_t(x, shared)  # [1, 1, r_heads + r_mlp]
             r = p["a"].shape[1]
             ctx.scratch["mlp_code"] = z[..., r:]
-            scores = self._scores_from_code(ctx.layer, kind, p, z[..., :r])
+            code = z[..., :r]
         elif kind == "mlp" and "mlp_code" in ctx.scratch:
-            scores = self._scores_from_code(ctx.layer, kind, p, ctx.scratch.pop("mlp_code"))
+            code = ctx.scratch.pop("mlp_code")
+        if (code is not None and self.decode_b is not None and ctx.ops is not None
+                and n // blocks <= MAX_CODE_BLOCK):
+            # Scores, ranking and compaction in one kernel, one program per block.
+            return Selection(idx=ctx.ops.code_topk_rows(code[0, 0], self.decode_b[ctx.layer][kind], k, blocks=blocks))
+        if code is not None:
+            scores = self._scores_from_code(ctx.layer, kind, p, code)
         else:
             scores = predictor_logits(p, x, rank_only=True)  # [B, T, N]
-        if gathered:
-            return Selection(idx=_topk_rows(ctx)(scores[0], k)[0])  # ascending: in-order row reads
-        return Selection(mask=topk_mask(scores, k))
+        if gathered:  # ascending: in-order row reads
+            return Selection(idx=blockwise_topk_idx(scores[0, 0], k, blocks, _topk_rows(ctx)))
+        return Selection(mask=blockwise_topk_mask(scores, k, blocks))
 
     def heads(self, ctx: SelectContext) -> Selection | None:
         return self._select(ctx, "heads", self.head_k[ctx.layer], self.num_heads)
@@ -614,8 +688,8 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
                    head_density: float = 1.0, predictors: str | Path | Predictors | None = None,
                    lookahead: bool = True, dense_first: int = 0, dense_last: int = 0,
                    mlp_k: Sequence[int] | None = None, head_k: Sequence[int] | None = None,
-                   kv_mode: str = "exact", lazy_window: int = LAZY_WINDOW, gather: bool = True,
-                   thresholds: str | Path | dict | None = None, calibration_tokens: np.ndarray | None = None,
+                   kv_mode: str = "exact", lazy_window: int = LAZY_WINDOW, mlp_topk_block: int = 0,
+                   gather: bool = True, thresholds: str | Path | dict | None = None, calibration_tokens: np.ndarray | None = None,
                    sparsity: SparsityConfig | None = None):
     """A `model.Selector` for `mode` (None for dense).
 
@@ -629,7 +703,8 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
                                     dense_first=dense_first, dense_last=dense_last,
                                     mlp_k=None if mlp_k is None else tuple(mlp_k),
                                     head_k=None if head_k is None else tuple(head_k),
-                                    lookahead=lookahead, kv_mode=kv_mode, lazy_window=lazy_window)
+                                    lookahead=lookahead, kv_mode=kv_mode, lazy_window=lazy_window,
+                                    mlp_topk_block=mlp_topk_block)
     mk, hk = sp.mlp_schedule(cfg), sp.head_schedule(cfg)
     F, H = cfg.ffn_size, cfg.num_heads
     if sp.mode == "dense":
@@ -668,7 +743,8 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
                             f"the other setting")
     if len(preds.params) != cfg.num_layers:
         raise SparsityError(f"predictors cover {len(preds.params)} layers, the model has {cfg.num_layers}")
-    return share_first_matmul(PredictorSelector(preds.params, mk, hk, F, H, sp.lookahead, gather))
+    return share_first_matmul(PredictorSelector(preds.params, mk, hk, F, H, sp.lookahead, gather,
+                                                mlp_blocks=sp.mlp_topk_blocks(cfg)))
 
 
 # --------------------------------------------------------------------------------------------

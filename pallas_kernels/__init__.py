@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same seven functions with the same signatures, so the model code picks a
+kernels; both expose the same eight functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pallas_kernels.gather_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
-from pallas_kernels.select_topk import topk_rows, topk_rows_reference
+from pallas_kernels.select_topk import code_topk_rows, code_topk_rows_reference, topk_rows, topk_rows_reference
 from pallas_kernels.gather_mlp import (
     gathered_down,
     gathered_down_reference,
@@ -35,7 +35,8 @@ BACKENDS = ("xla", "pallas")
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv is the
-    lazy KV mode's window recompute) and its top-K selection (select_topk.py)."""
+    lazy KV mode's window recompute) and its top-K selections (select_topk.py: from scores, and
+    from a predictor's code, scores included)."""
 
     backend: str
     gathered_up: Callable
@@ -45,6 +46,7 @@ class Ops:
     sparse_decode_attention: Callable
     topk_rows: Callable
     gathered_window_kv: Callable
+    code_topk_rows: Callable
 
 
 def get_ops(backend: str) -> Ops:
@@ -53,10 +55,10 @@ def get_ops(backend: str) -> Ops:
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference,
-                   gathered_window_kv_reference)
+                   gathered_window_kv_reference, code_topk_rows_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows, gathered_window_kv)
+               sparse_decode_attention, topk_rows, gathered_window_kv, code_topk_rows)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -69,5 +71,5 @@ __all__ = [
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",
     "sparse_decode_attention", "sparse_decode_attention_reference",
-    "topk_rows", "topk_rows_reference",
+    "topk_rows", "topk_rows_reference", "code_topk_rows", "code_topk_rows_reference",
 ]

@@ -132,3 +132,95 @@ def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = No
 def topk_rows_reference(scores, k: int):
     """XLA reference: lax.top_k then an ascending sort of the indices. scores [G, N] -> int32 [G, k]."""
     return jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores from a predictor code, ranked per block of rows: the decode step's whole selection, one kernel.
+# --------------------------------------------------------------------------------------------------
+MAX_CODE_BLOCK = 256  # rows one program ranks: the pairwise rank is a [NB, NB] compare in registers
+
+
+def _code_topk_kernel(z_ref, w_ref, o_ref, *, rank, block_rows, k_block, nb, rb):
+    # z_ref [r] predictor code; w_ref [N, r] output matrix (rows = neurons / heads); o_ref [blocks * kb
+    # (+ NB when interpreted)] int32. Program s scores rows s*n_rows .. (s+1)*n_rows - 1 and writes the
+    # ascending indices of its kb best to o_ref[s*kb : (s+1)*kb].
+    s = pl.program_id(0)
+    lane = jnp.arange(nb, dtype=jnp.int32)  # [NB]
+    row = s * block_rows + lane
+    row_ok = lane < block_rows
+    c = jnp.arange(rb, dtype=jnp.int32)  # [RB]
+    c_ok = c < rank
+    w = plgpu.load(w_ref.at[row[:, None], c[None, :]], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    # The code is rounded to the weights' dtype first, as the XLA path's einsum does (fp32 sums).
+    z = plgpu.load(z_ref.at[c], mask=c_ok, other=0.0).astype(w.dtype).astype(jnp.float32)
+    key = order_key(jnp.sum(w.astype(jnp.float32) * z[None, :], axis=1))  # [NB]
+    # Rank = how many rows of the block beat this one (higher score, or equal score and lower index):
+    # a strict order, so the ranks are a permutation and exactly kb rows have rank < kb. All [NB, NB]
+    # compares at once instead of a search loop: the block is small and registers are plentiful.
+    other, me = key[None, :], key[:, None]  # [1, NB] (row j), [NB, 1] (row i)
+    j_lt_i = lane[None, :] < lane[:, None]  # [NB, NB]
+    beats = ((other > me) | ((other == me) & j_lt_i)) & row_ok[None, :]
+    sel = (jnp.sum(beats.astype(jnp.int32), axis=1) < k_block) & row_ok  # [NB]
+    pos = jnp.sum((sel[None, :] & j_lt_i).astype(jnp.int32), axis=1)  # selected rows before this one
+    # Unselected lanes aim past the blocks' slots (see _topk_kernel's store: the interpreter writes
+    # the old value back on masked-off lanes).
+    slot = jnp.where(sel, s * k_block + pos, pl.num_programs(0) * k_block + lane)
+    plgpu.store(o_ref.at[slot], row, mask=sel)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "num_warps", "interpret"))
+def _code_topk_rows(z, w_t, *, k, blocks, num_warps, interpret):
+    n, rank = w_t.shape
+    block_rows = n // blocks
+    kb = -(-k // blocks)
+    nb = pow2_ceil(block_rows)
+    kernel = functools.partial(_code_topk_kernel, rank=rank, block_rows=block_rows, k_block=kb,
+                               nb=nb, rb=pow2_ceil(rank))
+    out = pl.pallas_call(
+        kernel,
+        grid=(blocks,),
+        out_shape=jax.ShapeDtypeStruct((blocks * kb + (nb if interpret else 0),), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="code_topk",
+    )(z, w_t)
+    return out[: blocks * kb] if interpret else out
+
+
+def _check_code_topk(z, w_t, k: int, blocks: int) -> None:
+    if w_t.ndim != 2 or z.shape != (w_t.shape[1],):
+        raise ValueError(f"code_topk_rows takes z [r] and w_t [N, r], got {z.shape} and {w_t.shape}")
+    n = w_t.shape[0]
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"{n} rows cannot be split into {blocks} equal blocks")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for {n} rows, got {k}")
+
+
+def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, interpret: bool = False, num_warps: int | None = None):
+    """Ascending indices of the rows with the best scores w_t @ z, ranked per block of rows.
+
+    z [r] (a predictor's rank-r code), w_t [N, r] (its output matrix, transposed) -> int32
+    [blocks * kb], kb = ceil(k / blocks): the N rows are split into `blocks` equal contiguous blocks
+    and each keeps its kb best (ties to the lower index), in order, block s at positions
+    s*kb .. (s+1)*kb - 1: the layout `dejavu_jax.batching.blockwise_topk_idx` returns. One program
+    per block computes its N/blocks scores (fp32 sums) and ranks them by pairwise compares, so the
+    score matvec, the ranking and the compaction are one launch with `blocks` programs in parallel
+    (`topk_rows` ranks all N in one program by a sequential search). N / blocks <= MAX_CODE_BLOCK.
+    """
+    _check_code_topk(z, w_t, k, blocks)
+    block_rows = w_t.shape[0] // blocks
+    if block_rows > MAX_CODE_BLOCK:
+        raise ValueError(f"code_topk_rows ranks at most {MAX_CODE_BLOCK} rows per block, got {block_rows} "
+                         f"({w_t.shape[0]} rows in {blocks} blocks)")
+    num_warps = num_warps or (4 if block_rows <= 128 else 8)
+    return _code_topk_rows(z, w_t, k=k, blocks=blocks, num_warps=num_warps, interpret=interpret)
+
+
+def code_topk_rows_reference(z, w_t, k: int, *, blocks: int = 1):
+    """XLA reference: the einsum (z in w_t's dtype, fp32 sums), then lax.top_k + sort per block."""
+    _check_code_topk(z, w_t, k, blocks)
+    n = w_t.shape[0]
+    scores = jnp.einsum("r,nr->n", z.astype(w_t.dtype), w_t, preferred_element_type=jnp.float32)
+    local = topk_rows_reference(scores.reshape(blocks, n // blocks), -(-k // blocks))  # [blocks, kb]
+    return (local + (jnp.arange(blocks, dtype=jnp.int32) * (n // blocks))[:, None]).reshape(-1)

@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparse", default="0.25:0.5", help="MLP:HEADS density for the sparse profiles")
     p.add_argument("--kernels", default="pallas")
     p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--mlp-topk-block", type=int, default=0,
+                   help="the predictor run ranks MLP neurons per block of this many (0: one top-K per layer)")
     p.add_argument("--kv-mode", default="exact", choices=KV_MODES,
                    help="KV cache of the sparse runs (dense decode always uses the exact cache)")
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
@@ -104,9 +106,10 @@ def main(argv=None) -> int:
     ops = get_ops(args.kernels)
     kv = f", kv {args.kv_mode}"
     runs = {"dense": (None, None, "exact"),
-            f"sparse {args.kernels} predictor {args.sparse}{kv}": (
+            f"sparse {args.kernels} predictor {args.sparse}{kv}, MLP top-K block {args.mlp_topk_block}": (
                 bench.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
-                                                rank=args.rank, dtype=dtype), ops, args.kv_mode),
+                                                rank=args.rank, dtype=dtype, mlp_topk_block=args.mlp_topk_block),
+                ops, args.kv_mode),
             f"sparse {args.kernels} fixed indices {args.sparse}{kv}": (
                 bench.fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d), ops, args.kv_mode)}
     if args.dense_kernels:

@@ -1,4 +1,6 @@
-"""Time select_topk at OPT MLP and head widths on the GPU, per warp count, against lax.top_k + sort.
+"""Time select_topk at OPT MLP and head widths on the GPU, per warp count, against lax.top_k + sort;
+and code_topk (scores from the predictor code + per-block top-K, one kernel) against the XLA score
+matvec followed by select_topk, the decode step's path without it.
 
 Kernel time per selection comes from profiler events (pallas_kernels.microbench._device_events): a
 jitted call runs `reps` independent selections; the median over calls of the summed select_topk
@@ -25,6 +27,24 @@ def kernel_us(fn, args, reps: int, name: str) -> float:
     calls = _device_events(fn, args, 5)
     per_call = [sum(d for n, _, d in c if name in n) / 1e3 / reps for c in calls]
     return statistics.median(per_call) if per_call else float("nan")
+
+
+def code_topk_rows_timed(rng, reps: int) -> list[dict]:
+    """us per selection: code_topk (one kernel) vs einsum + select_topk (global) at OPT-6.7B shapes."""
+    rows = []
+    for n, k, blocks in [(16384, 4096, 128), (16384, 4096, 64), (16384, 1638, 128), (32, 16, 1)]:
+        z = jnp.asarray(rng.standard_normal((reps, 128)).astype(np.float32))
+        w = jnp.asarray(rng.standard_normal((n, 128)).astype(np.float16))
+        fused = jax.jit(lambda z, w: [st.code_topk_rows(z[i], w, k, blocks=blocks) for i in range(reps)])
+        two = jax.jit(lambda z, w: [st.topk_rows(jnp.einsum("r,nr->n", z[i].astype(w.dtype), w,
+                                                            preferred_element_type=jnp.float32)[None], k)
+                                    for i in range(reps)])
+        for impl, fn in (("code_topk (scores + per-block top-K)", fused), ("einsum + select_topk (one top-K)", two)):
+            calls = _device_events(fn, (z, w), 5)
+            us = statistics.median(sum(d for _, _, d in c) / 1e3 / reps for c in calls) if calls else None
+            rows.append(dict(n=n, k=k, blocks=blocks if "code" in impl else 1, impl=impl, us=us and round(us, 2)))
+            print(rows[-1], flush=True)
+    return rows
 
 
 def main(argv=None) -> None:
@@ -57,6 +77,7 @@ def main(argv=None) -> None:
         xla = statistics.median(sum(d for _, _, d in c) / 1e3 / args.reps for c in calls) if calls else None
         rows.append(dict(n=n, k=k, impl="xla lax.top_k + sort", us=xla and round(xla, 2)))
         print(rows[-1], flush=True)
+    rows += code_topk_rows_timed(rng, args.reps)
     (out / "topk_probe.json").write_text(json.dumps(dict(device=str(jax.devices()[0]), rows=rows), indent=1))
     print(f"wrote {out / 'topk_probe.json'}", file=sys.stderr)
 

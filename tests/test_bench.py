@@ -60,6 +60,20 @@ def test_cli_dense_and_sparse_on_cpu(tiny_opt_ckpt, tmp_path, capsys):
     assert (out / "bench.png").stat().st_size > 0 and "x floor" in (out / "bench.md").read_text()
 
 
+def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
+    """--mlp-topk-block: the main predictor rows rank MLP neurons per block; the extras add one top-K per layer."""
+    out = tmp_path / "bench"
+    assert bench_main(["--model", str(tiny_opt_ckpt), "--dtype", "fp32", "--prompt-len", "8", "--new-tokens", "4",
+                       "--reps", "1", "--baselines", "none", "--sparse", "0.5:0.5", "--kernels", "pallas",
+                       "--kv-modes", "lazy", "--mlp-topk-block", "16", "--out", str(out)]) == 0
+    sparse = [r for r in json.loads((out / "bench.json").read_text())["rows"] if "mlp_density" in r]
+    assert all("error" not in r for r in sparse)
+    by_variant = {r["variant"]: r for r in sparse}
+    assert by_variant["predictor+lookahead, MLP top-K per 16 rows"]["main"]
+    assert by_variant["predictor+lookahead, one MLP top-K per layer"]["mlp_topk_block"] == 0
+    assert by_variant["predictor, no lookahead"]["mlp_topk_block"] == 16
+
+
 def test_cli_rejects_bad_flags(tiny_opt_ckpt, tmp_path, capsys):
     for argv, match in [(["--sparse", "2:0.5"], "in (0, 1]"), (["--kernels", "cuda"], "unknown kernels"),
                         (["--new-tokens", "0"], "must be >= 1"), (["--prompt-len", "500"], "exceeds the model's")]:

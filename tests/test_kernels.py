@@ -360,6 +360,53 @@ def test_topk_rows_ties_and_special_values():
         st.topk_rows(ties[0], 3, interpret=True)
 
 
+def _check_blockwise_topk(idx, scores, k, blocks, tol=0.0):
+    """idx is a valid per-block top-k of scores (float64 [N]): ascending within each block, in the
+    block's rows, and no unselected row of a block beats a selected one by more than tol."""
+    n = scores.shape[0]
+    nb, kb = n // blocks, -(-k // blocks)
+    assert idx.shape == (blocks * kb,)
+    for s in range(blocks):
+        part = idx[s * kb:(s + 1) * kb] - s * nb
+        assert np.all(np.diff(part) > 0) and part.min() >= 0 and part.max() < nb
+        keep = np.zeros(nb, bool)
+        keep[part] = True
+        block = scores[s * nb:(s + 1) * nb]
+        if kb < nb:
+            assert block[keep].min() >= block[~keep].max() - tol
+
+
+@pytest.mark.parametrize("N,r,K,blocks,dtype", [
+    (1536, 64, 384, 12, jnp.float16),   # SmolLM2 MLP width, 128-row blocks
+    (9, 16, 4, 1, jnp.float32),         # SmolLM2's 9 heads: one block, padded to 16 lanes
+    (100, 10, 7, 4, jnp.float32),       # K not a multiple of the blocks: ceil(7 / 4) = 2 per block
+    (30, 5, 30, 3, jnp.bfloat16),       # K = N
+    (256, 128, 64, 1, jnp.float16),     # the largest block
+])
+def test_code_topk_rows_matches_reference(N, r, K, blocks, dtype):
+    """Small-integer weights and codes make every score exact in fp32, with many ties: the kernel must
+    return exactly the reference's rows (ties to the lower index); Gaussian ones must give a valid top-K."""
+    rng = keys(53, 1)[0]
+    z = jnp.asarray(rng.integers(-3, 4, r).astype(np.float32))
+    w = jnp.asarray(rng.integers(-2, 3, (N, r)).astype(np.float32), dtype)
+    got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks, interpret=INTERPRET))
+    np.testing.assert_array_equal(got, np.asarray(st.code_topk_rows_reference(z, w, K, blocks=blocks)))
+    z, w = normal(rng, (r,), jnp.float32), normal(rng, (N, r), dtype)
+    got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks, interpret=INTERPRET))
+    scores = f64(w) @ f64(z.astype(dtype))
+    _check_blockwise_topk(got, scores, K, blocks, tol=1e-5 * np.abs(scores).max())
+
+
+def test_code_topk_rows_rejects_bad_arguments():
+    z, w = jnp.zeros(8), jnp.zeros((600, 8))
+    for args, kwargs, match in [((z, w, 10), dict(blocks=7), "cannot be split into 7"),
+                                ((z, w, 10), dict(blocks=2), "at most 256 rows per block"),
+                                ((z, w, 0), dict(blocks=3), "k must be"),
+                                ((z[:4], w, 10), dict(blocks=3), r"z \[r\] and w_t \[N, r\]")]:
+        with pytest.raises(ValueError, match=match):
+            st.code_topk_rows(*args, interpret=True, **kwargs)
+
+
 def test_get_ops_backends():
     xla = pk.get_ops("xla")
     assert xla.gathered_up is gm.gathered_up_reference
@@ -415,6 +462,9 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     assert _lowers_to_triton(ga.gathered_window_kv, spec(1, 5, 576), window_kv, heads, spec(2, 3, 64))
     for n, k in ((1536, 384), (9, 4), (36864, 9216)):
         assert _lowers_to_triton(functools.partial(st.topk_rows, k=k), spec(1, n, dtype=jnp.float32))
+    for n, r, k, blocks in ((1536, 64, 384, 12), (9, 64, 4, 1), (16384, 128, 4096, 128), (49152, 128, 5000, 192)):
+        assert _lowers_to_triton(functools.partial(st.code_topk_rows, k=k, blocks=blocks),
+                                 spec(r, dtype=jnp.float32), spec(n, r))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,6 +501,19 @@ def test_gpu_topk_rows_model_size(G, N, K):
     logits = s.astype(jnp.float16).astype(jnp.float32)  # fp16 predictor logits: many exact ties
     np.testing.assert_array_equal(np.asarray(st.topk_rows(logits, K)),
                                   np.asarray(st.topk_rows_reference(logits, K)))
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("N,K,blocks", [(16384, 4096, 128), (16384, 1638, 128), (32, 16, 1), (49152, 5000, 192)])
+def test_gpu_code_topk_rows_model_size(N, K, blocks):
+    rng = keys(59, 1)[0]
+    z, w = normal(rng, (128,), jnp.float32), normal(rng, (N, 128), jnp.float16)
+    got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks))
+    scores = f64(w) @ f64(z.astype(jnp.float16))
+    _check_blockwise_topk(got, scores, K, blocks, tol=1e-5 * np.abs(scores).max())
+    ref = np.asarray(st.code_topk_rows_reference(z, w, K, blocks=blocks))
+    assert np.mean(np.isin(got, ref)) > 0.999  # only near-ties may differ (summation order)
 
 
 @gpu

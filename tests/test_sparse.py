@@ -18,11 +18,13 @@ from dejavu_jax.sparse import (
     FixedSelector,
     OracleSelector,
     PredictorSelector,
+    Predictors,
     SparsityConfig,
     SparsityError,
     build_selector,
     init_sparse_cache,
     input_source,
+    model_fingerprint,
     predictor_logits,
     predictor_shapes,
     share_first_matmul,
@@ -273,6 +275,44 @@ def test_shared_first_matmul_decodes_like_separate_predictors(tiny, transpose):
                                decode_steps(params, cfg, prompt, 3, selector=sep, ops=OPS), atol=1e-5, rtol=1e-5)
     no_lookahead = PredictorSelector(preds, mk, hk, cfg.ffn_size, cfg.num_heads, False, gather=True)
     assert share_first_matmul(no_lookahead).shared_a is None
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_blockwise_mlp_topk_gathers_like_its_masks(tiny, backend):
+    """mlp_blocks > 1: each block of F / blocks neurons keeps its share of K. The batch-1 decode step
+    (shared transposed predictor matvec, then scores + ranking in `code_topk_rows`) equals the
+    mask path with the same blocks, and differs from one top-K over the layer."""
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    preds = random_predictors(cfg)
+    L, F = cfg.num_layers, cfg.ffn_size
+    mk, hk = (F // 2,) * L, (2,) * L
+    blocks = F // 16
+    make = lambda gather, b: PredictorSelector(preds, mk, hk, F, cfg.num_heads, True, gather=gather,  # noqa: E731
+                                               mlp_blocks=b)
+    ops = get_ops(backend)
+    blockwise = decode_steps(params, cfg, prompt, 3, selector=share_first_matmul(make(True, blocks)), ops=ops)
+    masked = decode_steps(params, cfg, prompt, 3, selector=make(False, blocks))
+    np.testing.assert_allclose(blockwise, masked, atol=1e-4, rtol=1e-4)
+    one_topk = decode_steps(params, cfg, prompt, 3, selector=share_first_matmul(make(True, 1)), ops=ops)
+    assert float(jnp.max(jnp.abs(blockwise - one_topk))) > 1e-3
+
+
+def test_mlp_topk_block_settings():
+    cfg = TINY["opt"].replace(num_layers=3)  # F = 64
+    sp = SparsityConfig(mode="predictor", mlp_density=0.25, mlp_topk_block=16)
+    assert sp.mlp_topk_blocks(cfg) == 4 and SparsityConfig.from_dict(sp.to_dict()) == sp
+    assert SparsityConfig(mode="predictor").mlp_topk_blocks(cfg) == 1
+    with pytest.raises(SparsityError, match="does not divide the 64 MLP neurons"):
+        SparsityConfig(mode="predictor", mlp_topk_block=24).validate(cfg)
+    with pytest.raises(SparsityError, match="predictor mode only"):
+        SparsityConfig(mode="oracle", mlp_topk_block=16)
+    with pytest.raises(SparsityError, match="must be >= 0"):
+        SparsityConfig(mode="predictor", mlp_topk_block=-1)
+    preds = Predictors(random_predictors(cfg), {"lookahead": True, "rank": 8,
+                                                "model_fingerprint": model_fingerprint(cfg)})
+    sel = build_selector(cfg, None, mode="predictor", mlp_density=0.5, predictors=preds, mlp_topk_block=16)
+    assert sel.mlp_blocks == 4
 
 
 def test_selector_is_a_pytree_with_predictor_leaves(tiny):
