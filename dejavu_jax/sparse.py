@@ -95,7 +95,8 @@ class SparsityConfig:
     consecutive neurons (F / B blocks), each keeping ceil(K / (F / B)) of its own, as tensor-parallel
     shards do: the decode step's selection then runs in parallel over the blocks, scores included
     (`pallas_kernels.code_topk_rows`), instead of one program searching all F scores. Predictor
-    mode only (it decides which neurons the predictors' scores keep); F must be a multiple of B.
+    and oracle modes (the oracle's shows what the rule costs with true importances); F must be a
+    multiple of B.
     """
 
     mode: str = "dense"
@@ -126,8 +127,8 @@ class SparsityConfig:
             raise SparsityError(f"lazy_window must be >= 1, got {self.lazy_window}")
         if int(self.mlp_topk_block) < 0:
             raise SparsityError(f"mlp_topk_block must be >= 0 (0: one top-K over all neurons), got {self.mlp_topk_block}")
-        if self.mlp_topk_block and self.mode != "predictor":
-            raise SparsityError(f"mlp_topk_block applies to the predictor mode only, not {self.mode!r}")
+        if self.mlp_topk_block and self.mode not in ("predictor", "oracle"):
+            raise SparsityError(f"mlp_topk_block applies to the predictor and oracle modes, not {self.mode!r}")
         for name in ("mlp_k", "head_k"):
             ks = getattr(self, name)
             if ks is not None:
@@ -374,15 +375,20 @@ def check_digest(expected: Sequence[float], params: Params, what: str) -> None:
 # Selectors (pytrees: arrays are leaves, schedules are static metadata)
 # --------------------------------------------------------------------------------------------
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads"])
+                   meta_fields=["mlp_k", "head_k", "num_neurons", "num_heads", "mlp_blocks"])
 @dataclasses.dataclass(frozen=True)
 class OracleSelector:
-    """Per token, the top-K neurons / heads by true importance (computed densely, then masked)."""
+    """Per token, the top-K neurons / heads by true importance (computed densely, then masked).
+
+    mlp_blocks > 1: the neurons are ranked per block, as `PredictorSelector` does with the same
+    setting: the quality ceiling of that selection rule.
+    """
 
     mlp_k: tuple[int, ...]
     head_k: tuple[int, ...]
     num_neurons: int
     num_heads: int
+    mlp_blocks: int = 1
 
     def heads(self, ctx: SelectContext) -> Selection | None:
         k = self.head_k[ctx.layer]
@@ -390,7 +396,9 @@ class OracleSelector:
 
     def neurons(self, ctx: SelectContext) -> Selection | None:
         k = self.mlp_k[ctx.layer]
-        return None if k >= self.num_neurons else Selection(from_importance=functools.partial(topk_mask, k=k))
+        if k >= self.num_neurons:
+            return None
+        return Selection(from_importance=functools.partial(blockwise_topk_mask, k=k, blocks=self.mlp_blocks))
 
 
 def _above(importance: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -466,22 +474,24 @@ class PredictorSelector:
         blocks = self.mlp_blocks if kind == "mlp" else 1
         gathered = self.gather and B == 1 and T == 1
         shared = self.shared_a[ctx.layer] if (self.shared_a is not None and gathered) else None
-        code = None  # [1, 1, r]: this site's rank-r code, when the shared matvec computed it
+        code = None  # (z [1, 1, r_heads + r_mlp], where this site's code starts), from the shared matvec
         if shared is not None and kind == "heads" and self.mlp_k[ctx.layer] < self.num_neurons:
             # One matvec for both sites' codes (they read the same residual under lookahead); the
             # MLP half waits in ctx.scratch for this block's neurons() call.
-            z = _pdot(x, shared) if self.decode_b is None else _pdot_t(x, shared)  # [1, 1, r_heads + r_mlp]
-            r = p["a"].shape[1]
-            ctx.scratch["mlp_code"] = z[..., r:]
-            code = z[..., :r]
+            z = _pdot(x, shared) if self.decode_b is None else _pdot_t(x, shared)
+            ctx.scratch["mlp_code"] = (z, p["a"].shape[1])
+            code = (z, 0)
         elif kind == "mlp" and "mlp_code" in ctx.scratch:
             code = ctx.scratch.pop("mlp_code")
         if (code is not None and self.decode_b is not None and ctx.ops is not None
                 and n // blocks <= MAX_CODE_BLOCK):
             # Scores, ranking and compaction in one kernel, one program per block.
-            return Selection(idx=ctx.ops.code_topk_rows(code[0, 0], self.decode_b[ctx.layer][kind], k, blocks=blocks))
+            z, start = code
+            return Selection(idx=ctx.ops.code_topk_rows(z[0, 0], self.decode_b[ctx.layer][kind], k, blocks=blocks,
+                                                        start=start))
         if code is not None:
-            scores = self._scores_from_code(ctx.layer, kind, p, code)
+            z, start = code
+            scores = self._scores_from_code(ctx.layer, kind, p, z[..., start:start + p["a"].shape[1]])
         else:
             scores = predictor_logits(p, x, rank_only=True)  # [B, T, N]
         if gathered:  # ascending: in-order row reads
@@ -710,7 +720,7 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
     if sp.mode == "dense":
         return None
     if sp.mode == "oracle":
-        return OracleSelector(mk, hk, F, H)
+        return OracleSelector(mk, hk, F, H, sp.mlp_topk_blocks(cfg))
     if sp.mode == "threshold":
         if thresholds is None and calibration_tokens is None and predictors is not None:
             pdir = predictors if not isinstance(predictors, Predictors) else None

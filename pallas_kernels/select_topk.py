@@ -140,8 +140,8 @@ def topk_rows_reference(scores, k: int):
 MAX_CODE_BLOCK = 256  # rows one program ranks: the pairwise rank is a [NB, NB] compare in registers
 
 
-def _code_topk_kernel(z_ref, w_ref, o_ref, *, rank, block_rows, k_block, nb, rb):
-    # z_ref [r] predictor code; w_ref [N, r] output matrix (rows = neurons / heads); o_ref [blocks * kb
+def _code_topk_kernel(z_ref, w_ref, o_ref, *, start, rank, block_rows, k_block, nb, rb):
+    # z_ref [>= start + r] holding the predictor code at start .. start + r - 1; w_ref [N, r] output matrix (rows = neurons / heads); o_ref [blocks * kb
     # (+ NB when interpreted)] int32. Program s scores rows s*n_rows .. (s+1)*n_rows - 1 and writes the
     # ascending indices of its kb best to o_ref[s*kb : (s+1)*kb].
     s = pl.program_id(0)
@@ -152,7 +152,7 @@ def _code_topk_kernel(z_ref, w_ref, o_ref, *, rank, block_rows, k_block, nb, rb)
     c_ok = c < rank
     w = plgpu.load(w_ref.at[row[:, None], c[None, :]], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
     # The code is rounded to the weights' dtype first, as the XLA path's einsum does (fp32 sums).
-    z = plgpu.load(z_ref.at[c], mask=c_ok, other=0.0).astype(w.dtype).astype(jnp.float32)
+    z = plgpu.load(z_ref.at[start + c], mask=c_ok, other=0.0).astype(w.dtype).astype(jnp.float32)
     key = order_key(jnp.sum(w.astype(jnp.float32) * z[None, :], axis=1))  # [NB]
     # Rank = how many rows of the block beat this one (higher score, or equal score and lower index):
     # a strict order, so the ranks are a permutation and exactly kb rows have rank < kb. All [NB, NB]
@@ -168,13 +168,13 @@ def _code_topk_kernel(z_ref, w_ref, o_ref, *, rank, block_rows, k_block, nb, rb)
     plgpu.store(o_ref.at[slot], row, mask=sel)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blocks", "num_warps", "interpret"))
-def _code_topk_rows(z, w_t, *, k, blocks, num_warps, interpret):
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "start", "num_warps", "interpret"))
+def _code_topk_rows(z, w_t, *, k, blocks, start, num_warps, interpret):
     n, rank = w_t.shape
     block_rows = n // blocks
     kb = -(-k // blocks)
     nb = pow2_ceil(block_rows)
-    kernel = functools.partial(_code_topk_kernel, rank=rank, block_rows=block_rows, k_block=kb,
+    kernel = functools.partial(_code_topk_kernel, start=start, rank=rank, block_rows=block_rows, k_block=kb,
                                nb=nb, rb=pow2_ceil(rank))
     out = pl.pallas_call(
         kernel,
@@ -187,9 +187,10 @@ def _code_topk_rows(z, w_t, *, k, blocks, num_warps, interpret):
     return out[: blocks * kb] if interpret else out
 
 
-def _check_code_topk(z, w_t, k: int, blocks: int) -> None:
-    if w_t.ndim != 2 or z.shape != (w_t.shape[1],):
-        raise ValueError(f"code_topk_rows takes z [r] and w_t [N, r], got {z.shape} and {w_t.shape}")
+def _check_code_topk(z, w_t, k: int, blocks: int, start: int) -> None:
+    if w_t.ndim != 2 or z.ndim != 1 or not 0 <= start <= z.shape[0] - w_t.shape[1]:
+        raise ValueError(f"code_topk_rows takes z [r] (or a longer z with the code at start) and w_t [N, r], "
+                         f"got {z.shape}, {w_t.shape} and start={start}")
     n = w_t.shape[0]
     if blocks < 1 or n % blocks:
         raise ValueError(f"{n} rows cannot be split into {blocks} equal blocks")
@@ -197,10 +198,12 @@ def _check_code_topk(z, w_t, k: int, blocks: int) -> None:
         raise ValueError(f"k must be in [1, {n}] for {n} rows, got {k}")
 
 
-def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, interpret: bool = False, num_warps: int | None = None):
-    """Ascending indices of the rows with the best scores w_t @ z, ranked per block of rows.
+def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret: bool = False,
+                   num_warps: int | None = None):
+    """Ascending indices of the rows with the best scores w_t @ z[start:start + r], ranked per block of rows.
 
-    z [r] (a predictor's rank-r code), w_t [N, r] (its output matrix, transposed) -> int32
+    z [>= start + r] (a predictor's rank-r code at start: both sites' codes come from one matvec,
+    and slicing them apart would cost a kernel), w_t [N, r] (its output matrix, transposed) -> int32
     [blocks * kb], kb = ceil(k / blocks): the N rows are split into `blocks` equal contiguous blocks
     and each keeps its kb best (ties to the lower index), in order, block s at positions
     s*kb .. (s+1)*kb - 1: the layout `dejavu_jax.batching.blockwise_topk_idx` returns. One program
@@ -208,19 +211,20 @@ def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, interpret: bool = False, 
     score matvec, the ranking and the compaction are one launch with `blocks` programs in parallel
     (`topk_rows` ranks all N in one program by a sequential search). N / blocks <= MAX_CODE_BLOCK.
     """
-    _check_code_topk(z, w_t, k, blocks)
+    _check_code_topk(z, w_t, k, blocks, start)
     block_rows = w_t.shape[0] // blocks
     if block_rows > MAX_CODE_BLOCK:
         raise ValueError(f"code_topk_rows ranks at most {MAX_CODE_BLOCK} rows per block, got {block_rows} "
                          f"({w_t.shape[0]} rows in {blocks} blocks)")
     num_warps = num_warps or (4 if block_rows <= 128 else 8)
-    return _code_topk_rows(z, w_t, k=k, blocks=blocks, num_warps=num_warps, interpret=interpret)
+    return _code_topk_rows(z, w_t, k=k, blocks=blocks, start=start, num_warps=num_warps, interpret=interpret)
 
 
-def code_topk_rows_reference(z, w_t, k: int, *, blocks: int = 1):
+def code_topk_rows_reference(z, w_t, k: int, *, blocks: int = 1, start: int = 0):
     """XLA reference: the einsum (z in w_t's dtype, fp32 sums), then lax.top_k + sort per block."""
-    _check_code_topk(z, w_t, k, blocks)
-    n = w_t.shape[0]
+    _check_code_topk(z, w_t, k, blocks, start)
+    n, r = w_t.shape
+    z = z[start:start + r]
     scores = jnp.einsum("r,nr->n", z.astype(w_t.dtype), w_t, preferred_element_type=jnp.float32)
     local = topk_rows_reference(scores.reshape(blocks, n // blocks), -(-k // blocks))  # [blocks, kb]
     return (local + (jnp.arange(blocks, dtype=jnp.int32) * (n // blocks))[:, None]).reshape(-1)

@@ -41,9 +41,11 @@ def kernel_family(name: str) -> str:
     return re.sub(r"[._]\d+$", "", re.sub(r"(_\d+)+$", "", name))[:60]
 
 
-def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int, kv_mode: str = "exact") -> dict:
+def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int, kv_mode: str = "exact",
+            hlo_path: Path | None = None) -> dict:
     """Kernel time per token of `tokens` decode steps; kv_mode "lazy" builds the cache as
-    bench.bench_jax does (the lazy recompute runs only for gathered steps: a sparse selector)."""
+    bench.bench_jax does (the lazy recompute runs only for gathered steps: a sparse selector).
+    hlo_path: also write the decode loop's optimized HLO there (which ops each fusion holds)."""
     gen = Generator(cfg.replace(eos_token_id=None), selector=selector, ops=ops)
     dtype = params["layers"][0]["up"].dtype
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, prompt_len)), jnp.int32)
@@ -51,13 +53,16 @@ def profile(cfg, params, *, selector, ops, tokens: int, prompt_len: int, kv_mode
     max_len = bench.cache_len(prompt_len, tokens)
     key = jax.random.PRNGKey(0)
 
-    def run(_):
+    def run(_, hlo_path=None):
         logits, cache, pos = gen.prefill(params, prompt, valid,
                                          init_sparse_cache(cfg, 1, max_len, dtype, kv_mode=kv_mode))
         jax.block_until_ready(cache)
-        return gen.decode(params, gen._sel_dynamic, cache, logits, pos, key, max_new_tokens=tokens)[0]
+        args = (params, gen._sel_dynamic, cache, logits, pos, key)
+        if hlo_path is not None:
+            hlo_path.write_text(gen.decode.lower(*args, max_new_tokens=tokens).compile().as_text())
+        return gen.decode(*args, max_new_tokens=tokens)[0]
 
-    jax.block_until_ready(run(None))  # compile
+    jax.block_until_ready(run(None, hlo_path))  # compile
     calls = _device_events(lambda: run(None), (), 1)
     if not calls:
         return {"error": "no GPU events in the trace (CPU backend or no CUPTI)"}
@@ -97,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--dense-kernels", action="store_true",
                    help="also profile dense decode through the gathered kernels (every row selected)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per profile")
+    p.add_argument("--hlo", action="store_true", help="also write each run's optimized decode HLO (hlo_<i>.txt)")
     p.add_argument("--out", default="results/profile")
     args = p.parse_args(argv)
     cfg = preset(args.preset)
@@ -118,9 +124,11 @@ def main(argv=None) -> int:
     result = {"preset": args.preset, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
               "tokens": args.tokens, "kv_mode": args.kv_mode, "profiles": {}}
     lines = [f"# Decode step profile: {args.preset} {args.dtype}, {result['device']}, jax {jax.__version__}", ""]
-    for name, (sel, run_ops, kv_mode) in runs.items():
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (name, (sel, run_ops, kv_mode)) in enumerate(runs.items()):
         r = profile(cfg, params, selector=sel, ops=run_ops, tokens=args.tokens, prompt_len=args.prompt_len,
-                    kv_mode=kv_mode)
+                    kv_mode=kv_mode, hlo_path=out / f"hlo_{i}.txt" if args.hlo else None)
         result["profiles"][name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "by_kernel"}), flush=True)
         if "error" in r:
@@ -132,8 +140,6 @@ def main(argv=None) -> int:
         lines += [f"| `{k['kernel']}` | {k['us_per_token']:.1f} | {k['launches_per_token']:.0f} |"
                   for k in r["by_kernel"][:args.top]]
         lines.append("")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -30,19 +30,25 @@ def kernel_us(fn, args, reps: int, name: str) -> float:
 
 
 def code_topk_rows_timed(rng, reps: int) -> list[dict]:
-    """us per selection: code_topk (one kernel) vs einsum + select_topk (global) at OPT-6.7B shapes."""
+    """us per selection: code_topk (one kernel; per block count and warp count) vs einsum + select_topk
+    (one top-K) at OPT-6.7B shapes."""
     rows = []
-    for n, k, blocks in [(16384, 4096, 128), (16384, 4096, 64), (16384, 1638, 128), (32, 16, 1)]:
+    for n, k, block_counts in [(16384, 4096, (64, 128, 256)), (16384, 1638, (128,)), (32, 16, (1,))]:
         z = jnp.asarray(rng.standard_normal((reps, 128)).astype(np.float32))
         w = jnp.asarray(rng.standard_normal((n, 128)).astype(np.float16))
-        fused = jax.jit(lambda z, w: [st.code_topk_rows(z[i], w, k, blocks=blocks) for i in range(reps)])
         two = jax.jit(lambda z, w: [st.topk_rows(jnp.einsum("r,nr->n", z[i].astype(w.dtype), w,
                                                             preferred_element_type=jnp.float32)[None], k)
                                     for i in range(reps)])
-        for impl, fn in (("code_topk (scores + per-block top-K)", fused), ("einsum + select_topk (one top-K)", two)):
+        runs = [(dict(impl="einsum + select_topk (one top-K)", blocks=1), two)]
+        for blocks in block_counts:
+            for warps in (4, 8):
+                fused = jax.jit(lambda z, w, blocks=blocks, warps=warps: [
+                    st.code_topk_rows(z[i], w, k, blocks=blocks, num_warps=warps) for i in range(reps)])
+                runs.append((dict(impl="code_topk (scores + per-block top-K)", blocks=blocks, num_warps=warps), fused))
+        for label, fn in runs:
             calls = _device_events(fn, (z, w), 5)
             us = statistics.median(sum(d for _, _, d in c) / 1e3 / reps for c in calls) if calls else None
-            rows.append(dict(n=n, k=k, blocks=blocks if "code" in impl else 1, impl=impl, us=us and round(us, 2)))
+            rows.append(dict(n=n, k=k, **label, us=us and round(us, 2)))
             print(rows[-1], flush=True)
     return rows
 

@@ -391,6 +391,9 @@ def test_code_topk_rows_matches_reference(N, r, K, blocks, dtype):
     w = jnp.asarray(rng.integers(-2, 3, (N, r)).astype(np.float32), dtype)
     got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks, interpret=INTERPRET))
     np.testing.assert_array_equal(got, np.asarray(st.code_topk_rows_reference(z, w, K, blocks=blocks)))
+    both = jnp.concatenate([jnp.ones(3), z])  # the code at an offset, as in the shared predictor matvec
+    np.testing.assert_array_equal(np.asarray(st.code_topk_rows(both, w, K, blocks=blocks, start=3, interpret=INTERPRET)),
+                                  got)
     z, w = normal(rng, (r,), jnp.float32), normal(rng, (N, r), dtype)
     got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks, interpret=INTERPRET))
     scores = f64(w) @ f64(z.astype(dtype))
@@ -402,7 +405,8 @@ def test_code_topk_rows_rejects_bad_arguments():
     for args, kwargs, match in [((z, w, 10), dict(blocks=7), "cannot be split into 7"),
                                 ((z, w, 10), dict(blocks=2), "at most 256 rows per block"),
                                 ((z, w, 0), dict(blocks=3), "k must be"),
-                                ((z[:4], w, 10), dict(blocks=3), r"z \[r\] and w_t \[N, r\]")]:
+                                ((z[:4], w, 10), dict(blocks=3), "code at start"),
+                                ((z, w, 10), dict(blocks=3, start=1), "code at start")]:
         with pytest.raises(ValueError, match=match):
             st.code_topk_rows(*args, interpret=True, **kwargs)
 

@@ -305,8 +305,8 @@ def test_mlp_topk_block_settings():
     assert SparsityConfig(mode="predictor").mlp_topk_blocks(cfg) == 1
     with pytest.raises(SparsityError, match="does not divide the 64 MLP neurons"):
         SparsityConfig(mode="predictor", mlp_topk_block=24).validate(cfg)
-    with pytest.raises(SparsityError, match="predictor mode only"):
-        SparsityConfig(mode="oracle", mlp_topk_block=16)
+    with pytest.raises(SparsityError, match="predictor and oracle modes"):
+        SparsityConfig(mode="threshold", mlp_topk_block=16)
     with pytest.raises(SparsityError, match="must be >= 0"):
         SparsityConfig(mode="predictor", mlp_topk_block=-1)
     preds = Predictors(random_predictors(cfg), {"lookahead": True, "rank": 8,
