@@ -216,7 +216,7 @@ def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret
     if block_rows > MAX_CODE_BLOCK:
         raise ValueError(f"code_topk_rows ranks at most {MAX_CODE_BLOCK} rows per block, got {block_rows} "
                          f"({w_t.shape[0]} rows in {blocks} blocks)")
-    num_warps = num_warps or (4 if block_rows <= 128 else 8)
+    num_warps = num_warps or (4 if block_rows <= 32 else 8)  # H100: 8 warps 4.7 us vs 4 warps 6.3 at 128 rows
     return _code_topk_rows(z, w_t, k=k, blocks=blocks, start=start, num_warps=num_warps, interpret=interpret)
 
 
