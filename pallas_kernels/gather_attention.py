@@ -275,62 +275,89 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
     return WindowKVBlocks(block_m=block_m, block_n=block_n, block_d=block_d)
 
 
-def _window_kv_kernel(x_ref, heads_ref, w_ref, *refs, batch, window, n_sel, n_kv, head_dim,
-                      d_model, has_bias, block_m, block_n, block_d):
-    # x_ref [B*W, D] window rows m = b*W + t; heads_ref [Ka]; w_ref [2*KV*Dh, D] (row (c*KV + h)*Dh
-    # + n is weight c's row n of head h); b_ref [2*KV*Dh] (optional); o_ref [2*B*Ka*W, Dh]
-    if has_bias:
-        b_ref, o_ref = refs
-    else:
-        (o_ref,) = refs
-    c, a = pl.program_id(0), pl.program_id(1)
-    head = heads_ref[a]
-    head_ok = (head >= 0) & (head < n_kv)  # an entry outside [0, KV) reads nothing, stores zeros
+def _window_kv_tiles(x_ref, w_ref, b_ref, head, *, rows, n_kv, head_dim, parts, d_model, block_m,
+                     block_n, block_d):
+    """The tile sums of window K/V program (c, a, j, i), shared by both window kernels.
+
+    x_ref [B*W, D] window rows m = b*W + t; w_ref [2*KV*Dh, D] (row (c*KV + h)*Dh + n is weight c's
+    row n of head h); b_ref [2*KV*Dh] or None; head: KV-head id heads[a] (outside [0, KV): reads
+    nothing, the sums are zeros). Head `head`'s Dh rows of weight c are split into `parts` equal
+    slices; the program computes rows n = j*BN .. j*BN + BN - 1 of each slice for window rows
+    m = i*BM .. i*BM + BM - 1. Returns (accs: parts x [BM, BN] fp32 (+ bias), m, m_ok, n, n_ok,
+    head_ok); n counts within a slice.
+    """
+    c = pl.program_id(0)
+    head_ok = (head >= 0) & (head < n_kv)
+    part = head_dim // parts
     n = pl.program_id(2) * block_n + jnp.arange(block_n, dtype=jnp.int32)  # [BN]
-    n_ok = n < head_dim
-    w_row = (c * n_kv + jnp.where(head_ok, head, 0)) * head_dim + n  # [BN]
+    n_ok = n < part
+    first = (c * n_kv + jnp.where(head_ok, head, 0)) * head_dim + n  # [BN] rows of slice 0
+    w_rows = [first + p * part for p in range(parts)]
     row_ok = n_ok & head_ok
     m = pl.program_id(3) * block_m + jnp.arange(block_m, dtype=jnp.int32)  # [BM]
-    m_ok = m < batch * window
+    m_ok = m < rows
     # Column masks only where the last block runs past D (then every step carries them).
     ragged_d = d_model % block_d != 0
 
-    def step(i, acc):  # acc [BM, BN] fp32
+    def step(i, accs):  # accs: parts x [BM, BN] fp32
         cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
         x_ok, w_ok = m_ok[:, None], row_ok[:, None]
         if ragged_d:
             x_ok, w_ok = x_ok & (cols < d_model)[None, :], w_ok & (cols < d_model)[None, :]
         x = plgpu.load(x_ref.at[m[:, None], cols[None, :]], mask=x_ok, other=0.0)  # [BM, BD]
-        w = plgpu.load(w_ref.at[w_row[:, None], cols[None, :]], mask=w_ok, other=0.0)  # [BN, BD]
-        # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
-        return acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+        out = []
+        for w_row, acc in zip(w_rows, accs):
+            w = plgpu.load(w_ref.at[w_row[:, None], cols[None, :]], mask=w_ok, other=0.0)  # [BN, BD]
+            # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
+            out.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32))
+        return tuple(out)
 
-    acc = jax.lax.fori_loop(0, cdiv(d_model, block_d), step,
-                            jnp.zeros((block_m, block_n), jnp.float32))
-    if has_bias:
-        acc = acc + plgpu.load(b_ref.at[w_row], mask=row_ok, other=0.0).astype(jnp.float32)[None, :]
+    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    accs = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros,) * parts)
+    if b_ref is not None:
+        accs = tuple(acc + plgpu.load(b_ref.at[w_row], mask=row_ok, other=0.0).astype(jnp.float32)[None]
+                     for w_row, acc in zip(w_rows, accs))
+    return accs, m, m_ok, n, n_ok, head_ok
+
+
+def _window_kv_kernel(x_ref, heads_ref, w_ref, *refs, batch, window, n_sel, has_bias, **tile):
+    # x_ref, w_ref, b_ref (optional): as _window_kv_tiles; heads_ref [Ka]; o_ref [2*B*Ka*W, Dh]
+    b_ref, o_ref = refs if has_bias else (None, *refs)
+    c, a = pl.program_id(0), pl.program_id(1)
+    (acc,), m, m_ok, n, n_ok, _ = _window_kv_tiles(x_ref, w_ref, b_ref, heads_ref[a],
+                                                   rows=batch * window, parts=1, **tile)
     # Window row m = b*W + t goes to output row ((c*B + b)*Ka + a)*W + t.
     out_row = ((c * batch + m // window) * n_sel + a) * window + m % window  # [BM]
     plgpu.store(o_ref.at[out_row[:, None], n[None, :]], acc.astype(o_ref.dtype),
                 mask=m_ok[:, None] & n_ok[None, :])
 
 
+def _window_tile_args(w_kv, blocks: WindowKVBlocks) -> dict:
+    """The static keywords of _window_kv_tiles for this weight and these blocks (parts aside)."""
+    _, n_kv, head_dim, d_model = w_kv.shape
+    return dict(n_kv=n_kv, head_dim=head_dim, d_model=d_model, block_m=blocks.block_m,
+                block_n=blocks.block_n, block_d=blocks.block_d)
+
+
+def _window_operands(x_win, w_kv, b) -> list:
+    """x_win [B, W, D] -> [B*W, D], w_kv [2, KV, Dh, D] -> [2*KV*Dh, D] (and b): free reshapes, the
+    window rows and the head-major weight rows are already contiguous."""
+    batch, window, d_model = x_win.shape
+    rows = w_kv.shape[0] * w_kv.shape[1] * w_kv.shape[2]
+    return [x_win.reshape(batch * window, d_model), w_kv.reshape(rows, d_model)] + (
+        [] if b is None else [b.reshape(rows)])
+
+
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def _gathered_window_kv(x_win, w_kv, heads, b, *, blocks: WindowKVBlocks, interpret: bool):
-    batch, window, d_model = x_win.shape
-    _, n_kv, head_dim, _ = w_kv.shape
+    batch, window, _ = x_win.shape
+    head_dim = w_kv.shape[2]
     n_sel = heads.shape[0]
     check_window_kv_blocks(blocks)
-    kernel = functools.partial(
-        _window_kv_kernel, batch=batch, window=window, n_sel=n_sel, n_kv=n_kv, head_dim=head_dim,
-        d_model=d_model, has_bias=b is not None, block_m=blocks.block_m, block_n=blocks.block_n,
-        block_d=blocks.block_d)
-    # Free reshapes: the window rows and the head-major weight rows are already contiguous.
-    operands = (x_win.reshape(batch * window, d_model), heads.astype(jnp.int32),
-                w_kv.reshape(2 * n_kv * head_dim, d_model))
-    if b is not None:
-        operands += (b.reshape(2 * n_kv * head_dim),)
+    kernel = functools.partial(_window_kv_kernel, batch=batch, window=window, n_sel=n_sel,
+                               has_bias=b is not None, **_window_tile_args(w_kv, blocks))
+    x, w, *bias = _window_operands(x_win, w_kv, b)
     out = pl.pallas_call(
         kernel,
         grid=(2, n_sel, cdiv(head_dim, blocks.block_n), cdiv(batch * window, blocks.block_m)),
@@ -339,7 +366,7 @@ def _gathered_window_kv(x_win, w_kv, heads, b, *, blocks: WindowKVBlocks, interp
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="gathered_window_kv",
-    )(*operands)
+    )(x, heads.astype(jnp.int32), w, *bias)
     return out.reshape(2, batch, n_sel, window, head_dim)
 
 
@@ -374,3 +401,157 @@ def gathered_window_kv_reference(x_win, w_kv, heads, b=None):
         b_sel = jnp.take(b, heads, axis=1, mode="fill", fill_value=0)  # [2, Ka, Dh]
         out = out + b_sel.astype(jnp.float32)[:, None, :, None, :]
     return out.astype(x_win.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The lazy KV mode's window recompute written straight into the cache.
+# --------------------------------------------------------------------------------------------------
+
+
+def rotate_half_split(x, cos, sin):
+    """RoPE's rotation, half-split convention (as Hugging Face Llama), in fp32.
+
+    x [..., Dh]; cos, sin [..., Dh/2] float32, broadcasting against x's leading axes (the angles of
+    each token's position). Returns x.dtype: (x1*cos - x2*sin, x2*cos + x1*sin) for halves x1, x2.
+    """
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _window_kv_update_kernel(x_ref, heads_ref, slots_ref, w_ref, *refs, batch, window, seq_len,
+                             n_rows, has_bias, rotary, **tile):
+    # x_ref, w_ref, b_ref (optional): as _window_kv_tiles; heads_ref [Ka]; slots_ref [W] cache slot
+    # of window token t; cos_ref, sin_ref [B*W, Dh/2] fp32 (rotary only); then the caches
+    # [B*KV*S, Dh], row (b*KV + h)*S + s: inputs k_in, v_in (aliased to the outputs, never read)
+    # and outputs k_ref, v_ref, which start as the caches (interpreted: with scratch rows/columns).
+    refs = list(refs)
+    b_ref = refs.pop(0) if has_bias else None
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotary else (None, None)
+    _, _, k_ref, v_ref = refs
+    c, a = pl.program_id(0), pl.program_id(1)
+    head, n_kv, head_dim = heads_ref[a], tile["n_kv"], tile["head_dim"]
+    parts = 2 if rotary else 1  # RoPE pairs column n with n + Dh/2: one program computes both
+    accs, m, m_ok, n, n_ok, head_ok = _window_kv_tiles(x_ref, w_ref, b_ref, head, rows=batch * window,
+                                                       parts=parts, **tile)
+    # gathered_window_kv's rounding to the window's dtype first, so values equal the reference's.
+    vals = [acc.astype(x_ref.dtype) for acc in accs]  # parts x [BM, BN]
+    if rotary:  # keys only (c == 0); the same expression as rotate_half_split
+        tile_ok = m_ok[:, None] & n_ok[None, :]
+        cos = plgpu.load(cos_ref.at[m[:, None], n[None, :]], mask=tile_ok, other=0.0)  # [BM, BN]
+        sin = plgpu.load(sin_ref.at[m[:, None], n[None, :]], mask=tile_ok, other=0.0)
+        lo, hi = vals[0].astype(jnp.float32), vals[1].astype(jnp.float32)
+        rotated = ((lo * cos - hi * sin).astype(x_ref.dtype), (hi * cos + lo * sin).astype(x_ref.dtype))
+        vals = [jnp.where(c == 0, r, v) for r, v in zip(rotated, vals)]
+    slot = plgpu.load(slots_ref.at[m % window])  # [BM]
+    live = m_ok & head_ok & (slot >= 0) & (slot < seq_len)  # [BM] rows this program writes
+    # A row that writes nothing aims at its own scratch row past the cache. The CPU interpreter's
+    # masked store writes the old value back at every masked-off lane, so such a lane must not share
+    # an address with a live lane of the same store (a skipped or not-yet-written slot's clamped
+    # address could); interpreted, the caches get BM scratch rows, and enough columns for the
+    # masked-off columns n >= Dh/parts of the last block. On the GPU masked lanes touch no memory.
+    row = jnp.where(live, ((m // window) * n_kv + head) * seq_len + slot,
+                    n_rows + jnp.arange(m.shape[0], dtype=jnp.int32))  # [BM]
+    mask = live[:, None] & n_ok[None, :]
+    for p, val in enumerate(vals):
+        col = p * (head_dim // parts) + n  # [BN]
+        for which, o_ref in enumerate((k_ref, v_ref)):  # program c writes cache c only
+            plgpu.store(o_ref.at[row[:, None], col[None, :]], val.astype(o_ref.dtype),
+                        mask=mask & (c == which))
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def _gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b, rotary, *,
+                               blocks: WindowKVBlocks, interpret: bool):
+    batch, window, _ = x_win.shape
+    _, n_kv, head_dim, _ = w_kv.shape
+    seq_len = k_cache.shape[2]
+    n_sel = heads.shape[0]
+    parts = 1 if rotary is None else 2
+    check_window_kv_blocks(blocks)
+    n_rows = batch * n_kv * seq_len
+    n_blocks = cdiv(head_dim // parts, blocks.block_n)
+    kernel = functools.partial(
+        _window_kv_update_kernel, batch=batch, window=window, seq_len=seq_len, n_rows=n_rows,
+        has_bias=b is not None, rotary=rotary is not None, **_window_tile_args(w_kv, blocks))
+    x, w, *bias = _window_operands(x_win, w_kv, b)
+    operands = [x, heads.astype(jnp.int32), slots.astype(jnp.int32), w, *bias]
+    if rotary is not None:
+        operands += [r.astype(jnp.float32).reshape(batch * window, head_dim // 2) for r in rotary]
+    caches = [cache.reshape(n_rows, head_dim) for cache in (k_cache, v_cache)]  # free reshapes
+    if interpret:  # the kernel's scratch rows and columns (see the kernel)
+        width = (parts - 1) * (head_dim // parts) + n_blocks * blocks.block_n
+        caches = [jnp.pad(cache, ((0, blocks.block_m), (0, width - head_dim))) for cache in caches]
+    k_out, v_out = pl.pallas_call(
+        kernel,
+        grid=(2, n_sel, n_blocks, cdiv(batch * window, blocks.block_m)),
+        out_shape=tuple(jax.ShapeDtypeStruct(cache.shape, cache.dtype) for cache in caches),
+        # In place: XLA writes the outputs into the cache buffers (a copy first unless the caller's
+        # jit donates them). The interpreter starts each output as its aliased input.
+        input_output_aliases={len(operands): 0, len(operands) + 1: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                             num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gathered_window_kv_update",
+    )(*operands, *caches)
+    if interpret:
+        k_out, v_out = k_out[:n_rows, :head_dim], v_out[:n_rows, :head_dim]
+    return k_out.reshape(k_cache.shape), v_out.reshape(v_cache.shape)
+
+
+def _check_window_update(x_win, w_kv, slots, k_cache, v_cache, rotary) -> None:
+    batch, window, _ = x_win.shape
+    _, n_kv, head_dim, _ = w_kv.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (batch, n_kv) or k_cache.shape[3] != head_dim:
+        raise ValueError(f"caches must be [B, KV, S, Dh] = [{batch}, {n_kv}, S, {head_dim}], got "
+                         f"{k_cache.shape} and {v_cache.shape}")
+    if slots.shape != (window,):
+        raise ValueError(f"slots must be [W] = [{window}], got {slots.shape}")
+    if rotary is not None and head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+
+
+def gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b=None, rotary=None, *,
+                              interpret=False, **blocks):
+    """`gathered_window_kv`'s K/V written straight into the caches: the lazy KV mode's update.
+
+    x_win [B, W, D]; w_kv [2, KV, Dh, D]; heads [Ka] int32 KV-head ids (repeats allowed: equal
+    values written twice; an id outside [0, KV) is skipped: no weight reads, nothing written);
+    slots [W] int32, the cache slot of each window token (an entry outside [0, S) is dropped; live
+    entries distinct); k_cache, v_cache [B, KV, S, Dh]; b [2, KV, Dh] or None; rotary None or
+    (cos, sin), each [B, W, Dh/2] float32: RoPE's angles at the window tokens' positions, applied to
+    the keys after the window's rounding (`rotate_half_split`). Returns (k_cache, v_cache) with
+    cache[b, heads[a], slots[t]] = the window K/V of `gathered_window_kv` (keys rotated), cast to
+    the cache dtype, and every other entry unchanged.
+
+    Program (c, a, n, m) computes gathered_window_kv's [BM, BN] tile (with RoPE: rows n and
+    n + Dh/2, which the rotation pairs) and stores it at the cache rows (b, heads[a], slots[t]) of
+    cache c. The caches are aliased to the outputs: in place under a jit that donates them (as the
+    decode step does), no intermediate [2, B, Ka, W, Dh] array, no XLA scatter.
+    """
+    check_block_keys(blocks, WINDOW_KV_BLOCK_KEYS, "gathered_window_kv_update")
+    _check_window_update(x_win, w_kv, slots, k_cache, v_cache, rotary)
+    batch, window, d_model = x_win.shape
+    parts = 1 if rotary is None else 2
+    cfg = dataclasses.replace(
+        default_window_kv_blocks(batch * window, heads.shape[0], w_kv.shape[2] // parts, d_model),
+        **blocks)
+    return _gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b, rotary,
+                                      blocks=cfg, interpret=interpret)
+
+
+@jax.jit
+def gathered_window_kv_update_reference(x_win, w_kv, heads, slots, k_cache, v_cache, b=None,
+                                        rotary=None):
+    """XLA reference: gathered_window_kv_reference, RoPE on the keys, two scatters into the caches."""
+    n_kv, seq_len = k_cache.shape[1], k_cache.shape[2]
+    kv_w = gathered_window_kv_reference(x_win, w_kv, heads, b)  # [2, B, Ka, W, Dh]
+    k_w, v_w = kv_w[0], kv_w[1]  # [B, Ka, W, Dh]
+    if rotary is not None:
+        cos, sin = rotary  # [B, W, Dh/2]
+        k_w = rotate_half_split(k_w, cos[:, None], sin[:, None])
+    # The scatter would wrap negative ids: move them past the end, where mode="drop" drops them.
+    heads = jnp.where(heads < 0, n_kv, heads)
+    slots = jnp.where(slots < 0, seq_len, slots)
+    at = (slice(None), heads[:, None], slots[None, :])
+    return (k_cache.at[at].set(k_w.astype(k_cache.dtype), mode="drop"),
+            v_cache.at[at].set(v_w.astype(v_cache.dtype), mode="drop"))

@@ -321,6 +321,89 @@ def test_gathered_window_kv_reads_only_the_named_heads():
     np.testing.assert_array_equal(out[:, :, 0], out[:, :, 3])  # a repeated head: equal values
 
 
+WINDOW_UPDATE_CASES = [
+    # B, W, D, KV, Dh, S, heads, slots, bias, rotary, blocks
+    (1, 3, 100, 4, 8, 6, [3, 0, 4], [5, 3, 4], True, False, {}),  # a skip, W < Ka
+    (2, 3, 72, 5, 16, 9, [4, 1, 4, -1, 2], [7, 9, 8], False, False, {}),  # a repeat, a dropped slot
+    (1, 16, 96, 4, 12, 20, [2, 0, 3, 1], [16, 17, 18, 19] + list(range(4, 16)), True, False,
+     dict(block_m=16, block_n=16, block_d=32)),  # ring order, ragged D loop, Dh < block_n
+    (2, 16, 40, 5, 16, 16, [0, 5, 3], [-1] * 5 + list(range(11)), True, True, {}),  # RoPE; the first
+    # five window tokens not written yet (negative and >= S would both be dropped)
+    (2, 3, 56, 4, 48, 7, [1, 3, 1], [2, 40, 0], False, True, dict(block_m=16, block_n=16, block_d=16)),
+    # RoPE over two column blocks per half (24 = 16 + 8 masked), B*W = 6 rows of a 16-row block
+]
+
+
+def _window_update_inputs(B, W, D, KV, Dh, S, heads, slots, bias, rotary, dtype, cache_dtype):
+    ks = keys(W * 1000 + D + KV, 6)
+    x, w = normal(ks[0], (B, W, D), dtype), normal(ks[1], (2, KV, Dh, D), dtype, D ** -0.5)
+    b = normal(ks[2], (2, KV, Dh), dtype) if bias else None
+    k, v = normal(ks[3], (B, KV, S, Dh), cache_dtype), normal(ks[4], (B, KV, S, Dh), cache_dtype)
+    rot = None
+    if rotary:  # the angles at random positions, as model.rope_cos_sin computes them
+        pos = ks[5].integers(0, 500, (B, W)).astype(np.float32)
+        angles = pos[..., None] / 10000.0 ** (np.arange(0, Dh, 2, dtype=np.float32) / Dh)
+        rot = (jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
+    heads, slots = jnp.asarray(np.array(heads, np.int32)), jnp.asarray(np.array(slots, np.int32))
+    return x, w, heads, slots, k, v, b, rot
+
+
+@pytest.mark.parametrize("B,W,D,KV,Dh,S,heads,slots,bias,rotary,blocks,dtype",
+                         with_dtypes(WINDOW_UPDATE_CASES, (1, 3)))
+def test_gathered_window_kv_update_matches_reference(B, W, D, KV, Dh, S, heads, slots, bias, rotary,
+                                                     blocks, dtype):
+    args = _window_update_inputs(B, W, D, KV, Dh, S, heads, slots, bias, rotary, dtype, dtype)
+    x, w, heads, slots, k, v, b, rot = args
+    k_out, v_out = ga.gathered_window_kv_update(*args, interpret=INTERPRET, **blocks)
+    k_ref, v_ref = ga.gathered_window_kv_update_reference(*args)
+    assert k_out.shape == k.shape and k_out.dtype == dtype and v_out.dtype == dtype
+    # Independently: the written entries in float64 (window K/V, keys rotated), the rest untouched.
+    kv_w = np.einsum("BTD,CKHD->CBKTH", f64(x), f64(w)[:, np.clip(heads, 0, KV - 1)])
+    if bias:
+        kv_w = kv_w + f64(b)[:, np.clip(heads, 0, KV - 1)][:, None, :, None, :]
+    if rotary:
+        cos, sin = (f64(r)[:, None] for r in rot)  # [B, 1, W, Dh/2]
+        k1, k2 = np.split(kv_w[0], 2, axis=-1)
+        kv_w[0] = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+    want = [f64(k).copy(), f64(v).copy()]
+    written = np.zeros(k.shape, bool)
+    for a, h in enumerate(np.asarray(heads)):
+        for t, s in enumerate(np.asarray(slots)):
+            if 0 <= h < KV and 0 <= s < S:
+                for c in range(2):
+                    want[c][:, h, s] = kv_w[c][:, a, t]
+                written[:, h, s] = True
+    for out, ref, expect, old in ((k_out, k_ref, want[0], k), (v_out, v_ref, want[1], v)):
+        assert rel_err(out, ref) < TOL[dtype] and rel_err(out, expect) < TOL[dtype]
+        np.testing.assert_array_equal(np.asarray(out)[~written], np.asarray(old)[~written])
+
+
+def test_gathered_window_kv_update_rounds_like_the_window_op():
+    """bf16 window, fp32 cache: the written values are the window op's bf16 K/V (rotated in fp32
+    and rounded to bf16 again), exactly as the reference (the current lazy-KV path) writes them."""
+    case = (2, 5, 48, 4, 16, 8, [3, 1], [3, 4, 5, 6, 7], True, True)
+    args = _window_update_inputs(*case, jnp.bfloat16, jnp.float32)
+    out = ga.gathered_window_kv_update(*args, interpret=INTERPRET)
+    ref = ga.gathered_window_kv_update_reference(*args)
+    for o, r in zip(out, ref):
+        assert o.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=2e-2, atol=0)  # one bf16 step
+        written = np.asarray(o)[:, [3, 1], 3:8]  # heads 3, 1 at slots 3 .. 7
+        assert np.array_equal(written.astype(jnp.bfloat16).astype(np.float32), written)
+
+
+def test_gathered_window_kv_update_reads_only_the_named_heads():
+    """NaN weights of unnamed heads never reach the cache (nor does the skip id read any)."""
+    args = list(_window_update_inputs(1, 3, 40, 5, 16, 4, [3, 1, 5, 3], [0, 1, 2], True, False,
+                                      jnp.float32, jnp.float32))
+    w = np.asarray(args[1]).copy()
+    w[:, [0, 2, 4]] = np.nan
+    args[1] = jnp.asarray(w)
+    k_out, v_out = ga.gathered_window_kv_update(*args, interpret=INTERPRET)
+    k_ref, v_ref = ga.gathered_window_kv_update_reference(*args)
+    assert rel_err(k_out, k_ref) < TOL[jnp.float32] and rel_err(v_out, v_ref) < TOL[jnp.float32]
+
+
 # --------------------------------------------------------------------------------------------------
 # Backend switch, argument checks, Triton lowering
 # --------------------------------------------------------------------------------------------------
@@ -416,6 +499,7 @@ def test_get_ops_backends():
     assert xla.gathered_up is gm.gathered_up_reference
     assert xla.sparse_decode_attention is ga.sparse_decode_attention_reference
     assert xla.gathered_window_kv is ga.gathered_window_kv_reference
+    assert xla.gathered_window_kv_update is ga.gathered_window_kv_update_reference
     pallas = pk.get_ops("pallas")
     ks = keys(23, 3)
     x, w, idx = normal(ks[0], (1, 48), jnp.float32), normal(ks[1], (20, 1, 48), jnp.float32), \
@@ -437,6 +521,15 @@ def test_bad_arguments_are_rejected():
         gm.gathered_up(x, w, idx, activation="swiglu", interpret=True)
     with pytest.raises(ValueError, match="activation"):
         gm.gathered_up(x, w, idx, activation="gelu", interpret=True)
+    x_win, w_kv, slots = jnp.ones((1, 3, 8)), jnp.ones((2, 2, 5, 8)), jnp.arange(3, dtype=jnp.int32)
+    cache = jnp.zeros((1, 2, 4, 5))
+    with pytest.raises(ValueError, match="slots"):
+        ga.gathered_window_kv_update(x_win, w_kv, idx, slots[:2], cache, cache, interpret=True)
+    with pytest.raises(ValueError, match="caches"):
+        ga.gathered_window_kv_update(x_win, w_kv, idx, slots, cache, cache[:, :1], interpret=True)
+    rot = (jnp.ones((1, 3, 2)),) * 2
+    with pytest.raises(ValueError, match="even head_dim"):
+        ga.gathered_window_kv_update(x_win, w_kv, idx, slots, cache, cache, None, rot, interpret=True)
 
 
 def _lowers_to_triton(fn, *args) -> bool:
@@ -464,6 +557,11 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     assert _lowers_to_triton(attn, spec(1, 5, 64), kv, kv, spec(1, 70, dtype=jnp.bool_), heads)
     window_kv = spec(2, 3, 64, 576)  # SmolLM2's 3 KV heads, a 5-token window, bias
     assert _lowers_to_triton(ga.gathered_window_kv, spec(1, 5, 576), window_kv, heads, spec(2, 3, 64))
+    cache, slots = spec(1, 3, 70, 64), spec(5, dtype=jnp.int32)
+    rotary = (spec(1, 5, 32, dtype=jnp.float32),) * 2  # RoPE: each program computes both halves
+    for b_kv, rot in ((spec(2, 3, 64), None), (None, rotary)):
+        assert _lowers_to_triton(ga.gathered_window_kv_update, spec(1, 5, 576), window_kv, heads, slots,
+                                 cache, cache, b_kv, rot)
     for n, k in ((1536, 384), (9, 4), (36864, 9216)):
         assert _lowers_to_triton(functools.partial(st.topk_rows, k=k), spec(1, n, dtype=jnp.float32))
     for n, r, k, blocks in ((1536, 64, 384, 12), (9, 64, 4, 1), (16384, 128, 4096, 128), (49152, 128, 5000, 192)):
@@ -552,3 +650,31 @@ def test_gpu_window_kv_model_size(W):
     heads = jnp.concatenate([active, active[:1], jnp.array([KV], jnp.int32)])  # a repeat, a skip
     out = ga.gathered_window_kv(x, w, heads, b)
     assert rel_err(out, ga.gathered_window_kv_reference(x, w, heads, b)) < 2e-3
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("rotary", [False, True])
+def test_gpu_window_kv_update_model_size(rotary):
+    """OPT-6.7B's lazy-KV update (Ka = 16 active + 2 refreshed, a repeat, a skip) into a 256-slot
+    cache, jitted with the caches donated as in the decode step: in place, equal to the reference."""
+    KV, Dh, D, W, S = 32, 128, 4096, 16, 256
+    ks = keys(61, 5)
+    x, w = normal(ks[0], (1, W, D), jnp.float16), normal(ks[1], (2, KV, Dh, D), jnp.float16, D ** -0.5)
+    b = normal(ks[2], (2, KV, Dh), jnp.float16)
+    active = pick(ks[3], KV, 16)
+    heads = jnp.concatenate([active, active[:1], jnp.array([KV], jnp.int32)])  # a repeat, a skip
+    s = 100  # this token's slot; the window holds slots s-15 .. s in ring order
+    slots = jnp.asarray(s - np.mod(s - np.arange(W), W), jnp.int32)
+    rot = None
+    if rotary:
+        angles = (s - W + 1 + np.arange(W, dtype=np.float32))[None, :, None] / 10000.0 ** (
+            np.arange(0, Dh, 2, dtype=np.float32) / Dh)
+        rot = (jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles)))
+    k, v = normal(ks[4], (1, KV, S, Dh), jnp.float16), normal(ks[4], (1, KV, S, Dh), jnp.float16, 0.5)
+    k_ref, v_ref = ga.gathered_window_kv_update_reference(x, w, heads, slots, k, v, b, rot)
+    k_ptr = k.unsafe_buffer_pointer()
+    update = jax.jit(ga.gathered_window_kv_update, donate_argnums=(4, 5))
+    k_out, v_out = update(x, w, heads, slots, k, v, b, rot)
+    assert rel_err(k_out, k_ref) < 2e-3 and rel_err(v_out, v_ref) < 2e-3
+    assert k_out.unsafe_buffer_pointer() == k_ptr, "the donated cache was not updated in place"
