@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dejavu_jax.config import ModelConfig
+from pallas_kernels.gather_attention import rotate_half_split
 
 Params = dict[str, Any]
 
@@ -246,7 +247,7 @@ class Ops(Protocol):
     gathered_head_proj: Callable
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
-    gathered_window_kv: Callable  # lazy KV mode: K/V of selected heads over the token window
+    gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,16 +269,17 @@ def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotary angles at `positions`. positions [B, T] -> two [B, T, Dh/2] float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, half-split convention (as Hugging Face Llama). x [B, T, N, Dh]."""
-    dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+    return rotate_half_split(x, cos[:, :, None, :], sin[:, :, None, :])
 
 
 def _apply_keep(act: jax.Array, importance: jax.Array, sel: Selection | None) -> jax.Array:

@@ -258,11 +258,11 @@ class ShardedOps:
         return self.base.topk_rows
 
     @property
-    def gathered_window_kv(self):
+    def gathered_window_kv_update(self):
         """The lazy KV window recompute is not shard_map'ed (module docstring): the XLA op, under GSPMD."""
-        from pallas_kernels import gathered_window_kv_reference
+        from pallas_kernels import gathered_window_kv_update_reference
 
-        return gathered_window_kv_reference
+        return gathered_window_kv_update_reference
 
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map

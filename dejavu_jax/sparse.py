@@ -60,7 +60,7 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
-from pallas_kernels import gathered_window_kv_reference, topk_rows_reference
+from pallas_kernels import gathered_window_kv_update_reference, topk_rows_reference
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
@@ -819,7 +819,7 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     every step of the layer is gathered (as PredictorSelector and FixedSelector do): a mask step
     or a new multi-token chunk in between writes all heads at its own slots only, not the refresh.
     """
-    from dejavu_jax.model import kv_project, rope
+    from dejavu_jax.model import kv_project, rope_cos_sin
 
     k_cache, v_cache, index, win_x, win_pos = layer_cache
     T = x.shape[1]
@@ -834,25 +834,25 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     s = index  # this token's slot
     ring = jnp.arange(W)
     slots = s - jnp.mod(s - ring, W)  # [W] cache slot held at each ring position
-    slots = jnp.where(slots >= 0, slots, S)  # not yet written: out of range, dropped by the scatter
+    slots = jnp.where(slots >= 0, slots, S)  # not yet written: out of range, dropped by the update
 
     r = refresh_groups(KV, W)
     refreshed = jnp.mod(s, W) * r + jnp.arange(r)  # [r]; ids >= KV (when r * W > KV) are skipped
     groups = jnp.concatenate([sel.idx // cfg.kv_group_size, refreshed]).astype(jnp.int32)  # [Ka]
     # A group named twice (GQA heads of one group, a refreshed group that is also active) is kept
-    # once: the repeats become the id KV, which the window op reads no weights for and the scatter
-    # drops. Repeats would be harmless (equal values written twice) but cost their weight reads;
+    # once: the repeats become the id KV, which the update skips (no weight reads, nothing written).
+    # Repeats would be harmless (equal values written twice) but cost their weight reads;
     # this [Ka, Ka] compare replaces a sort-based jnp.unique.
     n = groups.shape[0]
     earlier = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
     repeat = jnp.any((groups[:, None] == groups[None, :]) & earlier, axis=1)
     heads = jnp.where(repeat | (groups >= KV), KV, groups)
 
-    window_kv = ops.gathered_window_kv if ops is not None else gathered_window_kv_reference
-    kv_w = window_kv(win_x, lp["kv"], heads, lp.get("kv_bias"))  # [2, B, Ka, W, Dh], one weight read
-    k_w, v_w = kv_w[0], kv_w[1]  # [B, Ka, W, Dh]
-    if cfg.positions == "rope":  # as kv_project: RoPE on keys at each window token's position
-        k_w = rope(k_w.transpose(0, 2, 1, 3), win_pos, cfg.rope_theta).transpose(0, 2, 1, 3)
-    at = (slice(None), heads[:, None], slots[None, :])
-    return (k_cache.at[at].set(k_w.astype(k_cache.dtype), mode="drop"),
-            v_cache.at[at].set(v_w.astype(v_cache.dtype), mode="drop"), win_x)
+    # K/V of the `heads` over the window (one read of their weight rows) written at the window's
+    # slots: the Pallas op stores them straight into the cache, in place (the step donates it); the
+    # XLA reference computes them, then scatters. RoPE (as kv_project) rotates the keys at each
+    # window token's position; the angles are the same in every layer.
+    rotary = rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
+    update = ops.gathered_window_kv_update if ops is not None else gathered_window_kv_update_reference
+    k_all, v_all = update(win_x, lp["kv"], heads, slots, k_cache, v_cache, lp.get("kv_bias"), rotary)
+    return k_all, v_all, win_x

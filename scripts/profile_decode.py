@@ -4,8 +4,9 @@ Random weights at a preset's shapes; for dense decode (XLA; optionally the gathe
 row selected) and for sparse decode (random predictors with lookahead, or fixed indices), traces `--tokens` decode steps of the jitted while-loop and sums each
 kernel name's device time per token. Writes profile.json and profile.md to --out. `--kv-mode lazy`
 gives the sparse runs the lazy KV cache (`sparse.init_sparse_cache`): each gathered step recomputes
-the selected KV heads' K/V over the W-token window (`gathered_window_kv`) and scatters them into the
-cache; dense decode keeps the exact cache either way.
+the selected KV heads' K/V over the W-token window and writes them into the cache
+(`gathered_window_kv_update`: with --kernels pallas one kernel, in place; with xla a window einsum and
+two scatters); dense decode keeps the exact cache either way.
 
   python scripts/profile_decode.py --preset opt-6.7b --sparse 0.25:0.5 --kernels pallas --out $OUT/profile
   python scripts/profile_decode.py --preset opt-6.7b --sparse 0.25:0.5 --kv-mode lazy --out $OUT/profile-lazy
