@@ -12,7 +12,8 @@ L * R, so launch gaps inside the call count; the summed kernel durations and the
 (median of many calls minus an empty call) are reported beside it. After warm-up only.
 
     python -m pallas_kernels.microbench --out DIR [--sweep] [--batch4] [--seconds N] [--quick]
-        [--window-kv [--window-kv-heads KA ...]] [--no-mlp] [--no-attention]
+        [--window-kv [--window-kv-heads KA ...] [--window-kv-seq S] [--window-kv-methods M ...]]
+        [--no-mlp] [--no-attention]
 writes DIR/kernels.json (all rows), DIR/kernels.jsonl (rows as measured) and DIR/kernels.md.
 """
 from __future__ import annotations
@@ -104,6 +105,42 @@ def chain(apply: Callable, n_layers: int, reps: int) -> Callable:
     return jax.jit(run)
 
 
+def chain_update(update: Callable, n_layers: int, reps: int) -> Callable:
+    """Like `chain`, for ops that update a per-layer state in place: update(x, state, layer) -> state.
+
+    Returns run(xs, states, layers) -> states, jitted with `states` donated: each layer's state
+    (a KV cache) is threaded through its reps applications, so an op that aliases its state to its
+    output writes into one buffer all along (no copies), as the decode step does with its cache.
+    The previous application's state goes through the optimization_barrier with the next x (and is
+    replaced by the barrier's output, which aliases it), so the applications run in order.
+    """
+
+    def run(xs, states, layers):
+        states, last = list(states), None
+        for r in range(reps):
+            for i, layer in enumerate(layers):
+                x = xs[r]
+                if last is not None:
+                    x, states[last] = jax.lax.optimization_barrier((x, states[last]))
+                states[i] = update(x, states[i], layer)
+                last = i
+        return states
+
+    return jax.jit(run, donate_argnums=1)
+
+
+class _Threaded:
+    """fn(xs, states, layers) -> states as a call on (xs, layers) that keeps the states: for timing
+    a donating jit by repeated calls on the same arguments."""
+
+    def __init__(self, fn: Callable, states):
+        self.fn, self.states = fn, states
+
+    def __call__(self, xs, layers):
+        self.states = self.fn(xs, self.states, layers)
+        return self.states
+
+
 def _device_events(fn, args, n_calls: int) -> list[list[tuple[str, float, float]]]:
     """GPU activity (name, start_ns, duration_ns) of each of n_calls calls, from a profiler trace.
 
@@ -151,8 +188,19 @@ def time_per_application(apply, xs, layers, n_trials) -> dict:
     wall_us: host wall time minus the empty-call overhead. time_us falls back to wall_us where no
     device trace is available.
     """
+    return _time_calls(chain(apply, len(layers), len(xs)), xs, layers, n_trials)
+
+
+def time_per_update(update, xs, states, layers, n_trials) -> dict:
+    """time_per_application's numbers for update(x, state, layer) -> state (`chain_update`): each
+    layer's state (e.g. its K/V caches) is updated in place from one call to the next."""
+    fn = _Threaded(chain_update(update, len(layers), len(xs)), states)
+    return _time_calls(fn, xs, layers, n_trials)
+
+
+def _time_calls(fn, xs, layers, n_trials) -> dict:
+    """time_per_application's numbers for fn(xs, layers), which applies an op len(xs) * len(layers) times."""
     n_apps = len(xs) * len(layers)
-    fn = chain(apply, len(layers), len(xs))
     total = _median_call_s(fn, (xs, layers), n_trials)
     out = dict(wall_us=max(total - dispatch_overhead_s(), 0.0) / n_apps * 1e6)
     try:
@@ -419,10 +467,13 @@ def check_window_kv_blocks(blocks: dict) -> None:
     ga.check_window_kv_blocks(dataclasses.replace(minimal, **blocks))
 
 
+WINDOW_KV_METHODS = ("pallas", "xla", "dense", "pallas_update", "pallas_scatter", "xla_update")
+
+
 def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
-                         KV: int = 32, Dh: int = 128, D: int = 4096, W: int = 16, batch: int = 1,
-                         bias: bool = True, dtype: str = "float16",
-                         methods: Sequence[str] = ("pallas", "xla", "dense"),
+                         KV: int = 32, Dh: int = 128, D: int = 4096, W: int = 16, S: int = 256,
+                         batch: int = 1, bias: bool = True, dtype: str = "float16",
+                         methods: Sequence[str] = WINDOW_KV_METHODS,
                          blocks: dict | None = None, n_layers: int = 8, reps: int = 4,
                          n_trials: int = 20, bandwidth_gbs: float | None = None,
                          log: Callable = print, deadline: float = float("inf")) -> list[dict]:
@@ -430,9 +481,14 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
 
     Methods: "pallas" (the kernel, with `blocks` or its defaults), "xla" (its reference: jnp.take of
     the heads + einsum) and "dense" (the einsum over all KV heads, what the exact mode's projection
-    of W tokens would read). bytes = the weight rows the method reads (activations < 1%); floor_us
-    is those bytes at the copy bandwidth, sel_floor_us the selected heads' 2 * Ka * Dh * D rows
-    (the dense row's speed-of-light were it to read only those). One dict per (Ka, method).
+    of W tokens would read). The lazy KV mode's whole cache update (K/V written at the window's
+    slots of per-layer [B, KV, S, Dh] caches, updated in place from one application to the next,
+    `time_per_update`): "pallas_update" (`ga.gathered_window_kv_update`, one kernel, `blocks` too),
+    "pallas_scatter" (the kernel above, then XLA's two scatters: the path it replaces) and
+    "xla_update" (its reference). bytes = the weight rows the method reads (activations and the
+    2 * B * Ka * W * Dh cache entries written < 1%); floor_us is those bytes at the copy bandwidth,
+    sel_floor_us the selected heads' 2 * Ka * Dh * D rows (the dense row's speed-of-light were it
+    to read only those). One dict per (Ka, method).
     """
     bw = bandwidth_gbs or copy_bandwidth_gbs()
     dt = jnp.dtype(dtype)
@@ -455,7 +511,25 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
             out = out + b.astype(jnp.float32)[:, None, :, None, :]
         return out.astype(x_win.dtype)
 
+    # The window's slots when this token's slot is s = S / 2 (ring order, as sparse.lazy_kv_update).
+    slots = jnp.asarray([S // 2 - (S // 2 - t) % W for t in range(W)], jnp.int32)
+
+    def pallas_update(x_win, caches, layer):  # caches (k, v), each [B, KV, S, Dh] -> updated
+        w_kv, b, heads = layer
+        return ga.gathered_window_kv_update(x_win, w_kv, heads, slots, *caches, b, **kernel_blocks)
+
+    def pallas_scatter(x_win, caches, layer):
+        w_kv, b, heads = layer
+        kv_w = ga.gathered_window_kv(x_win, w_kv, heads, b, **kernel_blocks)  # [2, B, Ka, W, Dh]
+        at = (slice(None), heads[:, None], slots[None, :])
+        return tuple(cache.at[at].set(new, mode="drop") for cache, new in zip(caches, kv_w))
+
+    def xla_update(x_win, caches, layer):
+        w_kv, b, heads = layer
+        return ga.gathered_window_kv_update_reference(x_win, w_kv, heads, slots, *caches, b)
+
     appliers = dict(pallas=pallas_window_kv, xla=xla_window_kv, dense=dense_window_kv)
+    updaters = dict(pallas_update=pallas_update, pallas_scatter=pallas_scatter, xla_update=xla_update)
     rows = []
     for n_sel in heads_counts:
         key = jax.random.key(1000 + n_sel)
@@ -473,7 +547,11 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
         for method in methods:
             if time.perf_counter() > deadline:
                 return rows
-            timing = time_per_application(appliers[method], xs, layers, n_trials)
+            if method in updaters:
+                caches = [tuple(jnp.zeros((batch, KV, S, Dh), dt) for _ in range(2)) for _ in layers]
+                timing = time_per_update(updaters[method], xs, caches, layers, n_trials)
+            else:
+                timing = time_per_application(appliers[method], xs, layers, n_trials)
             t_us = timing.pop("time_us")
             n_bytes = 2 * KV * Dh * D * item if method == "dense" else sel_bytes
             floor_us = n_bytes / (bw * 1e3)
@@ -482,7 +560,8 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
                        floor_us=round(floor_us, 2), x_floor=round(t_us / floor_us, 3),
                        sel_floor_us=round(sel_floor_us, 2),
                        gbs=round(n_bytes / (t_us * 1e3), 1), bandwidth_gbs=round(bw, 1),
-                       blocks=(blocks or {}) if method == "pallas" else {},
+                       blocks=(blocks or {}) if method.startswith("pallas") else {},
+                       **(dict(S=S) if method in updaters else {}),
                        **{k: (round(v, 2) if isinstance(v, float) else v)
                           for k, v in timing.items()})
             log(json.dumps(row))
@@ -628,13 +707,14 @@ def to_markdown(rows: list[dict], device: str) -> str:
     if window:
         lines += ["\n## Window K/V of the selected KV heads (lazy KV mode's recompute)\n",
                   "sel floor = the selected heads' K and V rows (2 * Ka * Dh * D) / copy bandwidth;"
-                  " floor = the method's own bytes (dense: all KV heads).\n",
+                  " floor = the method's own bytes (dense: all KV heads). *_update / pallas_scatter:"
+                  " the whole lazy-KV cache update (K/V written into [B, KV, S, Dh] caches in place).\n",
                   "| Ka/KV | W | method | blocks | us | kernel us | wall us | floor us | x floor |"
                   " sel floor us | x sel floor | GB/s | kernels (us) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in window:
             lines.append(f"| {r['Ka']}/{r['KV']} | {r['W']} | {r['method']} |"
-                         f" {r['blocks'] or ('default' if r['method'] == 'pallas' else '')} | {r['time_us']} | {r.get('kernel_us', '')} |"
+                         f" {r['blocks'] or ('default' if r['method'].startswith('pallas') else '')} | {r['time_us']} | {r.get('kernel_us', '')} |"
                          f" {r.get('wall_us', '')} | {r['floor_us']} | {r['x_floor']} |"
                          f" {r['sel_floor_us']} | {round(r['time_us'] / r['sel_floor_us'], 3)} |"
                          f" {r['gbs']} | {r.get('kernels', '')} |")
@@ -667,6 +747,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                    default=[OPT_6_7B_WINDOW_KV[k] for k in ("KV", "Dh", "D", "W")])
     p.add_argument("--window-kv-heads", type=int, nargs="+", default=list(WINDOW_KV_HEADS),
                    metavar="KA", help="selected KV heads per window K/V row")
+    p.add_argument("--window-kv-seq", type=int, default=256, metavar="S",
+                   help="cache slots of the window K/V update rows (*_update, pallas_scatter)")
+    p.add_argument("--window-kv-methods", nargs="+", default=list(WINDOW_KV_METHODS),
+                   choices=WINDOW_KV_METHODS, help="window K/V methods to time (default: all)")
     p.add_argument("--batch4", action="store_true", help="also time the MLP at batch 4")
     p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
     p.add_argument("--mlp-shape", type=int, nargs=2, metavar=("D", "F"),
@@ -702,7 +786,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     win_KV, win_Dh, win_D, win_W = args.window_kv_shape
     window_kw = dict(KV=win_KV, Dh=win_Dh, D=win_D, W=win_W, n_trials=trials, **common)
     if args.window_kv:
-        rows += window_kv_microbench(args.window_kv_heads, **window_kw)
+        rows += window_kv_microbench(args.window_kv_heads, S=args.window_kv_seq,
+                                     methods=args.window_kv_methods, **window_kw)
     if args.batch4:
         batch_rows = kernel_microbench(shapes, densities=(0.1, 0.5), batch=4,
                                        methods=("pallas", "xla", "dense"), n_trials=trials, **common)

@@ -16,11 +16,12 @@ TINY_WINDOW = dict(KV=4, Dh=16, D=64, W=4, n_layers=2, reps=1, n_trials=1, bandw
 
 
 def test_window_kv_microbench_rows():
-    rows = mb.window_kv_microbench((1, 3), **TINY_WINDOW)
-    assert [(r["Ka"], r["method"]) for r in rows] == [
-        (1, "pallas"), (1, "xla"), (1, "dense"), (3, "pallas"), (3, "xla"), (3, "dense")]
+    rows = mb.window_kv_microbench((1, 3), S=12, **TINY_WINDOW)
+    assert [(r["Ka"], r["method"]) for r in rows] == [(ka, m) for ka in (1, 3) for m in mb.WINDOW_KV_METHODS]
     for r in rows:
         assert r["op"] == "window_kv" and (r["KV"], r["Dh"], r["D"], r["W"]) == (4, 16, 64, 4)
+        updates = r["method"] in ("pallas_update", "pallas_scatter", "xla_update")
+        assert r.get("S") == (12 if updates else None)
         heads = 4 if r["method"] == "dense" else r["Ka"]
         assert r["bytes"] == 2 * heads * 16 * 64 * 2  # K and V rows, fp16
         assert r["sel_floor_us"] == round(2 * r["Ka"] * 16 * 64 * 2 / 1e3, 2)
@@ -29,6 +30,17 @@ def test_window_kv_microbench_rows():
         assert r["x_floor"] == pytest.approx(r["time_us"] / r["floor_us"], rel=0.01)
     md = mb.to_markdown(rows, "cpu")
     assert "Window K/V of the selected KV heads" in md and "| 3/4 | 4 | dense |" in md
+
+
+def test_chain_update_threads_each_layers_state_in_place():
+    """reps x layers updates, each layer's state carried from one rep to the next (donated)."""
+    xs = [jnp.full((3,), float(r + 1)) for r in range(2)]
+    layers = [jnp.float32(10.0), jnp.float32(100.0)]
+    run = mb.chain_update(lambda x, state, layer: state + x * layer, n_layers=2, reps=2)
+    threaded = mb._Threaded(run, [jnp.zeros((3,)), jnp.ones((3,))])
+    threaded(xs, layers)
+    out = threaded(xs, layers)  # a second call starts from the first one's states
+    assert [float(o[0]) for o in out] == [2 * (1 + 2) * 10.0, 1 + 2 * (1 + 2) * 100.0]
 
 
 def test_window_kv_sweep_picks_a_complete_config():
