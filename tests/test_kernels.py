@@ -387,7 +387,10 @@ def test_gathered_window_kv_update_rounds_like_the_window_op():
     ref = ga.gathered_window_kv_update_reference(*args)
     for o, r in zip(out, ref):
         assert o.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=2e-2, atol=0)  # one bf16 step
+        # One bf16 step, relative to the values' scale: the GPU may fuse the rotation's multiply-adds,
+        # so a value that cancels to near zero can land one rounding away from the reference's.
+        scale = float(np.max(np.abs(np.asarray(r))))
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=2e-2, atol=2e-2 * scale)
         written = np.asarray(o)[:, [3, 1], 3:8]  # heads 3, 1 at slots 3 .. 7
         assert np.array_equal(written.astype(jnp.bfloat16).astype(np.float32), written)
 
