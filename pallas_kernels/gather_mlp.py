@@ -360,3 +360,141 @@ def gathered_down_reference(a, w_down, idx):
     w_sel = jnp.take(w_down, idx, axis=0)  # [K, D]
     y = jnp.einsum("BK,KD->BD", a, w_sel, preferred_element_type=jnp.float32)
     return y.astype(a.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole MLP in one kernel: y[b] = sum_e act(x[b] . W1[row(e)]) * W2^T[row(e)].
+# --------------------------------------------------------------------------------------------------
+FUSED_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages")
+FUSED_PROGRAMS = 128  # about one program per SM of an H100: each writes a [B, D] fp32 partial sum
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedBlocks:
+    block_e: int  # selected neurons per program: their activations, then their down rows
+    block_d: int  # model-width columns per loop step (both phases)
+    num_warps: int = 8
+    num_stages: int | None = None
+
+
+def default_fused_blocks(n_entries: int, d_model: int) -> FusedBlocks:
+    """About FUSED_PROGRAMS programs of [block_e, 512] tiles.
+
+    Fewer, fatter programs than the split kernels: every program adds a [B, D] fp32 partial that XLA
+    sums afterwards (P * D * 4 bytes written and read: 2 MB at P = 128, D = 4096), so the program
+    count trades loads in flight against that traffic.
+    """
+    block_e = min(max(pow2_floor(max(n_entries // FUSED_PROGRAMS, 1)), 8), 64)
+    return FusedBlocks(block_e=block_e, block_d=min(pow2_ceil(d_model), 512))
+
+
+def _fused_kernel(x_ref, idx_ref, wu_ref, wd_ref, *refs, n_entries, n_parts, d_model, batch, activation,
+                  has_bias, act_dtype, block_e, block_d):
+    # x_ref [B, D]; idx_ref [K]; wu_ref [F, U*D]; wd_ref [F, D]; b_ref [F*n_parts] (optional);
+    # o_ref [P, B, Dp] fp32: program p's partial sum over its block_e neurons (Dp: D padded to whole
+    # column steps, so stores need no mask).
+    if has_bias:
+        b_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    p = pl.program_id(0)
+    e = p * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
+    e_ok = e < n_entries
+    row = _selected_rows(idx_ref, e, e_ok, 1)  # [BE]
+    n_steps = cdiv(d_model, block_d)
+    ragged = d_model % block_d != 0
+
+    def columns(i):
+        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+        c_ok = cols < d_model if ragged else None
+        w_ok = e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :]
+        return cols, c_ok, w_ok
+
+    def up_step(i, acc):  # acc[b][u]: [BE] fp32 pre-activations
+        cols, c_ok, w_ok = columns(i)
+        xs = [plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok,
+                         other=None if c_ok is None else 0.0).astype(jnp.float32) for b in range(batch)]
+        new = [list(a) for a in acc]
+        for u in range(n_parts):
+            w = plgpu.load(wu_ref.at[row[:, None], (u * d_model + cols)[None, :]], mask=w_ok,
+                           other=0.0).astype(jnp.float32)
+            for b in range(batch):
+                new[b][u] = acc[b][u] + jnp.sum(w * xs[b][None, :], axis=1)
+        return tuple(tuple(a) for a in new)
+
+    zeros = tuple(tuple(jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)) for _ in range(batch))
+    acc = jax.lax.fori_loop(0, n_steps, up_step, zeros)
+    bias = [plgpu.load(b_ref.at[row * n_parts + u], mask=e_ok, other=0.0).astype(jnp.float32)
+            for u in range(n_parts)] if has_bias else None
+    acts = []
+    for b in range(batch):
+        h = [acc[b][u] + bias[u] if has_bias else acc[b][u] for u in range(n_parts)]
+        if activation == "relu":
+            a = jnp.maximum(h[0], 0.0)
+        elif activation == "swiglu":
+            a = h[0] * jax.nn.sigmoid(h[0]) * h[1]
+        else:
+            a = h[0]
+        # Rounded to the activations' dtype as the split kernels' [B, K] intermediate is, so both
+        # paths multiply the down rows by the same values.
+        acts.append(jnp.where(e_ok, a, 0.0).astype(act_dtype).astype(jnp.float32))
+
+    def down_step(i, carry):
+        cols, _, w_ok = columns(i)
+        w = plgpu.load(wd_ref.at[row[:, None], cols[None, :]], mask=w_ok, other=0.0).astype(jnp.float32)
+        for b in range(batch):
+            plgpu.store(o_ref.at[_full(cols, p), _full(cols, b), cols], jnp.sum(acts[b][:, None] * w, axis=0))
+        return carry
+
+    jax.lax.fori_loop(0, n_steps, down_step, jnp.int32(0))
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "blocks", "interpret"))
+def _gathered_mlp(x, w_up, w_down, idx, b_up, *, activation, blocks: FusedBlocks, interpret):
+    batch, d_model = x.shape
+    n_feat, n_u, _ = w_up.shape
+    n_parts = 2 if activation == "swiglu" else 1
+    n_entries = idx.shape[0]
+    check_pow2(block_e=blocks.block_e, block_d=blocks.block_d)
+    block_d = min(blocks.block_d, pow2_ceil(d_model))
+    n_programs = cdiv(n_entries, blocks.block_e)
+    padded = cdiv(d_model, block_d) * block_d
+    kernel = functools.partial(
+        _fused_kernel, n_entries=n_entries, n_parts=n_parts, d_model=d_model, batch=batch, activation=activation,
+        has_bias=b_up is not None, act_dtype=x.dtype, block_e=blocks.block_e, block_d=block_d)
+    operands = (x, idx.astype(jnp.int32), w_up.reshape(n_feat, n_u * d_model), w_down)
+    if b_up is not None:
+        operands += (b_up[:, :n_parts].reshape(n_feat * n_parts),)
+    partials = pl.pallas_call(
+        kernel,
+        grid=(n_programs,),
+        out_shape=jax.ShapeDtypeStruct((n_programs, batch, padded), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gathered_mlp",
+    )(*operands)
+    return partials.sum(axis=0)[:, :d_model].astype(x.dtype)  # [P, B, Dp] -> [B, D]
+
+
+def gathered_mlp(x, w_up, w_down, idx, b_up=None, *, activation="relu", interpret=False, **blocks):
+    """The selected neurons' whole MLP in one kernel: gathered_down(gathered_up(...)) without the
+    [B, K] intermediate or a second launch.
+
+    x [B, D]; w_up [F, U, D] and b_up [F, U] | None as in gathered_up; w_down [F, D] as in
+    gathered_down; idx [K]. Returns y [B, D] in x.dtype (fp32 sums; the down bias stays with the
+    caller). Program p computes the activations of selected neurons p*BE .. (p+1)*BE - 1 from their
+    W1 rows, then adds their W2^T rows weighted by those activations into its own fp32 partial sum;
+    XLA adds the partials (a reduction the caller's residual add can share).
+    """
+    check_block_keys(blocks, FUSED_BLOCK_KEYS, "gathered_mlp")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation == "swiglu" and w_up.shape[1] != 2:
+        raise ValueError(f"swiglu needs w_up [F, 2, D], got {w_up.shape}")
+    cfg = dataclasses.replace(default_fused_blocks(idx.shape[0], x.shape[1]), **blocks)
+    return _gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation, blocks=cfg, interpret=interpret)
+
+
+def gathered_mlp_reference(x, w_up, w_down, idx, b_up=None, *, activation="relu"):
+    """XLA reference: the split references composed."""
+    return gathered_down_reference(gathered_up_reference(x, w_up, idx, b_up, activation=activation), w_down, idx)
