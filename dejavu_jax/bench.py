@@ -321,12 +321,11 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
-                mlp_topk_block: int = 0, fused_mlp: bool = False) -> list[dict]:
+                mlp_topk_block: int = 0) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
-    layer); fused_mlp: the Pallas MLP as one kernel (`gathered_mlp`); with extras, the first point
-    also runs the other setting of each for comparison.
+    layer); with extras, the first point also runs the other setting for comparison.
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -344,30 +343,25 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     for i, (mlp_d, head_d) in enumerate(densities):
         combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
         for j, (backend, kv_mode) in enumerate(combos):
+            ops = get_ops(backend)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
-            # One dict per timed variant; unset keys take the run's settings (predictors with lookahead,
-            # the transposed decode layout, the run's MLP top-K block and MLP kernel).
-            run = dict(lookahead=True, fixed=False, transpose=True, block=mlp_topk_block, fused=fused_mlp)
-            main = ("predictor+lookahead" + (f", MLP top-K per {mlp_topk_block} rows" if mlp_topk_block else "")
-                    + (", one MLP kernel" if fused_mlp else ""))
-            variants = [dict(run, label=main)]
+            block = mlp_topk_block
+            main = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
+            # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block
+            variants = [(main, True, False, True, block)]
             if extras and i == 0 and j == 0:
-                if mlp_topk_block:
-                    variants.append(dict(run, label="predictor+lookahead, one MLP top-K per layer", block=0))
+                if block:
+                    variants.append(("predictor+lookahead, one MLP top-K per layer", True, False, True, 0))
                 elif mesh is None and cfg.ffn_size % MLP_TOPK_BLOCK == 0:
-                    variants.append(dict(run, label=f"predictor+lookahead, MLP top-K per {MLP_TOPK_BLOCK} rows",
-                                         block=MLP_TOPK_BLOCK))
-                if backend == "pallas" and mesh is None:  # the other MLP kernel arrangement
-                    variants.append(dict(run, fused=not fused_mlp, label="predictor+lookahead, " + (
-                        "separate up and down MLP kernels" if fused_mlp else "one MLP kernel")))
-                variants += [dict(run, label="predictor, no lookahead", lookahead=False),
-                             dict(run, label="fixed indices (no predictor)", fixed=True, block=0)]
+                    variants.append((f"predictor+lookahead, MLP top-K per {MLP_TOPK_BLOCK} rows", True, False,
+                                     True, MLP_TOPK_BLOCK))
+                variants += [("predictor, no lookahead", False, False, True, block),
+                             ("fixed indices (no predictor)", True, True, True, 0)]
                 if batch == 1 and mesh is None:  # the layout only matters to the batch-1 gathered step
-                    variants.append(dict(run, label="predictor+lookahead, [D, r] predictor layout", transpose=False))
-            for v in variants:
-                label, fixed, block = v["label"], v["fixed"], v["block"]
+                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block))
+            for label, lookahead, fixed, transpose, block in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
 
@@ -376,19 +370,17 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
                 else:
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
-                                                    head_density=head_d, rank=rank, dtype=dtype,
-                                                    lookahead=v["lookahead"], transpose=v["transpose"],
-                                                    mlp_topk_block=block)
-                step_ops, place_cache = get_ops(backend, fused_mlp=v["fused"]), None
+                                                    head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead,
+                                                    transpose=transpose, mlp_topk_block=block)
+                step_ops, place_cache = ops, None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup
 
-                    sel, step_ops, place_cache = decode_setup(sel, step_ops, mesh, batch_select=batch_select)
+                    sel, step_ops, place_cache = decode_setup(sel, ops, mesh, batch_select=batch_select)
                 nbytes = wbytes + (0 if fixed else pbytes)
                 row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
                        "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
-                       "rank": 0 if fixed else rank, "mlp_topk_block": 0 if fixed else block,
-                       "mlp_kernel": "fused" if v["fused"] else "split", "main": label == main, "bytes_per_token": nbytes,
+                       "rank": 0 if fixed else rank, "mlp_topk_block": 0 if fixed else block, "main": label == main, "bytes_per_token": nbytes,
                        "floor_ms_per_token": nbytes / (bw * 1e9) * 1e3}
                 try:
                     row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
@@ -694,9 +686,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kernels", default="xla,pallas", help="gathered-matmul backends to time")
     sp.add_argument("--kv-modes", default="exact", help="exact and/or lazy (Deja Vu's recompute window)")
     sp.add_argument("--rank", type=int, default=128, help="predictor rank r (D -> r -> N)")
-    sp.add_argument("--mlp-kernel", choices=["split", "fused"], default="split",
-                    help="Pallas MLP as separate up and down kernels, or one kernel (gathered_mlp); the extras also "
-                         "time the other")
     sp.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
                     help="the predictors rank MLP neurons per block of B rows, each keeping its share of K (0: one "
                          "top-K per layer); the extras also time the other setting")
@@ -835,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
-                             mlp_topk_block=args.mlp_topk_block, fused_mlp=args.mlp_kernel == "fused")
+                             mlp_topk_block=args.mlp_topk_block)
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

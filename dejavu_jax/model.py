@@ -306,13 +306,8 @@ def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: 
     """x [B, T, D] (normed) -> [B, T, D]."""
     if sel is not None and sel.idx is not None:
         B, T, D = x.shape
-        fused = getattr(ops, "gathered_mlp", None)
-        if fused is not None:  # up + down in one kernel
-            y = fused(x.reshape(B * T, D), lp["up"], lp["down"], sel.idx, lp.get("up_bias"),
-                      activation=cfg.activation).reshape(B, T, D)
-        else:
-            a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation)
-            y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)
+        a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation)
+        y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)
     else:
         a = mlp_activations(lp, cfg, x)  # [B, T, F]
         if record is not None:

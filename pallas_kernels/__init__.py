@@ -27,8 +27,6 @@ from pallas_kernels.select_topk import code_topk_rows, code_topk_rows_reference,
 from pallas_kernels.gather_mlp import (
     gathered_down,
     gathered_down_reference,
-    gathered_mlp,
-    gathered_mlp_reference,
     gathered_up,
     gathered_up_reference,
 )
@@ -53,26 +51,20 @@ class Ops:
     gathered_window_kv: Callable
     code_topk_rows: Callable
     gathered_window_kv_update: Callable
-    # The MLP's up and down projections in one call (gathered_mlp), or None: the model then calls
-    # gathered_up and gathered_down.
-    gathered_mlp: Callable | None = None
 
 
-def get_ops(backend: str, *, fused_mlp: bool = False) -> Ops:
-    """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
-
-    fused_mlp: the gathered MLP as one kernel (`gathered_mlp`) instead of up + down.
-    """
+def get_ops(backend: str) -> Ops:
+    """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU)."""
     if backend == "xla":
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference,
                    gathered_window_kv_reference, code_topk_rows_reference,
-                   gathered_window_kv_update_reference, gathered_mlp_reference if fused_mlp else None)
+                   gathered_window_kv_update_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, gathered_window_kv, code_topk_rows,
-               gathered_window_kv_update) + ((gathered_mlp,) if fused_mlp else ())
+               gathered_window_kv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -82,7 +74,6 @@ def get_ops(backend: str, *, fused_mlp: bool = False) -> Ops:
 __all__ = [
     "BACKENDS", "Ops", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
-    "gathered_mlp", "gathered_mlp_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",
     "gathered_window_kv_update", "gathered_window_kv_update_reference",

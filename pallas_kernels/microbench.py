@@ -253,20 +253,15 @@ def _mlp_layers(case: MlpCase, n_layers: int, key):
     return layers
 
 
-def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None, fused_blocks: dict | None = None):
+def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None):
     # On CPU (smoke runs only) the kernels run in interpret mode.
     up_blocks = dict(up_blocks or {}, interpret=on_cpu())
     down_blocks = dict(down_blocks or {}, interpret=on_cpu())
-    fused_blocks = dict(fused_blocks or {}, interpret=on_cpu())
 
     def pallas_mlp(x, layer):
         w_up, b_up, w_down, idx = layer
         a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
         return gm.gathered_down(a, w_down, idx, **down_blocks)
-
-    def pallas_fused_mlp(x, layer):  # up + activation + down in one kernel (gm.gathered_mlp)
-        w_up, b_up, w_down, idx = layer
-        return gm.gathered_mlp(x, w_up, w_down, idx, b_up, **fused_blocks)
 
     def pallas_atomic_last_mlp(x, layer):  # split sums by atomics, last split casts (no XLA op)
         w_up, b_up, w_down, idx = layer
@@ -292,8 +287,8 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None,
         _, _, w_down, idx = layer
         return gm.gathered_down(a, w_down, idx, **down_blocks)
 
-    return dict(pallas=pallas_mlp, pallas_fused=pallas_fused_mlp, pallas_atomic_last=pallas_atomic_last_mlp, xla=xla_mlp,
-                dense=dense_mlp, pallas_up=pallas_up, pallas_down=pallas_down)
+    return dict(pallas=pallas_mlp, pallas_atomic_last=pallas_atomic_last_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
+                pallas_down=pallas_down)
 
 
 def _mlp_bytes(case: MlpCase, method: str) -> int:
@@ -305,11 +300,11 @@ def _mlp_bytes(case: MlpCase, method: str) -> int:
 
 def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
                       densities: Sequence[float] = DENSITIES, dtype: str = "float16", *,
-                      methods: Sequence[str] = ("pallas", "pallas_fused", "pallas_atomic_last", "xla", "dense"),
+                      methods: Sequence[str] = ("pallas", "pallas_atomic_last", "xla", "dense"),
                       batch: int = 1,
                       n_layers: int = 8, reps: int = 4, n_trials: int = 30,
                       up_blocks: dict | None = None, down_blocks: dict | None = None,
-                      fused_blocks: dict | None = None, bandwidth_gbs: float | None = None, log: Callable = print,
+                      bandwidth_gbs: float | None = None, log: Callable = print,
                       deadline: float = float("inf")) -> list[dict]:
     """Time the gathered MLP (up + down) per method, shape and density; one dict per row.
 
@@ -319,7 +314,7 @@ def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
     x_floor = time / floor and achieved GB/s.
     """
     bw = bandwidth_gbs or copy_bandwidth_gbs()
-    appliers = mlp_appliers(up_blocks, down_blocks, fused_blocks)
+    appliers = mlp_appliers(up_blocks, down_blocks)
     rows = []
     for shape in shapes:
         for density in densities:
@@ -349,7 +344,6 @@ def kernel_microbench(shapes: Sequence[dict] = (OPT_6_7B_MLP,),
                            floor_us=round(floor_us, 2), x_floor=round(t_us / floor_us, 3),
                            gbs=round(n_bytes / (t_us * 1e3), 1), bandwidth_gbs=round(bw, 1),
                            up_blocks=up_blocks or {}, down_blocks=down_blocks or {},
-                           **({"fused_blocks": fused_blocks or {}} if method == "pallas_fused" else {}),
                            **{k: (round(v, 2) if isinstance(v, float) else v)
                               for k, v in timing.items()})
                 log(json.dumps(row))
@@ -613,22 +607,17 @@ DOWN_SWEEP = (
     dict(block_e=128, block_d=32, k_splits=1, num_warps=4),
     dict(block_e=128, block_d=32, k_splits=1, num_warps=4, num_stages=4),
 )
-FUSED_SWEEP = tuple(dict(block_e=e, block_d=d, num_warps=w)
-                    for e, d, w in ((16, 512, 8), (32, 512, 8), (32, 512, 4), (64, 512, 8), (32, 256, 8),
-                                    (32, 1024, 8), (16, 1024, 8), (64, 256, 8)))
 
 
 def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
           deadline: float = float("inf"), log: Callable = print,
           bandwidth_gbs: float | None = None) -> list[dict]:
-    """Up and down kernels alone and the fused MLP kernel over UP_SWEEP / DOWN_SWEEP / FUSED_SWEEP
-    configs, until the deadline."""
+    """Up and down kernels alone over UP_SWEEP / DOWN_SWEEP configs, until the deadline."""
     rows = []
-    keyword = {"pallas_up": "up_blocks", "pallas_down": "down_blocks", "pallas_fused": "fused_blocks"}
     for density in densities:
-        for method, configs in (("pallas_up", UP_SWEEP), ("pallas_down", DOWN_SWEEP), ("pallas_fused", FUSED_SWEEP)):
+        for method, configs in (("pallas_up", UP_SWEEP), ("pallas_down", DOWN_SWEEP)):
             for blocks in configs:
-                kw = {keyword[method]: blocks}
+                kw = dict(up_blocks=blocks) if method == "pallas_up" else dict(down_blocks=blocks)
                 new = kernel_microbench(shapes, densities=(density,), methods=(method,), reps=2,
                                         n_trials=10, bandwidth_gbs=bandwidth_gbs, log=log,
                                         deadline=deadline, **kw)
@@ -636,7 +625,7 @@ def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
     return rows
 
 
-PALLAS_MLP = ("pallas", "pallas_fused", "pallas_atomic_last", "pallas_tuned")
+PALLAS_MLP = ("pallas", "pallas_atomic_last", "pallas_tuned")
 
 
 def _least_total_config(sweep_rows: list[dict], blocks_key: str, point_key: str) -> dict | None:
@@ -651,9 +640,9 @@ def _least_total_config(sweep_rows: list[dict], blocks_key: str, point_key: str)
 
 
 def best_blocks(rows: list[dict], method: str) -> dict | None:
-    """The sweep config of `method` ("pallas_up" / "pallas_down" / "pallas_fused") with the least
-    summed time over the densities at which every config was measured."""
-    key = {"pallas_up": "up_blocks", "pallas_down": "down_blocks", "pallas_fused": "fused_blocks"}[method]
+    """The sweep config of `method` ("pallas_up" / "pallas_down") with the least summed time over
+    the densities at which every config was measured."""
+    key = "up_blocks" if method == "pallas_up" else "down_blocks"
     return _least_total_config([r for r in rows if r["method"] == method and r.get("sweep")],
                                key, "density")
 
@@ -664,7 +653,7 @@ def to_markdown(rows: list[dict], device: str) -> str:
              " of a call / layers, gaps included); kernel = summed kernel durations per layer;"
              " wall = host wall time per layer minus an empty call. floor = bytes read / measured"
              " copy bandwidth.\n"]
-    mlp = [r for r in rows if r["op"] == "mlp" and r["method"] in PALLAS_MLP + ("xla", "dense") and not r.get("sweep")]
+    mlp = [r for r in rows if r["op"] == "mlp" and r["method"] in PALLAS_MLP + ("xla", "dense")]
     if mlp:
         lines += ["## MLP up+down (batch 1): summary per density\n",
                   "| D | F | density | K | best pallas | us | x floor | xla us | dense us |"
@@ -683,18 +672,17 @@ def to_markdown(rows: list[dict], device: str) -> str:
                   "| density | K | method | us | kernel us | wall us | x floor | GB/s | blocks |"
                   " kernels (us per layer) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(mlp, key=lambda r: (r["D"], r["F"], r["density"], r["method"])):
-            blocks = {k: v for k, v in (("up", r["up_blocks"]), ("down", r["down_blocks"]),
-                                        ("fused", r.get("fused_blocks"))) if v}
+            blocks = {k: v for k, v in (("up", r["up_blocks"]), ("down", r["down_blocks"])) if v}
             lines.append(f"| {r['density']} | {r['K']} | {r['method']} | {r['time_us']} |"
                          f" {r.get('kernel_us', '')} | {r.get('wall_us', '')} | {r['x_floor']} |"
                          f" {r['gbs']} | {blocks or ''} | {r.get('kernels', '')} |")
-    single = [r for r in rows if r["op"] == "mlp" and r.get("sweep")]
+    single = [r for r in rows if r["op"] == "mlp" and r["method"] in ("pallas_up", "pallas_down")]
     if single:
         lines += ["\n## Single kernels and block sizes\n",
                   "| kernel | density | blocks | us | kernel us | x floor | GB/s | kernels (us) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in single:
-            blocks = {"pallas_up": r["up_blocks"], "pallas_down": r["down_blocks"]}.get(r["method"], r.get("fused_blocks"))
+            blocks = r["up_blocks"] if r["method"] == "pallas_up" else r["down_blocks"]
             lines.append(f"| {r['method']} | {r['density']} | {blocks or 'default'} | "
                          f"{r['time_us']} | {r.get('kernel_us', '')} | {r['x_floor']} | "
                          f"{r['gbs']} | {r.get('kernels', '')} |")
@@ -810,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.sweep and not args.no_mlp:
         rows += sweep(shapes, **common)
         up, down = best_blocks(rows, "pallas_up"), best_blocks(rows, "pallas_down")
-        log(json.dumps(dict(best_up_blocks=up, best_down_blocks=down, best_fused_blocks=best_blocks(rows, "pallas_fused"))))
+        log(json.dumps(dict(best_up_blocks=up, best_down_blocks=down)))
         if up is not None and down is not None:
             tuned = kernel_microbench(shapes, densities=args.densities, methods=("pallas",),
                                       n_trials=trials, up_blocks=up, down_blocks=down, **common)

@@ -4,7 +4,7 @@
 #   2. python -m dejavu_jax.bench at each preset of PRESETS: dense, transformers eager and static cache +
 #      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
 #      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it),
-#      the MLP top-K per MLP_TOPK_BLOCK neurons (0: one per layer), MLP_KERNEL split or fused
+#      the MLP top-K per MLP_TOPK_BLOCK neurons (0: one per layer)
 # Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt.
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -12,7 +12,6 @@ OUT=${OUT:-/tmp/bench_out}
 PRESETS=${PRESETS:-opt-6.7b}
 SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
 MLP_TOPK_BLOCK=${MLP_TOPK_BLOCK:-0}
-MLP_KERNEL=${MLP_KERNEL:-split}
 KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
 mkdir -p "$OUT"
@@ -23,5 +22,5 @@ fi
 for preset in $PRESETS; do
   date
   python3 -m dejavu_jax.bench --preset "$preset" --dtype fp16 --reps 3 --sparse "$SPARSE" --kernels pallas \
-    --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --mlp-kernel "$MLP_KERNEL" --baselines "$BASELINES" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
+    --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --baselines "$BASELINES" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
 done 2>&1 | tee "$OUT/log.txt"

@@ -118,31 +118,6 @@ def test_gathered_up_all_rows_is_dense():
     assert rel_err(out, dense) < TOL[jnp.float32]
 
 
-FUSED_CASES = [
-    # B, D, F, U, K, activation, bias, blocks
-    (1, 300, 96, 1, 37, "relu", True, {}),  # odd D and K, default blocks (one column step)
-    (2, 576, 64, 2, 21, "swiglu", False, dict(block_e=8, block_d=128)),  # K not a multiple of block_e
-    (1, 100, 48, 1, 48, "none", True, dict(block_e=4, block_d=32)),  # K = F, ragged last column step
-    (3, 64, 32, 1, 1, "relu", False, dict(block_e=16, num_warps=4)),  # K = 1, batch 3
-]
-
-
-@pytest.mark.parametrize("B,D,F,U,K,activation,bias,blocks,dtype", with_dtypes(FUSED_CASES, (1,)))
-def test_gathered_mlp_matches_split_kernels(B, D, F, U, K, activation, bias, blocks, dtype):
-    """The one-kernel MLP equals the up and down kernels composed (its reference), activations
-    rounded to the input dtype in between as there."""
-    ks = keys(B * 7000 + D + K, 5)
-    x, w_up = normal(ks[0], (B, D), dtype), normal(ks[1], (F, U, D), dtype, D ** -0.5)
-    b_up = normal(ks[2], (F, U), dtype) if bias else None
-    w_down, idx = normal(ks[3], (F, D), dtype, K ** -0.5), pick(ks[4], F, K)
-    out = gm.gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation, interpret=INTERPRET, **blocks)
-    ref = gm.gathered_mlp_reference(x, w_up, w_down, idx, b_up, activation=activation)
-    assert out.dtype == x.dtype and out.shape == (B, D)
-    assert rel_err(out, ref) < TOL[dtype]
-    with pytest.raises(TypeError, match="unknown block"):
-        gm.gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation, interpret=True, k_splits=2)
-
-
 DOWN_CASES = [
     # B, D, F, K, blocks
     (1, 64, 32, 1, {}),  # K = 1
@@ -574,8 +549,6 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     x, idx, heads = spec(1, 576), spec(37, dtype=jnp.int32), spec(5, dtype=jnp.int32)
     w_up, w_down, a = spec(1536, 2, 576), spec(1536, 576), spec(1, 37)
     assert _lowers_to_triton(functools.partial(gm.gathered_up, activation="swiglu"), x, w_up, idx)
-    assert _lowers_to_triton(functools.partial(gm.gathered_mlp, activation="swiglu"), x, w_up, w_down, idx)
-    assert _lowers_to_triton(gm.gathered_mlp, x, spec(1536, 1, 576), w_down, idx, spec(1536, 1))
     for blocks in ({}, dict(k_splits=1), dict(k_splits=4, combine="atomic"),
                    dict(k_splits=4, combine="atomic_last")):
         assert _lowers_to_triton(functools.partial(gm.gathered_down, **blocks), a, w_down, idx)
@@ -622,8 +595,6 @@ def test_gpu_mlp_model_size(density, U, activation):
     for blocks in (dict(k_splits=1), dict(combine="atomic"), dict(combine="atomic_last")):
         y1 = gm.gathered_down(a, w_down, idx, **blocks)
         assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
-    y_fused = gm.gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation)
-    assert rel_err(y_fused, gm.gathered_mlp_reference(x, w_up, w_down, idx, b_up, activation=activation)) < 2e-3
 
 
 @gpu

@@ -135,20 +135,6 @@ def test_gathered_decode_equals_mask_decode(tiny):
     assert float(jnp.max(jnp.abs(gathered - dense))) > 1e-2  # the selection really changed something
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_one_kernel_mlp_decodes_like_split_kernels(tiny, backend):
-    """get_ops(fused_mlp=True): the gathered MLP in one call (gathered_mlp) gives the split path's logits."""
-    cfg, params = tiny
-    prompt, _ = tokens_for(cfg, B=1, T=6)
-    rng = np.random.default_rng(3)
-    L = cfg.num_layers
-    mlp_idx = [np.sort(rng.choice(cfg.ffn_size, cfg.ffn_size // 3, replace=False)) for _ in range(L)]
-    sel = FixedSelector(mlp_idx, [None] * L, cfg.ffn_size, cfg.num_heads)
-    split = decode_steps(params, cfg, prompt, 3, selector=sel, ops=get_ops(backend))
-    fused = decode_steps(params, cfg, prompt, 3, selector=sel, ops=get_ops(backend, fused_mlp=True))
-    np.testing.assert_allclose(fused, split, atol=1e-4, rtol=1e-4)
-
-
 # ------------------------------------------------------------------------------------------
 # Oracle and threshold
 # ------------------------------------------------------------------------------------------
