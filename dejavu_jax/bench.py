@@ -380,7 +380,8 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 nbytes = wbytes + (0 if fixed else pbytes)
                 row = {"impl": f"dejavu_jax sparse {backend} ({label}, kv {kv_mode})", "kernels": backend,
                        "variant": label, "kv_mode": kv_mode, "mlp_density": mlp_d, "head_density": head_d,
-                       "rank": 0 if fixed else rank, "mlp_topk_block": 0 if fixed else block, "main": label == main, "bytes_per_token": nbytes,
+                       "rank": 0 if fixed else rank, "mlp_topk_block": 0 if fixed else block, "main": label == main,
+                       "bytes_per_token": nbytes,
                        "floor_ms_per_token": nbytes / (bw * 1e9) * 1e3}
                 try:
                     row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,

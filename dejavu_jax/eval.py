@@ -550,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                    help="predictor pairing: layer l's selection from layer l-1's input (must match training)")
     p.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
-                   help="predictor and oracle modes: rank the MLP neurons per block of B consecutive ones, each block keeping "
-                        "its share of K (0 = one top-K over the layer)")
+                   help="predictor and oracle modes: rank the MLP neurons per block of B consecutive ones, "
+                        "each block keeping its share of K (0 = one top-K over the layer)")
     p.add_argument("--predictors", default=None,
                    help="predictors/ directory (mode predictor; threshold mode reads its thresholds.json); "
                         "default MODEL/predictors")

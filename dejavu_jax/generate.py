@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
                     help="predict layer l+1's neurons/heads from layer l's input")
     sp.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
-                    help="predictor and oracle modes: rank the MLP neurons per block of B consecutive ones, each block keeping "
-                         "its share of K (0 = one top-K over the layer; 128 is the fast decode setting)")
+                    help="predictor and oracle modes: rank the MLP neurons per block of B consecutive ones, "
+                         "each block keeping its share of K (0 = one top-K over the layer; 128 is the fast "
+                         "decode setting)")
     sp.add_argument("--kernels", choices=["xla", "pallas"], default="xla", help="gathered-matmul backend")
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "

@@ -126,7 +126,8 @@ class SparsityConfig:
         if int(self.lazy_window) < 1:
             raise SparsityError(f"lazy_window must be >= 1, got {self.lazy_window}")
         if int(self.mlp_topk_block) < 0:
-            raise SparsityError(f"mlp_topk_block must be >= 0 (0: one top-K over all neurons), got {self.mlp_topk_block}")
+            raise SparsityError(f"mlp_topk_block must be >= 0 (0: one top-K over all neurons), "
+                                f"got {self.mlp_topk_block}")
         if self.mlp_topk_block and self.mode not in ("predictor", "oracle"):
             raise SparsityError(f"mlp_topk_block applies to the predictor and oracle modes, not {self.mode!r}")
         for name in ("mlp_k", "head_k"):
@@ -699,7 +700,8 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
                    lookahead: bool = True, dense_first: int = 0, dense_last: int = 0,
                    mlp_k: Sequence[int] | None = None, head_k: Sequence[int] | None = None,
                    kv_mode: str = "exact", lazy_window: int = LAZY_WINDOW, mlp_topk_block: int = 0,
-                   gather: bool = True, thresholds: str | Path | dict | None = None, calibration_tokens: np.ndarray | None = None,
+                   gather: bool = True, thresholds: str | Path | dict | None = None,
+                   calibration_tokens: np.ndarray | None = None,
                    sparsity: SparsityConfig | None = None):
     """A `model.Selector` for `mode` (None for dense).
 

@@ -141,9 +141,10 @@ MAX_CODE_BLOCK = 256  # rows one program ranks: the pairwise rank is a [NB, NB] 
 
 
 def _code_topk_kernel(z_ref, w_ref, o_ref, *, start, rank, block_rows, k_block, nb, rb):
-    # z_ref [>= start + r] holding the predictor code at start .. start + r - 1; w_ref [N, r] output matrix (rows = neurons / heads); o_ref [blocks * kb
-    # (+ NB when interpreted)] int32. Program s scores rows s*n_rows .. (s+1)*n_rows - 1 and writes the
-    # ascending indices of its kb best to o_ref[s*kb : (s+1)*kb].
+    # z_ref [>= start + r]: the predictor code at start .. start + r - 1; w_ref [N, r] output matrix
+    # (rows = neurons / heads); o_ref [blocks * kb (+ NB when interpreted)] int32. Program s scores rows
+    # s*block_rows .. (s+1)*block_rows - 1 and writes the ascending indices of its kb best to
+    # o_ref[s*kb : (s+1)*kb].
     s = pl.program_id(0)
     lane = jnp.arange(nb, dtype=jnp.int32)  # [NB]
     row = s * block_rows + lane

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
 
     dense = perplexities(out / "dense.json")
     tasks = list(dense)
-    lines = [f"# Per-block MLP top-K: perplexity ({', '.join(tasks)}; limit {args.limit}, context {args.context_length})",
+    title = f"Per-block MLP top-K: perplexity ({', '.join(tasks)}; limit {args.limit}, context {args.context_length})"
+    lines = [f"# {title}",
              "", "Each cell: token perplexity (change vs one top-K per layer at the same mode and density).", "",
              "| mode | MLP density | block | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks),
              "| dense | 1 | - | " + " | ".join(f"{dense[t]:.3f}" for t in tasks) + " |"]

@@ -478,8 +478,8 @@ def test_code_topk_rows_matches_reference(N, r, K, blocks, dtype):
     got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks, interpret=INTERPRET))
     np.testing.assert_array_equal(got, np.asarray(st.code_topk_rows_reference(z, w, K, blocks=blocks)))
     both = jnp.concatenate([jnp.ones(3), z])  # the code at an offset, as in the shared predictor matvec
-    np.testing.assert_array_equal(np.asarray(st.code_topk_rows(both, w, K, blocks=blocks, start=3, interpret=INTERPRET)),
-                                  got)
+    at_offset = st.code_topk_rows(both, w, K, blocks=blocks, start=3, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(at_offset), got)
     z, w = normal(rng, (r,), jnp.float32), normal(rng, (N, r), dtype)
     got = np.asarray(st.code_topk_rows(z, w, K, blocks=blocks, interpret=INTERPRET))
     scores = f64(w) @ f64(z.astype(dtype))
