@@ -247,6 +247,9 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
         from dejavu_jax.sparse import build_selector
         from pallas_kernels import get_ops
 
+        selector_args = dict(selector_args)
+        if selector_args.get("predictors") is None and (Path(model_dir) / "predictors").is_dir():
+            selector_args["predictors"] = str(Path(model_dir) / "predictors")  # the --help's default
         selector = build_selector(cfg, params, **selector_args)
         if batch_select == "union":  # one index set for the batch (dejavu_jax.batching); per-row is the default
             from dejavu_jax.batching import wrap_selector

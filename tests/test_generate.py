@@ -109,3 +109,27 @@ def test_cli_missing_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main(["--model", str(tmp_path / "nope"), "--prompt", "hi"])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_predictor_mode_reads_the_models_predictors(tiny_opt_ckpt, tmp_path, capsys):
+    """--mode predictor without --predictors uses MODEL/predictors (as --help says); the per-block
+    MLP top-K runs, and a block that does not divide the MLP width is refused by name."""
+    import shutil
+
+    from dejavu_jax.checkpoint import load_config
+    from dejavu_jax.sparse import model_fingerprint, predictor_shapes, save_predictors
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_opt_ckpt, ckpt)
+    cfg = load_config(ckpt)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s), jnp.float32),
+                                    predictor_shapes(cfg, 4), is_leaf=lambda x: isinstance(x, tuple))
+    save_predictors(ckpt / "predictors", params,
+                    {"rank": 4, "lookahead": True, "model_fingerprint": model_fingerprint(cfg)})
+    argv = ["--model", str(ckpt), "--prompt", "the capital of", "--max-new-tokens", "4", "--mode", "predictor",
+            "--mlp-density", "0.5", "--head-density", "0.5"]
+    assert generate_main(argv + ["--mlp-topk-block", "16"]) == 0
+    with pytest.raises(SystemExit):
+        generate_main(argv + ["--mlp-topk-block", "24"])
+    assert "does not divide the 64 MLP neurons" in capsys.readouterr().err
