@@ -599,14 +599,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     selector = None
     if args.mode != "dense":
         try:
-            from dejavu_jax.sparse import build_selector
+            from dejavu_jax.sparse import build_selector, default_predictors
         except ImportError as e:
             print(f"error: --mode {args.mode} needs dejavu_jax.sparse ({e})", file=sys.stderr)
             return 2
         # predictor mode reads the predictors; threshold mode reads thresholds.json from the same directory
-        predictors = args.predictors
-        if predictors is None and args.mode in ("predictor", "threshold") and (model_dir / "predictors").is_dir():
-            predictors = str(model_dir / "predictors")
+        predictors = default_predictors(model_dir, args.predictors)
         try:
             selector = build_selector(cfg, params, mode=args.mode, mlp_density=args.mlp_density,
                                       head_density=args.head_density, predictors=predictors,

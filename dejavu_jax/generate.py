@@ -244,12 +244,10 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
     selector, ops = None, None
     if selector_args and selector_args.get("mode", "dense") != "dense":
-        from dejavu_jax.sparse import build_selector
+        from dejavu_jax.sparse import build_selector, default_predictors
         from pallas_kernels import get_ops
 
-        selector_args = dict(selector_args)
-        if selector_args.get("predictors") is None and (Path(model_dir) / "predictors").is_dir():
-            selector_args["predictors"] = str(Path(model_dir) / "predictors")  # the --help's default
+        selector_args = dict(selector_args, predictors=default_predictors(model_dir, selector_args.get("predictors")))
         selector = build_selector(cfg, params, **selector_args)
         if batch_select == "union":  # one index set for the batch (dejavu_jax.batching); per-row is the default
             from dejavu_jax.batching import wrap_selector

@@ -687,6 +687,14 @@ def load_predictors(directory: str | Path, cfg: ModelConfig, params: Params | No
     return Predictors(list(restored), config)
 
 
+def default_predictors(model_dir: str | Path, predictors: str | Path | None) -> str | None:
+    """The predictors directory a CLI uses: `predictors` if given, else MODEL/predictors when it exists."""
+    if predictors is not None:
+        return str(predictors)
+    own = Path(model_dir) / "predictors"
+    return str(own) if own.is_dir() else None
+
+
 def _shape_summary(d: dict) -> str:
     keys = ("hidden_size", "num_layers", "num_heads", "ffn_size", "activation")
     return ", ".join(f"{k}={d.get(k)}" for k in keys)

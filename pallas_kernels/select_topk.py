@@ -207,7 +207,7 @@ def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret
     and slicing them apart would cost a kernel), w_t [N, r] (its output matrix, transposed) -> int32
     [blocks * kb], kb = ceil(k / blocks): the N rows are split into `blocks` equal contiguous blocks
     and each keeps its kb best (ties to the lower index), in order, block s at positions
-    s*kb .. (s+1)*kb - 1: the layout `dejavu_jax.batching.blockwise_topk_idx` returns. One program
+    s*kb .. (s+1)*kb - 1: the layout `dejavu_jax.sparse.blockwise_topk_idx` returns. One program
     per block computes its N/blocks scores (fp32 sums) and ranks them by pairwise compares, so the
     score matvec, the ranking and the compaction are one launch with `blocks` programs in parallel
     (`topk_rows` ranks all N in one program by a sequential search). N / blocks <= MAX_CODE_BLOCK.
