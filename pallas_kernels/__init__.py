@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same nine functions with the same signatures, so the model code picks a
+kernels; both expose the same eight functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -36,10 +36,9 @@ BACKENDS = ("xla", "pallas")
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
-    """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv is the
-    lazy KV mode's window recompute, gathered_window_kv_update the same written into the cache) and
-    its top-K selections (select_topk.py: from scores, and from a predictor's code, scores
-    included)."""
+    """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv_update
+    is the lazy KV mode's window recompute, written into the cache) and its top-K selections
+    (select_topk.py: from scores, and from a predictor's code, scores included)."""
 
     backend: str
     gathered_up: Callable
@@ -48,7 +47,6 @@ class Ops:
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
     topk_rows: Callable
-    gathered_window_kv: Callable
     code_topk_rows: Callable
     gathered_window_kv_update: Callable
 
@@ -58,13 +56,11 @@ def get_ops(backend: str) -> Ops:
     if backend == "xla":
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
-                   sparse_decode_attention_reference, topk_rows_reference,
-                   gathered_window_kv_reference, code_topk_rows_reference,
+                   sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
                    gathered_window_kv_update_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows, gathered_window_kv, code_topk_rows,
-               gathered_window_kv_update)
+               sparse_decode_attention, topk_rows, code_topk_rows, gathered_window_kv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)

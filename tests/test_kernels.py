@@ -501,7 +501,7 @@ def test_get_ops_backends():
     xla = pk.get_ops("xla")
     assert xla.gathered_up is gm.gathered_up_reference
     assert xla.sparse_decode_attention is ga.sparse_decode_attention_reference
-    assert xla.gathered_window_kv is ga.gathered_window_kv_reference
+    assert xla.gathered_window_kv_update is ga.gathered_window_kv_update_reference
     assert xla.gathered_window_kv_update is ga.gathered_window_kv_update_reference
     pallas = pk.get_ops("pallas")
     ks = keys(23, 3)
