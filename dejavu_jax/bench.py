@@ -30,6 +30,7 @@ at 66B the GPU holds one copy of the weights at a time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -349,19 +350,25 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 wbytes = decode_weight_bytes(cfg, itemsize)
             block = mlp_topk_block
             main = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
-            # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block
-            variants = [(main, True, False, True, block)]
+            # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block, Ops changes
+            variants = [(main, True, False, True, block, {})]
             if extras and i == 0 and j == 0:
                 if block:
-                    variants.append(("predictor+lookahead, one MLP top-K per layer", True, False, True, 0))
+                    variants.append(("predictor+lookahead, one MLP top-K per layer", True, False, True, 0, {}))
                 elif mesh is None and cfg.ffn_size % MLP_TOPK_BLOCK == 0:
                     variants.append((f"predictor+lookahead, MLP top-K per {MLP_TOPK_BLOCK} rows", True, False,
-                                     True, MLP_TOPK_BLOCK))
-                variants += [("predictor, no lookahead", False, False, True, block),
-                             ("fixed indices (no predictor)", True, True, True, 0)]
-                if batch == 1 and mesh is None:  # the layout only matters to the batch-1 gathered step
-                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block))
-            for label, lookahead, fixed, transpose, block in variants:
+                                     True, MLP_TOPK_BLOCK, {}))
+                variants += [("predictor, no lookahead", False, False, True, block, {}),
+                             ("fixed indices (no predictor)", True, True, True, 0, {})]
+                if batch == 1 and mesh is None:  # the layout and the fused ops only matter to the batch-1 step
+                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block, {}))
+                    if cfg.pre_norm and backend == "pallas":
+                        variants.append((f"{main}, MLP norm by XLA", True, False, True, block,
+                                         {"mlp_norm_in_up": False}))
+                        if kv_mode == "lazy":
+                            variants.append((f"{main}, separate norm / Q / window K/V ops", True, False, True,
+                                             block, {"gathered_window_qkv_update": None}))
+            for label, lookahead, fixed, transpose, block, ops_changes in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
 
@@ -372,7 +379,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
                                                     head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead,
                                                     transpose=transpose, mlp_topk_block=block)
-                step_ops, place_cache = ops, None
+                step_ops, place_cache = dataclasses.replace(ops, **ops_changes), None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dejavu_jax.config import ModelConfig
+from pallas_kernels._common import apply_norm
 from pallas_kernels.gather_attention import rotate_half_split
 
 Params = dict[str, Any]
@@ -248,25 +249,15 @@ class Ops(Protocol):
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
+    gathered_window_qkv_update: Callable  # the same with the attention norm and Q (None: not fused)
+    mlp_norm_in_up: bool  # gathered_up takes the MLP norm (its `norm` argument)
 
 
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
 def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-        # One pass: E[x^2] - E[x]^2. Both sums read x once, so XLA computes them in one reduction
-        # kernel (the two-pass form is two dependent kernels, on the decode step's critical path
-        # twice per layer). fp32 over one row: the cancellation error is ~1e-7 of E[x^2].
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
-        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * p["scale"].astype(jnp.float32)
-        y = y + p["bias"].astype(jnp.float32)
-    else:
-        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
-        y = y * p["scale"].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return apply_norm(x, p["scale"], p.get("bias"), kind=cfg.norm, eps=cfg.norm_eps)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -302,11 +293,15 @@ def mlp_activations(lp: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: Ops | None,
-        record: dict | None = None) -> jax.Array:
-    """x [B, T, D] (normed) -> [B, T, D]."""
+        record: dict | None = None, *, norm_inside: bool = False) -> jax.Array:
+    """x [B, T, D] (normed; with norm_inside the residual, which the gathered up projection normalises
+    with lp["mlp_norm"] itself) -> [B, T, D]."""
     if sel is not None and sel.idx is not None:
         B, T, D = x.shape
-        a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation)
+        p = lp["mlp_norm"]
+        norm_arg = {"norm": (cfg.norm, cfg.norm_eps, p["scale"], p.get("bias"))} if norm_inside else {}
+        a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation,
+                            **norm_arg)
         y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)
     else:
         a = mlp_activations(lp, cfg, x)  # [B, T, F]
@@ -341,20 +336,25 @@ def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Arra
 
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
               key_valid: jax.Array, query_slot: jax.Array, key_slot: jax.Array, sel: Selection | None,
-              ops: Ops | None, record: dict | None = None):
+              ops: Ops | None, record: dict | None = None, *, fused_inputs: bool = False):
     """Self-attention over the cache (or over the chunk itself when layer_cache is None).
 
-    x [B, T, D] normed input; positions [B, T]; layer_cache (k, v, index) with k/v [B, KV, S, Dh];
-    key_valid [B, S]; query_slot [T] and key_slot [S] are absolute slots for the causal mask.
-    Returns (out [B, T, D], (k, v) updated).
+    x [B, T, D] normed input (with fused_inputs: the residual, which the lazy KV mode's fused op
+    normalises, `sparse.lazy_attention_inputs`); positions [B, T]; layer_cache (k, v, index) with
+    k/v [B, KV, S, Dh]; key_valid [B, S]; query_slot [T] and key_slot [S] are absolute slots for the
+    causal mask. Returns (out [B, T, D], (k, v) updated).
     """
     B, T, D = x.shape
     H, KV, Dh, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.kv_group_size
+    q = None  # the selected heads' queries, when the fused lazy-KV op computes them
     if layer_cache is not None and len(layer_cache) == 5:
         # Lazy KV mode (dejavu_jax.sparse): K/V only for the selected heads' KV groups.
-        from dejavu_jax.sparse import lazy_kv_update
+        from dejavu_jax.sparse import lazy_attention_inputs, lazy_kv_update
 
-        k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel, ops)
+        if fused_inputs:
+            q, k_all, v_all, win_x = lazy_attention_inputs(lp, cfg, x, layer_cache, sel, ops)
+        else:
+            k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel, ops)
         new_cache = (k_all, v_all, win_x)
     else:
         k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))  # [B, KV, T, Dh]
@@ -371,9 +371,10 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
     if sel is not None and sel.idx is not None:
         # Decode fast path: only the selected query heads are projected, attended and mixed out.
         assert T == 1, "gathered heads are a decode-only path (one token per row)"
-        q = ops.gathered_head_proj(x[:, 0], lp["q"], sel.idx, lp.get("q_bias"))  # [B, K, Dh]
-        if cfg.positions == "rope":
-            q = rope(q[:, None], positions, cfg.rope_theta)[:, 0]
+        if q is None:
+            q = ops.gathered_head_proj(x[:, 0], lp["q"], sel.idx, lp.get("q_bias"))  # [B, K, Dh]
+            if cfg.positions == "rope":
+                q = rope(q[:, None], positions, cfg.rope_theta)[:, 0]
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
         o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
@@ -404,9 +405,12 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
     """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v))."""
     ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h, ops=ops)
     head_sel = selector.heads(ctx) if selector is not None else None
-    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm else h
+    from dejavu_jax.sparse import fuses_attention_inputs
+
+    fused = fuses_attention_inputs(cfg, layer_cache, head_sel, ops)
+    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not fused else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
-                                    head_sel, ops, record)
+                                    head_sel, ops, record, fused_inputs=fused)
     h = h + attn_out
     if not cfg.pre_norm:
         h = norm(lp["attn_norm"], h, cfg)
@@ -415,8 +419,11 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
         neuron_sel = selector.neurons(ctx)
     else:
         neuron_sel = None
-    x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm else h
-    h = h + mlp(lp, cfg, x, neuron_sel, ops, record)
+    # A gathered MLP step normalises inside the up projection (saves the norm's two launches).
+    norm_inside = (cfg.pre_norm and neuron_sel is not None and neuron_sel.idx is not None
+                   and getattr(ops, "mlp_norm_in_up", False))
+    x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
+    h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside)
     if not cfg.pre_norm:
         h = norm(lp["mlp_norm"], h, cfg)
     return h, new_cache

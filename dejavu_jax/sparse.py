@@ -61,6 +61,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
 from pallas_kernels import gathered_window_kv_update_reference, topk_rows_reference
+from pallas_kernels.gather_attention import first_occurrences
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
@@ -829,7 +830,7 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     every step of the layer is gathered (as PredictorSelector and FixedSelector do): a mask step
     or a new multi-token chunk in between writes all heads at its own slots only, not the refresh.
     """
-    from dejavu_jax.model import kv_project, rope_cos_sin
+    from dejavu_jax.model import kv_project
 
     k_cache, v_cache, index, win_x, win_pos = layer_cache
     T = x.shape[1]
@@ -840,29 +841,61 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
         v_all = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), (0, 0, index, 0))
         return k_all, v_all, win_x
     assert T == 1, "the lazy KV recompute is a decode-only path (one token per row)"
-    W, S, KV = win_x.shape[1], k_cache.shape[2], cfg.num_kv_heads
-    s = index  # this token's slot
-    ring = jnp.arange(W)
-    slots = s - jnp.mod(s - ring, W)  # [W] cache slot held at each ring position
-    slots = jnp.where(slots >= 0, slots, S)  # not yet written: out of range, dropped by the update
-
-    r = refresh_groups(KV, W)
-    refreshed = jnp.mod(s, W) * r + jnp.arange(r)  # [r]; ids >= KV (when r * W > KV) are skipped
+    slots, refreshed = _window_schedule(index, win_x.shape[1], k_cache.shape[2], cfg.num_kv_heads)
     groups = jnp.concatenate([sel.idx // cfg.kv_group_size, refreshed]).astype(jnp.int32)  # [Ka]
-    # A group named twice (GQA heads of one group, a refreshed group that is also active) is kept
-    # once: the repeats become the id KV, which the update skips (no weight reads, nothing written).
-    # Repeats would be harmless (equal values written twice) but cost their weight reads;
-    # this [Ka, Ka] compare replaces a sort-based jnp.unique.
-    n = groups.shape[0]
-    earlier = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
-    repeat = jnp.any((groups[:, None] == groups[None, :]) & earlier, axis=1)
-    heads = jnp.where(repeat | (groups >= KV), KV, groups)
+    heads = first_occurrences(groups, cfg.num_kv_heads)
 
     # K/V of the `heads` over the window (one read of their weight rows) written at the window's
     # slots: the Pallas op stores them straight into the cache, in place (the step donates it); the
     # XLA reference computes them, then scatters. RoPE (as kv_project) rotates the keys at each
     # window token's position; the angles are the same in every layer.
-    rotary = rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
+    rotary = _window_rotary(cfg, win_pos)
     update = ops.gathered_window_kv_update if ops is not None else gathered_window_kv_update_reference
     k_all, v_all = update(win_x, lp["kv"], heads, slots, k_cache, v_cache, lp.get("kv_bias"), rotary)
     return k_all, v_all, win_x
+
+
+def _window_schedule(index: jax.Array, W: int, S: int, KV: int) -> tuple[jax.Array, jax.Array]:
+    """The gathered decode step's window at slot `index`: (slots [W], the cache slot held at each
+    ring row, out of range where not yet written; refreshed [r], the KV groups refreshed this step,
+    ids >= KV (when r * W > KV) skipped). The same in every layer."""
+    ring = jnp.arange(W)
+    slots = index - jnp.mod(index - ring, W)  # [W] cache slot held at each ring position
+    slots = jnp.where(slots >= 0, slots, S)  # not yet written: out of range, dropped by the update
+    r = refresh_groups(KV, W)
+    return slots, jnp.mod(index, W) * r + jnp.arange(r)
+
+
+def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
+    from dejavu_jax.model import rope_cos_sin
+
+    return rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
+
+
+def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None, ops) -> bool:
+    """Whether a block's attention inputs come from `lazy_attention_inputs` (the norm inside the op):
+    a gathered decode step of a pre-norm model with the lazy KV cache and a backend that has the op
+    (the tensor-parallel ops do not)."""
+    return (cfg.pre_norm and layer_cache is not None and len(layer_cache) == 5 and sel is not None
+            and sel.idx is not None and getattr(ops, "gathered_window_qkv_update", None) is not None)
+
+
+def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops):
+    """The gathered lazy-KV decode step's attention inputs, from the residual, in one op.
+
+    h [B, 1, D] the residual entering the layer (not normed); layer_cache and sel as lazy_kv_update's
+    gathered step. Returns (q [B, K, Dh] of the selected heads, RoPE'd; k, v, win_x updated):
+    `ops.gathered_window_qkv_update` normalises h, stores it in the window ring, projects the
+    selected heads' queries and writes the window K/V of their groups and the refreshed ones, which
+    is lazy_kv_update's gathered step plus the norm and the Q projection (same values).
+    """
+    k_cache, v_cache, index, win_x, win_pos = layer_cache
+    assert h.shape[1] == 1, "the lazy KV recompute is a decode-only path (one token per row)"
+    W = win_x.shape[1]
+    slots, refreshed = _window_schedule(index, W, k_cache.shape[2], cfg.num_kv_heads)
+    norm = lp["attn_norm"]
+    q, win_x, k_all, v_all = ops.gathered_window_qkv_update(
+        h[:, 0], norm["scale"], norm.get("bias"), win_x, lp["q"], lp["kv"], sel.idx, refreshed,
+        jnp.mod(index, W), slots, k_cache, v_cache, lp.get("q_bias"), lp.get("kv_bias"),
+        _window_rotary(cfg, win_pos), norm_kind=cfg.norm, norm_eps=cfg.norm_eps)
+    return q, k_all, v_all, win_x

@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same eight functions with the same signatures, so the model code picks a
+kernels; both expose the same nine functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pallas_kernels.gather_attention import (
     gathered_window_kv_reference,
     gathered_window_kv_update,
     gathered_window_kv_update_reference,
+    gathered_window_qkv_update,
+    gathered_window_qkv_update_reference,
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
@@ -37,8 +39,9 @@ BACKENDS = ("xla", "pallas")
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv_update
-    is the lazy KV mode's window recompute, written into the cache) and its top-K selections
-    (select_topk.py: from scores, and from a predictor's code, scores included)."""
+    is the lazy KV mode's window recompute, written into the cache, and gathered_window_qkv_update
+    the same with the attention norm, the window ring write and the Q projection in one op) and its
+    top-K selections (select_topk.py: from scores, and from a predictor's code, scores included)."""
 
     backend: str
     gathered_up: Callable
@@ -49,6 +52,10 @@ class Ops:
     topk_rows: Callable
     code_topk_rows: Callable
     gathered_window_kv_update: Callable
+    gathered_window_qkv_update: Callable
+    # The MLP norm applied inside gathered_up (its `norm` argument) rather than by XLA before it:
+    # False times the unfused step (bench) and is what the tensor-parallel ops report.
+    mlp_norm_in_up: bool = True
 
 
 def get_ops(backend: str) -> Ops:
@@ -57,10 +64,11 @@ def get_ops(backend: str) -> Ops:
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
-                   gathered_window_kv_update_reference)
+                   gathered_window_kv_update_reference, gathered_window_qkv_update_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows, code_topk_rows, gathered_window_kv_update)
+               sparse_decode_attention, topk_rows, code_topk_rows, gathered_window_kv_update,
+               gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -73,6 +81,7 @@ __all__ = [
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",
     "gathered_window_kv_update", "gathered_window_kv_update_reference",
+    "gathered_window_qkv_update", "gathered_window_qkv_update_reference",
     "sparse_decode_attention", "sparse_decode_attention_reference",
     "topk_rows", "topk_rows_reference", "code_topk_rows", "code_topk_rows_reference",
 ]

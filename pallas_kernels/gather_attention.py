@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import TARGET_PROGRAMS, cdiv, check_block_keys, check_pow2, pow2_ceil
+from pallas_kernels._common import TARGET_PROGRAMS, apply_norm, cdiv, check_block_keys, check_pow2, pow2_ceil
 from pallas_kernels.gather_mlp import (
     DOWN_BLOCK_KEYS,
     UP_BLOCK_KEYS,
@@ -275,6 +275,60 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
     return WindowKVBlocks(block_m=block_m, block_n=block_n, block_d=block_d)
 
 
+def _head_tiles(load_x, sources, head_ok, m, *, head_dim, parts, d_model, block_n, block_d):
+    """Sums x @ w^T over D for one program: window rows m [BM] of `load_x` times BN rows of one head.
+
+    load_x(cols [BD], ok [BM, BD]) -> the [BM, BD] input tile. sources: (w_ref [rows, D], b_ref or
+    None, first, active) per weight this kernel reads, `first` the head's first row in w_ref and
+    `active` (a bool, or a traced scalar when several weights share a launch) whether this program
+    reads it; exactly one source is active, the others' loads are masked off (no memory traffic).
+    The head's Dh rows are split into `parts` equal slices; program axis 2 picks rows
+    n = j*BN .. j*BN + BN - 1 of each slice. head_ok False reads nothing (the sums are zeros).
+    Returns (accs: parts x [BM, BN] fp32 (+ bias), n, n_ok); n counts within a slice.
+    """
+    part = head_dim // parts
+    n = pl.program_id(2) * block_n + jnp.arange(block_n, dtype=jnp.int32)  # [BN]
+    n_ok = n < part
+    row_ok = n_ok & head_ok
+
+    def rows_of(first, p):
+        return first + p * part + n  # [BN]
+
+    def pick(load, extra_mask):  # the active source's tile
+        out = None
+        for w_ref, b_ref, first, active in sources:
+            mask = extra_mask if active is True else extra_mask & active
+            tile = load(w_ref, b_ref, first, mask)
+            out = tile if out is None else jnp.where(active, tile, out)
+        return out
+
+    # Column masks only where the last block runs past D (then every step carries them).
+    ragged_d = d_model % block_d != 0
+
+    def step(i, accs):  # accs: parts x [BM, BN] fp32
+        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+        x_ok = jnp.ones((m.shape[0], block_d), jnp.bool_) if not ragged_d else jnp.broadcast_to(
+            (cols < d_model)[None, :], (m.shape[0], block_d))
+        w_ok = row_ok[:, None] if not ragged_d else row_ok[:, None] & (cols < d_model)[None, :]
+        x = load_x(cols, x_ok)  # [BM, BD]
+        out = []
+        for p, acc in enumerate(accs):
+            w = pick(lambda w_ref, _, first, mask: plgpu.load(
+                w_ref.at[rows_of(first, p)[:, None], cols[None, :]], mask=mask, other=0.0), w_ok)  # [BN, BD]
+            # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
+            out.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32))
+        return tuple(out)
+
+    zeros = jnp.zeros((m.shape[0], block_n), jnp.float32)
+    accs = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros,) * parts)
+    if sources[0][1] is not None:
+        accs = tuple(acc + pick(lambda _, b_ref, first, mask: plgpu.load(
+            b_ref.at[rows_of(first, p)], mask=mask, other=0.0), row_ok).astype(jnp.float32)[None]
+            for p, acc in enumerate(accs))
+    return accs, n, n_ok
+
+
 def _window_kv_tiles(x_ref, w_ref, b_ref, head, *, rows, n_kv, head_dim, parts, d_model, block_m,
                      block_n, block_d):
     """The tile sums of window K/V program (c, a, j, i), shared by both window kernels.
@@ -286,38 +340,16 @@ def _window_kv_tiles(x_ref, w_ref, b_ref, head, *, rows, n_kv, head_dim, parts, 
     m = i*BM .. i*BM + BM - 1. Returns (accs: parts x [BM, BN] fp32 (+ bias), m, m_ok, n, n_ok,
     head_ok); n counts within a slice.
     """
-    c = pl.program_id(0)
     head_ok = (head >= 0) & (head < n_kv)
-    part = head_dim // parts
-    n = pl.program_id(2) * block_n + jnp.arange(block_n, dtype=jnp.int32)  # [BN]
-    n_ok = n < part
-    first = (c * n_kv + jnp.where(head_ok, head, 0)) * head_dim + n  # [BN] rows of slice 0
-    w_rows = [first + p * part for p in range(parts)]
-    row_ok = n_ok & head_ok
+    first = (pl.program_id(0) * n_kv + jnp.where(head_ok, head, 0)) * head_dim
     m = pl.program_id(3) * block_m + jnp.arange(block_m, dtype=jnp.int32)  # [BM]
     m_ok = m < rows
-    # Column masks only where the last block runs past D (then every step carries them).
-    ragged_d = d_model % block_d != 0
 
-    def step(i, accs):  # accs: parts x [BM, BN] fp32
-        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
-        x_ok, w_ok = m_ok[:, None], row_ok[:, None]
-        if ragged_d:
-            x_ok, w_ok = x_ok & (cols < d_model)[None, :], w_ok & (cols < d_model)[None, :]
-        x = plgpu.load(x_ref.at[m[:, None], cols[None, :]], mask=x_ok, other=0.0)  # [BM, BD]
-        out = []
-        for w_row, acc in zip(w_rows, accs):
-            w = plgpu.load(w_ref.at[w_row[:, None], cols[None, :]], mask=w_ok, other=0.0)  # [BN, BD]
-            # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
-            out.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
-                                                 preferred_element_type=jnp.float32))
-        return tuple(out)
+    def load_x(cols, ok):
+        return plgpu.load(x_ref.at[m[:, None], cols[None, :]], mask=ok & m_ok[:, None], other=0.0)
 
-    zeros = jnp.zeros((block_m, block_n), jnp.float32)
-    accs = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros,) * parts)
-    if b_ref is not None:
-        accs = tuple(acc + plgpu.load(b_ref.at[w_row], mask=row_ok, other=0.0).astype(jnp.float32)[None]
-                     for w_row, acc in zip(w_rows, accs))
+    accs, n, n_ok = _head_tiles(load_x, [(w_ref, b_ref, first, True)], head_ok, m, head_dim=head_dim,
+                                parts=parts, d_model=d_model, block_n=block_n, block_d=block_d)
     return accs, m, m_ok, n, n_ok, head_ok
 
 
@@ -418,6 +450,42 @@ def rotate_half_split(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _rotate_tiles(vals, cos_ref, sin_ref, m, m_ok, n, n_ok, rotate):
+    """RoPE on a program's two column halves (vals: [lo, hi], each [BM, BN] in the window's dtype) where
+    `rotate` (a traced bool: keys and queries, not values); the same expression as rotate_half_split.
+    cos_ref, sin_ref [B*W, Dh/2] fp32: the angles of window row m."""
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    cos = plgpu.load(cos_ref.at[m[:, None], n[None, :]], mask=tile_ok, other=0.0)  # [BM, BN]
+    sin = plgpu.load(sin_ref.at[m[:, None], n[None, :]], mask=tile_ok, other=0.0)
+    lo, hi = vals[0].astype(jnp.float32), vals[1].astype(jnp.float32)
+    dtype = vals[0].dtype
+    rotated = ((lo * cos - hi * sin).astype(dtype), (hi * cos + lo * sin).astype(dtype))
+    return [jnp.where(rotate, r, v) for r, v in zip(rotated, vals)]
+
+
+def _store_window_kv(vals, k_ref, v_ref, slots_ref, head, head_ok, m, m_ok, n, n_ok, *, window, n_kv,
+                     head_dim, seq_len, n_rows):
+    """Store program (c, ...)'s tiles (vals: parts x [BM, BN]) at cache c's rows (b, head, slots[t])
+    for window rows m = b*W + t; caches [B*KV*S, Dh] with row (b*KV + h)*S + s."""
+    c = pl.program_id(0)
+    parts = len(vals)
+    slot = plgpu.load(slots_ref.at[m % window])  # [BM]
+    live = m_ok & head_ok & (slot >= 0) & (slot < seq_len)  # [BM] rows this program writes
+    # A row that writes nothing aims at its own scratch row past the cache. The CPU interpreter's
+    # masked store writes the old value back at every masked-off lane, so such a lane must not share
+    # an address with a live lane of the same store (a skipped or not-yet-written slot's clamped
+    # address could); interpreted, the caches get BM scratch rows, and enough columns for the
+    # masked-off columns n >= Dh/parts of the last block. On the GPU masked lanes touch no memory.
+    row = jnp.where(live, ((m // window) * n_kv + jnp.where(head_ok, head, 0)) * seq_len + slot,
+                    n_rows + jnp.arange(m.shape[0], dtype=jnp.int32))  # [BM]
+    mask = live[:, None] & n_ok[None, :]
+    for p, val in enumerate(vals):
+        col = p * (head_dim // parts) + n  # [BN]
+        for which, o_ref in enumerate((k_ref, v_ref)):  # program c writes cache c only
+            plgpu.store(o_ref.at[row[:, None], col[None, :]], val.astype(o_ref.dtype),
+                        mask=mask & (c == which))
+
+
 def _window_kv_update_kernel(x_ref, heads_ref, slots_ref, w_ref, *refs, batch, window, seq_len,
                              n_rows, has_bias, rotary, **tile):
     # x_ref, w_ref, b_ref (optional): as _window_kv_tiles; heads_ref [Ka]; slots_ref [W] cache slot
@@ -428,35 +496,16 @@ def _window_kv_update_kernel(x_ref, heads_ref, slots_ref, w_ref, *refs, batch, w
     b_ref = refs.pop(0) if has_bias else None
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotary else (None, None)
     _, _, k_ref, v_ref = refs
-    c, a = pl.program_id(0), pl.program_id(1)
-    head, n_kv, head_dim = heads_ref[a], tile["n_kv"], tile["head_dim"]
+    head = heads_ref[pl.program_id(1)]
     parts = 2 if rotary else 1  # RoPE pairs column n with n + Dh/2: one program computes both
     accs, m, m_ok, n, n_ok, head_ok = _window_kv_tiles(x_ref, w_ref, b_ref, head, rows=batch * window,
                                                        parts=parts, **tile)
     # gathered_window_kv's rounding to the window's dtype first, so values equal the reference's.
     vals = [acc.astype(x_ref.dtype) for acc in accs]  # parts x [BM, BN]
-    if rotary:  # keys only (c == 0); the same expression as rotate_half_split
-        tile_ok = m_ok[:, None] & n_ok[None, :]
-        cos = plgpu.load(cos_ref.at[m[:, None], n[None, :]], mask=tile_ok, other=0.0)  # [BM, BN]
-        sin = plgpu.load(sin_ref.at[m[:, None], n[None, :]], mask=tile_ok, other=0.0)
-        lo, hi = vals[0].astype(jnp.float32), vals[1].astype(jnp.float32)
-        rotated = ((lo * cos - hi * sin).astype(x_ref.dtype), (hi * cos + lo * sin).astype(x_ref.dtype))
-        vals = [jnp.where(c == 0, r, v) for r, v in zip(rotated, vals)]
-    slot = plgpu.load(slots_ref.at[m % window])  # [BM]
-    live = m_ok & head_ok & (slot >= 0) & (slot < seq_len)  # [BM] rows this program writes
-    # A row that writes nothing aims at its own scratch row past the cache. The CPU interpreter's
-    # masked store writes the old value back at every masked-off lane, so such a lane must not share
-    # an address with a live lane of the same store (a skipped or not-yet-written slot's clamped
-    # address could); interpreted, the caches get BM scratch rows, and enough columns for the
-    # masked-off columns n >= Dh/parts of the last block. On the GPU masked lanes touch no memory.
-    row = jnp.where(live, ((m // window) * n_kv + head) * seq_len + slot,
-                    n_rows + jnp.arange(m.shape[0], dtype=jnp.int32))  # [BM]
-    mask = live[:, None] & n_ok[None, :]
-    for p, val in enumerate(vals):
-        col = p * (head_dim // parts) + n  # [BN]
-        for which, o_ref in enumerate((k_ref, v_ref)):  # program c writes cache c only
-            plgpu.store(o_ref.at[row[:, None], col[None, :]], val.astype(o_ref.dtype),
-                        mask=mask & (c == which))
+    if rotary:  # keys only (c == 0)
+        vals = _rotate_tiles(vals, cos_ref, sin_ref, m, m_ok, n, n_ok, pl.program_id(0) == 0)
+    _store_window_kv(vals, k_ref, v_ref, slots_ref, head, head_ok, m, m_ok, n, n_ok, window=window,
+                     n_kv=tile["n_kv"], head_dim=tile["head_dim"], seq_len=seq_len, n_rows=n_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
@@ -555,3 +604,232 @@ def gathered_window_kv_update_reference(x_win, w_kv, heads, slots, k_cache, v_ca
     at = (slice(None), heads[:, None], slots[None, :])
     return (k_cache.at[at].set(k_w.astype(k_cache.dtype), mode="drop"),
             v_cache.at[at].set(v_w.astype(v_cache.dtype), mode="drop"))
+
+
+def first_occurrences(groups, n_kv: int):
+    """KV-head ids with every repeat (and every id outside [0, KV)) replaced by the skip id KV.
+
+    groups [Ka] int32 (GQA heads of one group, a refreshed group that is also active): repeats would
+    be harmless in the window update (equal values written twice) but cost their weight reads. A
+    [Ka, Ka] compare instead of a sort-based jnp.unique.
+    """
+    n = groups.shape[0]
+    earlier = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
+    repeat = jnp.any((groups[:, None] == groups[None, :]) & earlier, axis=1)
+    return jnp.where(repeat | (groups < 0) | (groups >= n_kv), n_kv, groups).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The lazy KV decode step's attention inputs in one kernel: norm, window ring, Q and window K/V.
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_norm_stats(h_ref, b_row, live, *, d_model, block_d, norm_kind, norm_eps):
+    """fp32 (mean, rstd) [BM] of residual rows h_ref[b_row] where live: apply_norm's one-pass
+    statistics (mean 0 for RMSNorm). Rows that are not live read nothing."""
+    def step(i, sums):
+        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)
+        ok = live[:, None] & (cols < d_model)[None, :]
+        v = plgpu.load(h_ref.at[b_row[:, None], cols[None, :]], mask=ok, other=0.0).astype(jnp.float32)
+        return sums[0] + jnp.sum(v, axis=1), sums[1] + jnp.sum(v * v, axis=1)
+
+    zeros = jnp.zeros(b_row.shape, jnp.float32)
+    total, squares = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros, zeros))
+    if norm_kind == "layernorm":
+        mean = total / d_model
+        var = jnp.maximum(squares / d_model - mean * mean, 0.0)
+    else:
+        mean, var = zeros, squares / d_model
+    return mean, jax.lax.rsqrt(var + norm_eps)
+
+
+def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, n_q, n_refresh, group,
+                       n_heads, norm_kind, norm_eps, has_norm_bias, has_bias, rotary, **tile):
+    # h_ref [B, D] residual; scale_ref (and nb_ref) [D] norm weights; win_ref [B*W(+pad), D(+pad)]
+    # window ring (aliased to win_out); qidx_ref [Kq]; refresh_ref [r]; cur_ref [1] ring row of this
+    # token; slots_ref [W]; wq_ref [H*Dh, D]; wkv_ref [2*KV*Dh, D]; bq_ref [H*Dh], bkv_ref [2*KV*Dh]
+    # (has_bias); cos_ref, sin_ref [B*W, Dh/2] (rotary); caches k_in, v_in [B*KV*S(+pad), Dh(+pad)]
+    # (aliased, never read); outputs q_ref [B*Kq(+pad), Dh(+pad)], win_out, k_ref, v_ref.
+    refs = list(refs)
+    nb_ref = refs.pop(0) if has_norm_bias else None
+    win_ref, qidx_ref, refresh_ref, cur_ref, slots_ref, wq_ref, wkv_ref = (refs.pop(0) for _ in range(7))
+    bq_ref, bkv_ref = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotary else (None, None)
+    _, _, q_ref, win_out, k_ref, v_ref = refs
+    n_kv, head_dim, d_model, block_d = tile["n_kv"], tile["head_dim"], tile["d_model"], tile["block_d"]
+    c, a = pl.program_id(0), pl.program_id(1)  # c: 0 keys, 1 values, 2 queries; a: selection entry
+
+    # Entry a < Kq is query head qidx[a] (its Q, and the K/V of its group qidx[a] // G); entry
+    # Kq + i is refreshed group refresh[i] (K/V only). A group named before (GQA heads of one group,
+    # a refreshed group that is also active) or outside [0, KV) is skipped.
+    lanes = jnp.arange(pow2_ceil(n_q + n_refresh), dtype=jnp.int32)
+    from_q = lanes < n_q
+    named = plgpu.load(qidx_ref.at[jnp.minimum(lanes, n_q - 1)], mask=from_q, other=0)
+    refreshed = plgpu.load(refresh_ref.at[jnp.clip(lanes - n_q, 0, n_refresh - 1)],
+                           mask=~from_q & (lanes < n_q + n_refresh), other=n_kv)
+    groups = jnp.where(from_q, named // group, refreshed)  # [A]
+    mine = lanes == a
+    q_head = jnp.sum(jnp.where(mine & from_q, named, 0))
+    g = jnp.sum(jnp.where(mine, groups, 0))
+    repeat = jnp.sum(((groups == g) & (lanes < a)).astype(jnp.int32)) > 0
+    kv_ok = (a < n_q + n_refresh) & (g >= 0) & (g < n_kv) & ~repeat
+    q_ok = (a < n_q) & (q_head >= 0) & (q_head < n_heads)
+    is_q = c == 2
+    head_ok = jnp.where(is_q, q_ok, kv_ok)
+    sources = [(wkv_ref, bkv_ref, (jnp.minimum(c, 1) * n_kv + jnp.where(kv_ok, g, 0)) * head_dim, ~is_q),
+               (wq_ref, bq_ref, jnp.where(q_ok, q_head, 0) * head_dim, is_q)]
+
+    # Window rows m = b*W + t; row `cur` of each batch row is this token: normalised here from the
+    # residual (the ring holds the earlier tokens' normed inputs) and stored into the ring.
+    m = pl.program_id(3) * tile["block_m"] + jnp.arange(tile["block_m"], dtype=jnp.int32)  # [BM]
+    m_ok = m < batch * window
+    b_row = m // window
+    is_cur = m_ok & (m % window == cur_ref[0])
+    mean, rstd = _row_norm_stats(h_ref, b_row, is_cur, d_model=d_model, block_d=block_d,
+                                 norm_kind=norm_kind, norm_eps=norm_eps)
+    writer = (c == 0) & (a == 0) & (pl.program_id(2) == 0)  # one program per row block writes the ring
+
+    def load_x(cols, ok):
+        ok = ok & m_ok[:, None]
+        ring = plgpu.load(win_ref.at[m[:, None], cols[None, :]], mask=ok & ~is_cur[:, None], other=0.0)
+        mine = ok & is_cur[:, None]
+        h = plgpu.load(h_ref.at[b_row[:, None], cols[None, :]], mask=mine, other=0.0).astype(jnp.float32)
+        col_ok = cols < d_model
+        y = (h - mean[:, None]) * rstd[:, None] * plgpu.load(
+            scale_ref.at[cols], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
+        if nb_ref is not None:
+            y = y + plgpu.load(nb_ref.at[cols], mask=col_ok, other=0.0).astype(jnp.float32)[None, :]
+        x = jnp.where(is_cur[:, None], y.astype(ring.dtype), ring)
+        plgpu.store(win_out.at[m[:, None], cols[None, :]], x, mask=mine & writer)
+        return x
+
+    parts = 2 if rotary else 1
+    accs, n, n_ok = _head_tiles(load_x, sources, head_ok, m, head_dim=head_dim, parts=parts,
+                                d_model=d_model, block_n=tile["block_n"], block_d=block_d)
+    vals = [acc.astype(h_ref.dtype) for acc in accs]  # rounded like the projections' outputs
+    if rotary:  # keys and queries
+        vals = _rotate_tiles(vals, cos_ref, sin_ref, m, m_ok, n, n_ok, c != 1)
+    _store_window_kv(vals, k_ref, v_ref, slots_ref, g, kv_ok & ~is_q, m, m_ok, n, n_ok, window=window,
+                     n_kv=n_kv, head_dim=head_dim, seq_len=seq_len, n_rows=n_rows)
+    # Queries: this token's row of each batch row, at q row b*Kq + a. Other lanes aim at their own
+    # scratch rows past the output (see _store_window_kv).
+    live = is_cur & q_ok & is_q
+    row = jnp.where(live, b_row * n_q + a, batch * n_q + jnp.arange(m.shape[0], dtype=jnp.int32))
+    for p, val in enumerate(vals):
+        col = p * (head_dim // parts) + n
+        plgpu.store(q_ref.at[row[:, None], col[None, :]], val.astype(q_ref.dtype),
+                    mask=live[:, None] & n_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("norm_kind", "norm_eps", "blocks", "interpret"))
+def _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx, refresh, cur, slots,
+                                k_cache, v_cache, b_q, b_kv, rotary, *, norm_kind, norm_eps,
+                                blocks: WindowKVBlocks, interpret: bool):
+    batch, window, d_model = x_win.shape
+    n_heads, head_dim, _ = w_q.shape
+    _, n_kv, _, _ = w_kv.shape
+    seq_len = k_cache.shape[2]
+    n_q, n_refresh = q_idx.shape[0], refresh.shape[0]
+    parts = 1 if rotary is None else 2
+    check_window_kv_blocks(blocks)
+    n_rows = batch * n_kv * seq_len
+    n_blocks = cdiv(head_dim // parts, blocks.block_n)
+    m_blocks = cdiv(batch * window, blocks.block_m)
+    has_bias = b_q is not None
+    kernel = functools.partial(
+        _window_qkv_kernel, batch=batch, window=window, seq_len=seq_len, n_rows=n_rows, n_q=n_q,
+        n_refresh=n_refresh, group=n_heads // n_kv, n_heads=n_heads, norm_kind=norm_kind,
+        norm_eps=norm_eps, has_norm_bias=norm_bias is not None, has_bias=has_bias,
+        rotary=rotary is not None, **_window_tile_args(w_kv, blocks))
+    win = x_win.reshape(batch * window, d_model)
+    caches = [cache.reshape(n_rows, head_dim) for cache in (k_cache, v_cache)]  # free reshapes
+    q_rows, q_cols = batch * n_q, head_dim
+    if interpret:  # scratch rows and columns for the masked-off lanes (see _store_window_kv)
+        width = (parts - 1) * (head_dim // parts) + n_blocks * blocks.block_n
+        caches = [jnp.pad(cache, ((0, blocks.block_m), (0, width - head_dim))) for cache in caches]
+        win = jnp.pad(win, ((0, m_blocks * blocks.block_m - batch * window),
+                            (0, cdiv(d_model, blocks.block_d) * blocks.block_d - d_model)))
+        q_rows, q_cols = q_rows + blocks.block_m, width
+    operands = [h, norm_scale] + ([] if norm_bias is None else [norm_bias]) + [
+        win, q_idx.astype(jnp.int32), refresh.astype(jnp.int32), jnp.reshape(cur, (1,)).astype(jnp.int32),
+        slots.astype(jnp.int32), w_q.reshape(n_heads * head_dim, d_model),
+        w_kv.reshape(2 * n_kv * head_dim, d_model)]
+    if has_bias:
+        operands += [b_q.reshape(n_heads * head_dim), b_kv.reshape(2 * n_kv * head_dim)]
+    if rotary is not None:
+        operands += [r.astype(jnp.float32).reshape(batch * window, head_dim // 2) for r in rotary]
+    win_at = 2 + (norm_bias is not None)  # the ring's place among the operands
+    q, win, k_out, v_out = pl.pallas_call(
+        kernel,
+        grid=(3, n_q + n_refresh, n_blocks, m_blocks),
+        out_shape=(jax.ShapeDtypeStruct((q_rows, q_cols), h.dtype),
+                   jax.ShapeDtypeStruct(win.shape, win.dtype),
+                   *(jax.ShapeDtypeStruct(cache.shape, cache.dtype) for cache in caches)),
+        # In place: the ring and the caches are the outputs' buffers (the decode step donates them).
+        input_output_aliases={win_at: 1, len(operands): 2, len(operands) + 1: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="gathered_window_qkv_update",
+    )(*operands, *caches)
+    if interpret:
+        q, win = q[:batch * n_q, :head_dim], win[:batch * window, :d_model]
+        k_out, v_out = k_out[:n_rows, :head_dim], v_out[:n_rows, :head_dim]
+    return (q.reshape(batch, n_q, head_dim), win.reshape(x_win.shape), k_out.reshape(k_cache.shape),
+            v_out.reshape(v_cache.shape))
+
+
+def gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx, refresh, cur, slots,
+                               k_cache, v_cache, b_q=None, b_kv=None, rotary=None, *, norm_kind: str,
+                               norm_eps: float, interpret=False, **blocks):
+    """The lazy KV decode step's attention inputs, from the residual, in one kernel.
+
+    h [B, D] the residual entering the layer; norm_scale [D], norm_bias [D] or None: its pre-attention
+    norm (`apply_norm` of kind norm_kind); x_win [B, W, D] the ring of the window tokens' normed
+    inputs; w_q [H, Dh, D]; w_kv [2, KV, Dh, D]; q_idx [Kq] int32 selected query heads (distinct);
+    refresh [r] int32 KV groups refreshed this step (ids outside [0, KV) skipped); cur [] int32 this
+    token's ring row; slots [W] the cache slot of each ring row (outside [0, S): dropped);
+    k_cache, v_cache [B, KV, S, Dh]; b_q [H, Dh] and b_kv [2, KV, Dh], both or neither; rotary None
+    or (cos, sin) [B, W, Dh/2] float32 at the ring rows' positions (this token's at cur).
+
+    Returns (q [B, Kq, Dh], x_win, k_cache, v_cache): x = norm(h) is stored at ring row cur; q the
+    selected heads' queries of x (RoPE'd); the K/V of groups q_idx // (H / KV) and `refresh` over
+    the window, written at cache rows slots (`gathered_window_kv_update`, each group once).
+    What the step ran as five launches (norm statistics, normalise, ring write, Q projection,
+    window K/V) is one: program (c, a, n, m) is `gathered_window_kv_update`'s for c = K, V, and for
+    c = Q reads entry a's query rows instead; every program normalises this token's row itself
+    (it reads x's whole row anyway), and one program per row block writes it into the ring.
+    """
+    check_block_keys(blocks, WINDOW_KV_BLOCK_KEYS, "gathered_window_qkv_update")
+    _check_window_update(x_win, w_kv, slots, k_cache, v_cache, rotary)
+    batch, window, d_model = x_win.shape
+    if h.shape != (batch, d_model) or w_q.shape[1:] != w_kv.shape[2:] or w_q.shape[0] % w_kv.shape[1]:
+        raise ValueError(f"h must be [B, D] = [{batch}, {d_model}] and w_q [H, Dh, D] with H a multiple of "
+                         f"KV = {w_kv.shape[1]}, got {h.shape} and {w_q.shape}")
+    if (b_q is None) != (b_kv is None):
+        raise ValueError("give both projection biases (b_q, b_kv) or neither")
+    if (norm_bias is None) != (norm_kind == "rmsnorm"):
+        raise ValueError(f"{norm_kind} takes {'no ' if norm_kind == 'rmsnorm' else ''}norm bias")
+    parts = 1 if rotary is None else 2
+    cfg = dataclasses.replace(default_window_kv_blocks(batch * window, q_idx.shape[0] + refresh.shape[0],
+                                                       w_kv.shape[2] // parts, d_model), **blocks)
+    return _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx, refresh, cur,
+                                       slots, k_cache, v_cache, b_q, b_kv, rotary, norm_kind=norm_kind,
+                                       norm_eps=float(norm_eps), blocks=cfg, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("norm_kind", "norm_eps"))
+def gathered_window_qkv_update_reference(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx, refresh, cur,
+                                         slots, k_cache, v_cache, b_q=None, b_kv=None, rotary=None, *,
+                                         norm_kind: str, norm_eps: float):
+    """XLA reference: the five steps as separate ops (apply_norm, a ring write, the Q projection's
+    reference and RoPE, the window update's reference over the deduplicated groups)."""
+    x = apply_norm(h, norm_scale, norm_bias, kind=norm_kind, eps=norm_eps)  # [B, D]
+    x_win = jax.lax.dynamic_update_slice(x_win, x[:, None].astype(x_win.dtype), (0, cur, 0))
+    q = gathered_head_proj_reference(x, w_q, q_idx, b_q)  # [B, Kq, Dh]
+    if rotary is not None:
+        cos, sin = (jax.lax.dynamic_index_in_dim(r, cur, axis=1) for r in rotary)  # [B, 1, Dh/2]
+        q = rotate_half_split(q, cos, sin)
+    n_kv = w_kv.shape[1]
+    heads = first_occurrences(jnp.concatenate([q_idx // (w_q.shape[0] // n_kv), refresh]), n_kv)
+    k, v = gathered_window_kv_update_reference(x_win, w_kv, heads, slots, k_cache, v_cache, b_kv, rotary)
+    return q, x_win, k, v

@@ -25,7 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import (
+    NORMS,
     TARGET_PROGRAMS,
+    apply_norm,
     cdiv,
     check_block_keys,
     check_pow2,
@@ -81,30 +83,47 @@ def default_up_blocks(n_entries: int, d_model: int, n_parts: int, batch: int) ->
 
 
 def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d_model, batch,
-               activation, has_bias, block_e, block_d):
-    # x_ref [B, D]; idx_ref [K]; w_ref [F*R, U*D]; b_ref [F*R*U] (optional); o_ref [B, K*R]
-    if has_bias:
-        b_ref, o_ref = refs
-    else:
-        (o_ref,) = refs
+               activation, has_bias, norm_kind, norm_eps, has_norm_bias, block_e, block_d):
+    # x_ref [B, D] (norm_kind: the residual, normalised here); idx_ref [K]; w_ref [F*R, U*D];
+    # b_ref [F*R*U] (optional); ns_ref, nb_ref [D] (norm_kind; nb_ref only with has_norm_bias);
+    # o_ref [B, K*R]
+    refs = list(refs)
+    b_ref = refs.pop(0) if has_bias else None
+    ns_ref = refs.pop(0) if norm_kind else None
+    nb_ref = refs.pop(0) if has_norm_bias else None
+    (o_ref,) = refs
     e = pl.program_id(0) * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
     e_ok = e < n_entries
     row = _selected_rows(idx_ref, e, e_ok, rows_per_idx)  # [BE]
 
-    acc = [[jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)] for _ in range(batch)]
+    chunks = []  # (cols, column mask or None) of each static step over D
     for d0 in range(0, d_model, block_d):  # static: the whole row block is straight-line code
         cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
         # Column masks only where the block runs past D (simpler, fully vectorised loads).
-        c_ok = cols < d_model if d0 + block_d > d_model else None
+        chunks.append((cols, cols < d_model if d0 + block_d > d_model else None))
+    xs = [[plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok, other=None if c_ok is None else 0.0
+                      ).astype(jnp.float32) for cols, c_ok in chunks] for b in range(batch)]  # B x steps x [BD]
+    if norm_kind:  # every program normalises the row itself: it reads the whole row anyway
+        for b in range(batch):
+            total = sum(jnp.sum(x) for x in xs[b])
+            squares = sum(jnp.sum(x * x) for x in xs[b])
+            mean = total / d_model if norm_kind == "layernorm" else 0.0
+            var = jnp.maximum(squares / d_model - mean * mean, 0.0) if norm_kind == "layernorm" else squares / d_model
+            rstd = jax.lax.rsqrt(var + norm_eps)
+            for i, (cols, c_ok) in enumerate(chunks):
+                y = (xs[b][i] - mean) * rstd * plgpu.load(ns_ref.at[cols], mask=c_ok, other=0.0).astype(jnp.float32)
+                if nb_ref is not None:
+                    y = y + plgpu.load(nb_ref.at[cols], mask=c_ok, other=0.0).astype(jnp.float32)
+                xs[b][i] = y.astype(x_ref.dtype).astype(jnp.float32)  # apply_norm's rounding
+
+    acc = [[jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)] for _ in range(batch)]
+    for i, (cols, c_ok) in enumerate(chunks):
         w_ok = e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :]
-        xs = [plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok,
-                         other=None if c_ok is None else 0.0).astype(jnp.float32)
-              for b in range(batch)]  # B x [BD]
         for u in range(n_parts):
             w = plgpu.load(w_ref.at[row[:, None], (u * d_model + cols)[None, :]],
                            mask=w_ok, other=0.0).astype(jnp.float32)
             for b in range(batch):  # [BE, BD] * [1, BD] summed over D
-                acc[b][u] = acc[b][u] + jnp.sum(w * xs[b][None, :], axis=1)
+                acc[b][u] = acc[b][u] + jnp.sum(w * xs[b][i][None, :], axis=1)
 
     if has_bias:
         bias = [plgpu.load(b_ref.at[row * n_parts + u], mask=e_ok, other=0.0).astype(jnp.float32)
@@ -121,13 +140,15 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_idx", "n_parts", "activation", "blocks",
-                                             "interpret"))
-def gather_rows_matvec(x, w, idx, b=None, *, rows_per_idx: int, n_parts: int, activation: str,
-                       blocks: UpBlocks, interpret: bool):
+                                             "interpret", "norm_kind", "norm_eps"))
+def gather_rows_matvec(x, w, idx, b=None, norm_scale=None, norm_bias=None, *, rows_per_idx: int, n_parts: int,
+                       activation: str, blocks: UpBlocks, interpret: bool, norm_kind: str | None = None,
+                       norm_eps: float = 0.0):
     """h[b, k*R + r] = act(x[b] . w[idx[k]*R + r]) for w [F*R, U*D], x [B, D] -> [B, K*R].
 
     A row holds U parts of D columns side by side (U=2: gate, up); the kernel reads the first
-    n_parts of them. b is [F*R*n_parts] or None.
+    n_parts of them. b is [F*R*n_parts] or None. With norm_kind, x is first normalised as
+    `apply_norm(x, norm_scale, norm_bias, kind=norm_kind, eps=norm_eps)` inside the kernel.
     """
     batch, d_model = x.shape
     n_entries = idx.shape[0] * rows_per_idx
@@ -135,8 +156,10 @@ def gather_rows_matvec(x, w, idx, b=None, *, rows_per_idx: int, n_parts: int, ac
     kernel = functools.partial(
         _up_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, n_parts=n_parts,
         d_model=d_model, batch=batch, activation=activation, has_bias=b is not None,
+        norm_kind=norm_kind, norm_eps=norm_eps, has_norm_bias=norm_bias is not None,
         block_e=blocks.block_e, block_d=min(blocks.block_d, pow2_ceil(d_model)))
-    operands = (x, idx.astype(jnp.int32), w) + ((b,) if b is not None else ())
+    operands = (x, idx.astype(jnp.int32), w) + tuple(
+        v for v in (b, norm_scale if norm_kind else None, norm_bias) if v is not None)
     return pl.pallas_call(
         kernel,
         grid=(cdiv(n_entries, blocks.block_e),),
@@ -148,11 +171,13 @@ def gather_rows_matvec(x, w, idx, b=None, *, rows_per_idx: int, n_parts: int, ac
     )(*operands)
 
 
-def gathered_up(x, w_up, idx, b_up=None, *, activation="relu", interpret=False, **blocks):
+def gathered_up(x, w_up, idx, b_up=None, *, activation="relu", norm=None, interpret=False, **blocks):
     """Selected neurons' MLP up projection with bias and activation fused.
 
     x [B, D]; w_up [F, U, D] (U=2: index 0 gate, 1 up); idx [K] int32 distinct; b_up [F, U] or None.
     Returns act(h) [B, K] in x.dtype with h[b, k, u] = x[b] . w_up[idx[k], u] (+ b_up[idx[k], u]).
+    norm: None, or (kind, eps, scale [D], bias [D] or None): x is the residual and the MLP's norm
+    (`apply_norm`) is applied to it inside the kernel, which saves the step the norm's launches.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -163,25 +188,48 @@ def gathered_up(x, w_up, idx, b_up=None, *, activation="relu", interpret=False, 
     n_parts = 2 if activation == "swiglu" else 1  # relu / none read only part 0
     cfg = dataclasses.replace(default_up_blocks(idx.shape[0], d_model, n_parts, x.shape[0]),
                               **blocks)
-    return _gathered_up(x, w_up, idx, b_up, n_parts=n_parts, activation=activation, blocks=cfg,
-                        interpret=interpret)
+    kind, eps, scale, bias = _check_norm(norm, d_model)
+    return _gathered_up(x, w_up, idx, b_up, scale, bias, n_parts=n_parts, activation=activation, blocks=cfg,
+                        norm_kind=kind, norm_eps=eps, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("n_parts", "activation", "blocks", "interpret"))
-def _gathered_up(x, w_up, idx, b_up, *, n_parts, activation, blocks, interpret):
+def _check_norm(norm, d_model: int):
+    """gathered_up's norm argument as (kind, eps, scale, bias), (None, 0.0, None, None) without one."""
+    if norm is None:
+        return None, 0.0, None, None
+    kind, eps, scale, bias = norm
+    if kind not in NORMS or scale.shape != (d_model,) or (bias is None) != (kind == "rmsnorm") or (
+            bias is not None and bias.shape != (d_model,)):
+        raise ValueError(f"norm must be (kind in {NORMS}, eps, scale [{d_model}], bias [{d_model}] for "
+                         f"layernorm / None for rmsnorm)")
+    return kind, float(eps), scale, bias
+
+
+@functools.partial(jax.jit, static_argnames=("n_parts", "activation", "blocks", "norm_kind", "norm_eps",
+                                             "interpret"))
+def _gathered_up(x, w_up, idx, b_up, norm_scale, norm_bias, *, n_parts, activation, blocks, norm_kind,
+                 norm_eps, interpret):
     n_feat, n_u, d_model = w_up.shape
     w2 = w_up.reshape(n_feat, n_u * d_model)  # [F, U*D], free: rows are contiguous
     b2 = None
     if b_up is not None:
         # The kernel reads bias at row * n_parts + u, so keep only the parts it uses.
         b2 = b_up[:, :n_parts].reshape(n_feat * n_parts)
-    return gather_rows_matvec(x, w2, idx, b2, rows_per_idx=1, n_parts=n_parts,
-                              activation=activation, blocks=blocks, interpret=interpret)
+    return gather_rows_matvec(x, w2, idx, b2, norm_scale, norm_bias, rows_per_idx=1, n_parts=n_parts,
+                              activation=activation, blocks=blocks, interpret=interpret, norm_kind=norm_kind,
+                              norm_eps=norm_eps)
+
+
+def gathered_up_reference(x, w_up, idx, b_up=None, *, activation="relu", norm=None):
+    """XLA reference: apply_norm (given norm), jnp.take of the selected rows, an fp32-accumulated dot."""
+    kind, eps, scale, bias = _check_norm(norm, w_up.shape[2])
+    if kind is not None:
+        x = apply_norm(x, scale, bias, kind=kind, eps=eps)
+    return _gathered_up_reference(x, w_up, idx, b_up, activation=activation)
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
-def gathered_up_reference(x, w_up, idx, b_up=None, *, activation="relu"):
-    """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot."""
+def _gathered_up_reference(x, w_up, idx, b_up, *, activation):
     w_sel = jnp.take(w_up, idx, axis=0)  # [K, U, D]
     h = jnp.einsum("BD,KUD->BKU", x, w_sel, preferred_element_type=jnp.float32)
     if b_up is not None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue-7 latency runs on the GPU machine (device tool), from the repo root:
-#   1. the kernels' GPU tests (TESTS=1): top-K, window K/V, the model-size gpu tests, lazy == exact
+#   1. the kernels' GPU tests (TESTS=1): top-K, window K/V (and fused Q/K/V), the normalising up
+#      projection, the model-size gpu tests, lazy == exact
 #   2. python -m dejavu_jax.bench at each preset of PRESETS: dense, transformers eager and static cache +
 #      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
 #      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it),
@@ -17,7 +18,7 @@ BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy band
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
-    -k "window_kv or topk or gpu or lazy" 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+    -k "window_kv or qkv or normalises or topk or gpu or lazy" 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
 fi
 for preset in $PRESETS; do
   date

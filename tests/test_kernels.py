@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels._common import apply_norm
 from pallas_kernels import gather_attention as ga
 from pallas_kernels import gather_mlp as gm
 from pallas_kernels import select_topk as st
@@ -93,6 +94,30 @@ def test_gathered_up_matches_reference(B, D, F, U, K, activation, bias, dtype):
     ref = gm.gathered_up_reference(x, w, idx, b, activation=activation)
     assert out.dtype == x.dtype and out.shape == (B, K)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("B,D,F,U,K,activation,kind,blocks,dtype", [
+    (1, 300, 96, 1, 37, "relu", "layernorm", {}, jnp.float32),  # odd D: a masked column block
+    (3, 576, 64, 2, 21, "swiglu", "rmsnorm", {}, jnp.float32),  # Llama-style, batch 3
+    (1, 160, 48, 1, 20, "relu", "layernorm", dict(block_d=64), jnp.bfloat16),  # three steps over D
+])
+def test_gathered_up_normalises_its_input(B, D, F, U, K, activation, kind, blocks, dtype):
+    """norm=(kind, eps, scale, bias): x is the residual; the kernel applies the MLP's norm first, as
+    apply_norm does (a residual with a large mean, where LayerNorm's centring matters)."""
+    ks = keys(B * 10 + D, 6)
+    x = normal(ks[0], (B, D), dtype, 4.0) + 3.0
+    w, idx = normal(ks[1], (F, U, D), dtype, D ** -0.5), pick(ks[2], F, K)
+    b = normal(ks[3], (F, U), dtype)
+    norm = (kind, 1e-5, normal(ks[4], (D,), dtype), normal(ks[5], (D,), dtype) if kind == "layernorm" else None)
+    out = gm.gathered_up(x, w, idx, b, activation=activation, norm=norm, interpret=INTERPRET, **blocks)
+    ref = gm.gathered_up_reference(x, w, idx, b, activation=activation, norm=norm)
+    normed = gm.gathered_up_reference(apply_norm(x, *norm[2:], kind=kind, eps=1e-5), w, idx, b,
+                                      activation=activation)
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(normed))
+    assert rel_err(out, ref) < TOL[dtype]
+    with pytest.raises(ValueError, match="norm must be"):
+        gm.gathered_up(x, w, idx, b, activation=activation, norm=(kind, 1e-5, norm[2][:-1], norm[3]),
+                       interpret=True)
 
 
 @pytest.mark.parametrize("blocks", [dict(block_e=4, block_d=64), dict(block_e=1, block_d=512),
@@ -407,6 +432,83 @@ def test_gathered_window_kv_update_reads_only_the_named_heads():
     assert rel_err(k_out, k_ref) < TOL[jnp.float32] and rel_err(v_out, v_ref) < TOL[jnp.float32]
 
 
+QKV_UPDATE_CASES = [
+    # B, W, D, H, KV, Dh, S, q_idx, refresh, cur, bias, rotary, norm, blocks
+    (1, 5, 100, 4, 4, 24, 9, [3, 0], [0, 4], 2, True, False, "layernorm", {}),  # MHA, odd D and Dh; a
+    # refreshed group that is also active (computed once) and a refresh id past KV (skipped)
+    (2, 16, 72, 6, 2, 16, 20, [5, 1, 4], [1], 15, False, True, "rmsnorm",
+     dict(block_m=16, block_n=16, block_d=32)),  # GQA (3 heads a group), RoPE, two row blocks, ragged D
+    (3, 7, 64, 8, 8, 32, 12, [7, 2, 6, 0], [3], 0, True, True, "layernorm",
+     dict(block_m=16, block_n=16, block_d=16)),  # B*W = 21: the 2nd row block half masked; cur = 0
+]
+
+
+def _qkv_update_inputs(B, W, D, H, KV, Dh, S, q_idx, refresh, cur, bias, rotary, norm, dtype):
+    ks = keys(W * 1000 + D + H, 8)
+    h = normal(ks[0], (B, D), dtype, 3.0) + 0.5  # a residual with a mean: LayerNorm's centring matters
+    scale, nbias = normal(ks[1], (D,), dtype), normal(ks[2], (D,), dtype) if norm == "layernorm" else None
+    x_win = normal(ks[3], (B, W, D), dtype)
+    w_q, w_kv = normal(ks[4], (H, Dh, D), dtype, D ** -0.5), normal(ks[5], (2, KV, Dh, D), dtype, D ** -0.5)
+    b_q, b_kv = (normal(ks[6], (H, Dh), dtype), normal(ks[6], (2, KV, Dh), dtype)) if bias else (None, None)
+    k, v = normal(ks[7], (B, KV, S, Dh), dtype), normal(ks[7], (B, KV, S, Dh), dtype, 0.5)
+    slots = jnp.asarray(ks[7].permutation(S)[:W].astype(np.int32))
+    rot = None
+    if rotary:
+        angles = ks[0].integers(0, 500, (B, W, 1)) / 10000.0 ** (np.arange(0, Dh, 2) / Dh)
+        rot = (jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
+    ids = [jnp.asarray(np.array(i, np.int32)) for i in (q_idx, refresh)]
+    return (h, scale, nbias, x_win, w_q, w_kv, *ids, jnp.int32(cur), slots, k, v, b_q, b_kv, rot)
+
+
+@pytest.mark.parametrize("B,W,D,H,KV,Dh,S,q_idx,refresh,cur,bias,rotary,norm,blocks,dtype",
+                         with_dtypes(QKV_UPDATE_CASES, (1,)))
+def test_gathered_window_qkv_update_matches_reference(B, W, D, H, KV, Dh, S, q_idx, refresh, cur, bias,
+                                                      rotary, norm, blocks, dtype):
+    args = _qkv_update_inputs(B, W, D, H, KV, Dh, S, q_idx, refresh, cur, bias, rotary, norm, dtype)
+    h, scale, nbias, x_win, w_q, w_kv, qi, ri, _, slots, k, v, b_q, b_kv, rot = args
+    out = ga.gathered_window_qkv_update(*args, norm_kind=norm, norm_eps=1e-5, interpret=INTERPRET, **blocks)
+    ref = ga.gathered_window_qkv_update_reference(*args, norm_kind=norm, norm_eps=1e-5)
+    for o, r, old in zip(out, ref, (None, x_win, k, v)):
+        assert o.shape == r.shape and o.dtype == dtype
+        assert rel_err(o, r) < TOL[dtype]
+    # Independently, in float64: the ring's row cur is norm(h), the rest of the ring unchanged ...
+    x = f64(h)
+    if norm == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+    x = x / np.sqrt(np.square(x).mean(-1, keepdims=True) + 1e-5) * f64(scale)
+    x = x + (f64(nbias) if nbias is not None else 0.0)
+    ring = np.asarray(out[1], np.float64)
+    assert rel_err(ring[:, cur], x) < TOL[dtype]
+    np.testing.assert_array_equal(np.delete(ring, cur, axis=1), np.delete(f64(x_win), cur, axis=1))
+    # ... and q the selected heads' projections of it (RoPE'd at the row's angles).
+    q = np.einsum("BD,KHD->BKH", x, f64(w_q)[np.asarray(qi)]) + (f64(b_q)[np.asarray(qi)] if bias else 0.0)
+    if rotary:
+        cos, sin = (f64(r)[:, cur][:, None] for r in rot)
+        q1, q2 = np.split(q, 2, axis=-1)
+        q = np.concatenate([q1 * cos - q2 * sin, q2 * cos + q1 * sin], axis=-1)
+    assert rel_err(out[0], q) < TOL[dtype]
+    # The cache rows of unnamed groups are untouched.
+    named = set(int(g) for g in np.asarray(qi) // (H // KV)) | set(int(g) for g in np.asarray(ri) if g < KV)
+    for o, old in ((out[2], k), (out[3], v)):
+        for g in set(range(KV)) - named:
+            np.testing.assert_array_equal(np.asarray(o)[:, g], np.asarray(old)[:, g])
+
+
+def test_gathered_window_qkv_update_reads_only_the_named_heads():
+    """NaN weights of unselected query heads and unnamed KV groups never reach q or the caches."""
+    args = list(_qkv_update_inputs(1, 4, 40, 6, 3, 16, 6, [4, 1], [0], 1, True, False, "layernorm",
+                                   jnp.float32))
+    w_q, w_kv = np.asarray(args[4]).copy(), np.asarray(args[5]).copy()
+    w_q[[0, 2, 3, 5]] = np.nan
+    w_kv[:, 1] = np.nan  # groups 0 (refreshed) and 2 (heads 4, 5 at 2 heads a group) are named
+    args[4], args[5] = jnp.asarray(w_q), jnp.asarray(w_kv)
+    kw = dict(norm_kind="layernorm", norm_eps=1e-5)
+    out = ga.gathered_window_qkv_update(*args, interpret=INTERPRET, **kw)
+    ref = ga.gathered_window_qkv_update_reference(*args, **kw)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < TOL[jnp.float32]
+
+
 # --------------------------------------------------------------------------------------------------
 # Backend switch, argument checks, Triton lowering
 # --------------------------------------------------------------------------------------------------
@@ -549,6 +651,12 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     x, idx, heads = spec(1, 576), spec(37, dtype=jnp.int32), spec(5, dtype=jnp.int32)
     w_up, w_down, a = spec(1536, 2, 576), spec(1536, 576), spec(1, 37)
     assert _lowers_to_triton(functools.partial(gm.gathered_up, activation="swiglu"), x, w_up, idx)
+    def up_normed(x, w, idx, scale, *bias):
+        kind = "layernorm" if bias else "rmsnorm"
+        return gm.gathered_up(x, w, idx, activation="swiglu", norm=(kind, 1e-5, scale, *(bias or (None,))))
+
+    for norm_weights in ((spec(576),), (spec(576), spec(576))):
+        assert _lowers_to_triton(up_normed, x, w_up, idx, *norm_weights)
     for blocks in ({}, dict(k_splits=1), dict(k_splits=4, combine="atomic"),
                    dict(k_splits=4, combine="atomic_last")):
         assert _lowers_to_triton(functools.partial(gm.gathered_down, **blocks), a, w_down, idx)
@@ -565,6 +673,14 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     for b_kv, rot in ((spec(2, 3, 64), None), (None, rotary)):
         assert _lowers_to_triton(ga.gathered_window_kv_update, spec(1, 5, 576), window_kv, heads, slots,
                                  cache, cache, b_kv, rot)
+    qkv = functools.partial(ga.gathered_window_qkv_update, norm_kind="rmsnorm", norm_eps=1e-5)
+    assert _lowers_to_triton(qkv, spec(1, 576), spec(576), None, spec(1, 5, 576), w_q, window_kv, heads,
+                             spec(1, dtype=jnp.int32), spec(dtype=jnp.int32), slots, cache, cache,
+                             None, None, rotary)
+    qkv = functools.partial(ga.gathered_window_qkv_update, norm_kind="layernorm", norm_eps=1e-5)
+    assert _lowers_to_triton(qkv, spec(1, 576), spec(576), spec(576), spec(1, 5, 576), w_q, window_kv,
+                             heads, spec(1, dtype=jnp.int32), spec(dtype=jnp.int32), slots, cache,
+                             cache, spec(9, 64), spec(2, 3, 64))
     for n, k in ((1536, 384), (9, 4), (36864, 9216)):
         assert _lowers_to_triton(functools.partial(st.topk_rows, k=k), spec(1, n, dtype=jnp.float32))
     for n, r, k, blocks in ((1536, 64, 384, 12), (9, 64, 4, 1), (16384, 128, 4096, 128), (49152, 128, 5000, 192)):
@@ -595,6 +711,13 @@ def test_gpu_mlp_model_size(density, U, activation):
     for blocks in (dict(k_splits=1), dict(combine="atomic"), dict(combine="atomic_last")):
         y1 = gm.gathered_down(a, w_down, idx, **blocks)
         assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
+    # The MLP norm inside the up kernel, on a residual with OPT-like outlier columns.
+    h = x.astype(jnp.float32) * 4.0 + 1.0
+    h = h.at[0, :8].set(300.0).astype(jnp.float16)
+    kind = "layernorm" if U == 1 else "rmsnorm"
+    norm = (kind, 1e-5, normal(ks[0], (D,), jnp.float16), normal(ks[1], (D,), jnp.float16) if U == 1 else None)
+    a = gm.gathered_up(h, w_up, idx, b_up, activation=activation, norm=norm)
+    assert rel_err(a, gm.gathered_up_reference(h, w_up, idx, b_up, activation=activation, norm=norm)) < 2e-3
 
 
 @gpu
@@ -653,6 +776,41 @@ def test_gpu_window_kv_model_size(W):
     heads = jnp.concatenate([active, active[:1], jnp.array([KV], jnp.int32)])  # a repeat, a skip
     out = ga.gathered_window_kv(x, w, heads, b)
     assert rel_err(out, ga.gathered_window_kv_reference(x, w, heads, b)) < 2e-3
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("rotary,kind", [(False, "layernorm"), (True, "rmsnorm")])
+def test_gpu_window_qkv_update_model_size(rotary, kind):
+    """OPT-6.7B's lazy-KV attention inputs (16 query heads, 2 refreshed groups, one of them also
+    active) in one kernel, jitted with the ring and the caches donated as in the decode step: in
+    place, equal to the reference (its five separate ops)."""
+    H, Dh, D, W, S = 32, 128, 4096, 16, 256
+    ks = keys(67, 8)
+    q_idx = jnp.sort(pick(ks[0], H, 16))
+    refresh = jnp.asarray([int(q_idx[3]), 31 if int(q_idx[3]) != 31 else 30], jnp.int32)
+    s = 100
+    slots = jnp.asarray(s - np.mod(s - np.arange(W), W), jnp.int32)
+    h = (normal(ks[1], (1, D), jnp.float32) * 3.0 + 0.5).at[0, :4].set(200.0).astype(jnp.float16)
+    scale, nbias = normal(ks[2], (D,), jnp.float16), normal(ks[3], (D,), jnp.float16) if kind == "layernorm" else None
+    x_win = normal(ks[4], (1, W, D), jnp.float16)
+    w_q, w_kv = normal(ks[5], (H, Dh, D), jnp.float16, D ** -0.5), normal(ks[6], (2, H, Dh, D), jnp.float16, D ** -0.5)
+    b_q, b_kv = (normal(ks[7], (H, Dh), jnp.float16), normal(ks[7], (2, H, Dh), jnp.float16)) if not rotary else (None, None)
+    k, v = normal(ks[7], (1, H, S, Dh), jnp.float16), normal(ks[6], (1, H, S, Dh), jnp.float16, 0.5)
+    rot = None
+    if rotary:
+        angles = (s - W + 1 + np.arange(W, dtype=np.float32))[None, :, None] / 10000.0 ** (
+            np.arange(0, Dh, 2, dtype=np.float32) / Dh)
+        rot = (jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles)))
+    args = (h, scale, nbias, x_win, w_q, w_kv, q_idx, refresh, jnp.int32(s % W), slots, k, v, b_q, b_kv, rot)
+    kw = dict(norm_kind=kind, norm_eps=1e-5)
+    ref = ga.gathered_window_qkv_update_reference(*args, **kw)
+    ptrs = [a.unsafe_buffer_pointer() for a in (x_win, k, v)]
+    update = jax.jit(functools.partial(ga.gathered_window_qkv_update, **kw), donate_argnums=(3, 10, 11))
+    out = update(*args)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < 2e-3
+    assert [a.unsafe_buffer_pointer() for a in out[1:]] == ptrs, "the donated ring / caches were not updated in place"
 
 
 @gpu

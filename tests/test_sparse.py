@@ -346,6 +346,30 @@ def test_lazy_kv_equals_exact(tiny, backend):
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend):
+    """A pre-norm model's gathered lazy-KV step takes its attention inputs from one op
+    (`gathered_window_qkv_update`: norm, ring write, Q, window K/V): it must not call the separate
+    Q projection or window update, and must decode exactly as they do (the tensor-parallel ops,
+    which lack the fused op, take that path)."""
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=5)
+    L, n = cfg.num_layers, 6
+    sel = PredictorSelector(random_predictors(cfg, seed=4), (cfg.ffn_size // 2,) * L, (2,) * L, cfg.ffn_size,
+                            cfg.num_heads, True, True)
+    ops = get_ops(backend)
+
+    def unused(*args, **kwargs):
+        raise AssertionError("the fused step called a separate op")
+
+    fused_ops = dataclasses.replace(ops, gathered_head_proj=unused, gathered_window_kv_update=unused)
+    separate_ops = dataclasses.replace(ops, gathered_window_qkv_update=None)
+    runs = [decode_steps(params, cfg, prompt, n, selector=sel, ops=o,
+                         cache=init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=4))
+            for o in (fused_ops, separate_ops)]
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_lazy_kv_skips_idle_heads(tiny, backend):
     """K/V of heads nobody selected (and the round-robin does not refresh) are not written: the saving."""
     cfg, params = tiny
