@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same eight functions with the same signatures, so the model code picks a
+kernels; both expose the same nine functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -23,7 +23,14 @@ from pallas_kernels.gather_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
-from pallas_kernels.select_topk import code_topk_rows, code_topk_rows_reference, topk_rows, topk_rows_reference
+from pallas_kernels.select_topk import (
+    code_topk_pair,
+    code_topk_pair_reference,
+    code_topk_rows,
+    code_topk_rows_reference,
+    topk_rows,
+    topk_rows_reference,
+)
 from pallas_kernels.gather_mlp import (
     gathered_down,
     gathered_down_reference,
@@ -38,7 +45,7 @@ BACKENDS = ("xla", "pallas")
 class Ops:
     """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv_update
     is the lazy KV mode's window recompute, written into the cache) and its top-K selections
-    (select_topk.py: from scores, and from a predictor's code, scores included)."""
+    (select_topk.py: from scores, and from a predictor's code, scores included, for one site or both)."""
 
     backend: str
     gathered_up: Callable
@@ -48,6 +55,7 @@ class Ops:
     sparse_decode_attention: Callable
     topk_rows: Callable
     code_topk_rows: Callable
+    code_topk_pair: Callable
     gathered_window_kv_update: Callable
 
 
@@ -57,10 +65,10 @@ def get_ops(backend: str) -> Ops:
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
-                   gathered_window_kv_update_reference)
+                   code_topk_pair_reference, gathered_window_kv_update_reference)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows, code_topk_rows, gathered_window_kv_update)
+               sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         return Ops(backend, *fns)
@@ -75,4 +83,5 @@ __all__ = [
     "gathered_window_kv_update", "gathered_window_kv_update_reference",
     "sparse_decode_attention", "sparse_decode_attention_reference",
     "topk_rows", "topk_rows_reference", "code_topk_rows", "code_topk_rows_reference",
+    "code_topk_pair", "code_topk_pair_reference",
 ]

@@ -298,6 +298,33 @@ def test_blockwise_mlp_topk_gathers_like_its_masks(tiny, backend):
     assert float(jnp.max(jnp.abs(blockwise - one_topk))) > 1e-3
 
 
+def test_decode_ranks_both_sites_in_one_kernel(tiny):
+    """With the shared transposed matvec, a layer whose heads and MLP blocks each fit one program
+    ranks both in one `code_topk_pair` launch, and gives the mask path's logits; a layer with a
+    dense MLP keeps its own heads selection."""
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    preds = random_predictors(cfg)
+    L, F = cfg.num_layers, cfg.ffn_size
+    mk, hk = (F,) + (F // 2,) * (L - 1), (2,) * L
+    make = lambda gather: PredictorSelector(preds, mk, hk, F, cfg.num_heads, True, gather=gather,  # noqa: E731
+                                            mlp_blocks=F // 16)
+    pallas, calls = get_ops("pallas"), []
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return getattr(pallas, name)(*args, **kwargs)
+        return call
+
+    ops = dataclasses.replace(pallas, code_topk_pair=counted("code_topk_pair"),
+                              code_topk_rows=counted("code_topk_rows"))
+    paired = decode_steps(params, cfg, prompt, 3, selector=share_first_matmul(make(True)), ops=ops)
+    assert calls == ["code_topk_pair"] * (L - 1)  # traced once per sparse-MLP layer
+    np.testing.assert_allclose(paired, decode_steps(params, cfg, prompt, 3, selector=make(False)),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_mlp_topk_block_settings():
     cfg = TINY["opt"].replace(num_layers=3)  # F = 64
     sp = SparsityConfig(mode="predictor", mlp_density=0.25, mlp_topk_block=16)
