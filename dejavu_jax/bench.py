@@ -322,11 +322,13 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
-                mlp_topk_block: int = 0) -> list[dict]:
+                mlp_topk_block: int = 0, fused_step: bool = False) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
-    layer); with extras, the first point also runs the other setting for comparison.
+    layer); with extras, the first point also runs the other setting for comparison. fused_step:
+    the gathered kernels' fused launches (`pallas_kernels.Ops.fused_step`); extras time the other
+    setting too.
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -344,12 +346,13 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     for i, (mlp_d, head_d) in enumerate(densities):
         combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
         for j, (backend, kv_mode) in enumerate(combos):
-            ops = get_ops(backend)
+            ops = get_ops(backend, fused_step=fused_step)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
             block = mlp_topk_block
-            main = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
+            main = ("predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
+                    + (", fused step" if fused_step else ""))
             # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block, Ops changes
             variants = [(main, True, False, True, block, {})]
             if extras and i == 0 and j == 0:
@@ -362,12 +365,9 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                              ("fixed indices (no predictor)", True, True, True, 0, {})]
                 if batch == 1 and mesh is None:  # the layout and the fused ops only matter to the batch-1 step
                     variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block, {}))
-                    if cfg.pre_norm and backend == "pallas":
-                        variants.append((f"{main}, MLP norm by XLA", True, False, True, block,
-                                         {"mlp_norm_in_up": False}))
-                        if kv_mode == "lazy":
-                            variants.append((f"{main}, separate norm / Q / window K/V ops", True, False, True,
-                                             block, {"gathered_window_qkv_update": None}))
+                    if cfg.pre_norm and backend == "pallas":  # the other setting of Ops.fused_step
+                        variants.append((f"{main}, {'unfused' if fused_step else 'fused'} step", True, False,
+                                         True, block, {"fused_step": not fused_step}))
             for label, lookahead, fixed, transpose, block, ops_changes in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
@@ -697,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
                     help="the predictors rank MLP neurons per block of B rows, each keeping its share of K (0: one "
                          "top-K per layer); the extras also time the other setting")
+    sp.add_argument("--fused-step", action="store_true",
+                    help="the batch-1 decode step's fused launches (norms inside the gathered kernels, one "
+                         "lazy-KV attention-input kernel, one top-K launch for both sites; not yet timed on a "
+                         "GPU, hence off by default); the extras also time the other setting")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the no-lookahead and no-predictor variants at the first density point")
     sp.add_argument("--dense-pallas", action="store_true",
@@ -832,7 +836,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
-                             mlp_topk_block=args.mlp_topk_block)
+                             mlp_topk_block=args.mlp_topk_block, fused_step=args.fused_step)
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -249,8 +249,8 @@ class Ops(Protocol):
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
-    gathered_window_qkv_update: Callable  # the same with the attention norm and Q (None: not fused)
-    mlp_norm_in_up: bool  # gathered_up takes the MLP norm (its `norm` argument)
+    gathered_window_qkv_update: Callable  # the same with the attention norm and Q
+    fused_step: bool  # use it, gathered_up's `norm` and code_topk_pair (pallas_kernels.Ops)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
         neuron_sel = None
     # A gathered MLP step normalises inside the up projection (saves the norm's two launches).
     norm_inside = (cfg.pre_norm and neuron_sel is not None and neuron_sel.idx is not None
-                   and getattr(ops, "mlp_norm_in_up", False))
+                   and getattr(ops, "fused_step", False))
     x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside)
     if not cfg.pre_norm:

@@ -264,10 +264,9 @@ class ShardedOps:
 
         return gathered_window_kv_update_reference
 
-    # The fused lazy-KV attention inputs (norm, ring, Q, window K/V in one op) are not sharded: the
-    # model falls back to the separate ops, whose Q projection is shard_map'ed.
-    gathered_window_qkv_update = None
-    mlp_norm_in_up = False  # gathered_up is shard_map'ed without the norm argument
+    # The fused step's ops (norms inside the kernels, one attention-input op) are not sharded: the
+    # model uses the separate ops, whose projections are shard_map'ed.
+    fused_step = False
 
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map

@@ -467,6 +467,10 @@ class PredictorSelector:
             return scores_from_code(p, z)
         return _pdot_t(z, self.decode_b[layer][kind])
 
+    def _one_kernel(self, ctx: SelectContext, n: int, blocks: int) -> bool:
+        """Whether code_topk_rows (or code_topk_pair) can rank this site's n rows in `blocks` blocks."""
+        return self.decode_b is not None and ctx.ops is not None and n // blocks <= MAX_CODE_BLOCK
+
     def _select(self, ctx: SelectContext, kind: str, k: int, n: int) -> Selection | None:
         if k >= n:
             return None
@@ -479,14 +483,24 @@ class PredictorSelector:
         code = None  # (z [1, 1, r_heads + r_mlp], where this site's code starts), from the shared matvec
         if shared is not None and kind == "heads" and self.mlp_k[ctx.layer] < self.num_neurons:
             # One matvec for both sites' codes (they read the same residual under lookahead); the
-            # MLP half waits in ctx.scratch for this block's neurons() call.
+            # MLP half (or, ranked already, its indices) waits in ctx.scratch for this block's neurons().
             z = _pdot(x, shared) if self.decode_b is None else _pdot_t(x, shared)
+            if (getattr(ctx.ops, "fused_step", False) and self._one_kernel(ctx, n, 1)
+                    and self._one_kernel(ctx, self.num_neurons, self.mlp_blocks)):
+                # Both rankings in one launch: the heads' single program runs beside the MLP blocks'
+                # instead of costing a launch of its own.
+                b = self.decode_b[ctx.layer]
+                idx, ctx.scratch["mlp_idx"] = ctx.ops.code_topk_pair(
+                    z[0, 0], b["heads"], k, b["mlp"], self.mlp_k[ctx.layer], mlp_blocks=self.mlp_blocks,
+                    mlp_start=p["a"].shape[1])
+                return Selection(idx=idx)
             ctx.scratch["mlp_code"] = (z, p["a"].shape[1])
             code = (z, 0)
+        elif kind == "mlp" and "mlp_idx" in ctx.scratch:
+            return Selection(idx=ctx.scratch.pop("mlp_idx"))
         elif kind == "mlp" and "mlp_code" in ctx.scratch:
             code = ctx.scratch.pop("mlp_code")
-        if (code is not None and self.decode_b is not None and ctx.ops is not None
-                and n // blocks <= MAX_CODE_BLOCK):
+        if code is not None and self._one_kernel(ctx, n, blocks):
             # Scores, ranking and compaction in one kernel, one program per block.
             z, start = code
             return Selection(idx=ctx.ops.code_topk_rows(z[0, 0], self.decode_b[ctx.layer][kind], k, blocks=blocks,
@@ -874,10 +888,10 @@ def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
 
 def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None, ops) -> bool:
     """Whether a block's attention inputs come from `lazy_attention_inputs` (the norm inside the op):
-    a gathered decode step of a pre-norm model with the lazy KV cache and a backend that has the op
-    (the tensor-parallel ops do not)."""
+    a gathered decode step of a pre-norm model with the lazy KV cache and a backend
+    that asks for the fused step (`pallas_kernels.Ops.fused_step`; the tensor-parallel ops do not)."""
     return (cfg.pre_norm and layer_cache is not None and len(layer_cache) == 5 and sel is not None
-            and sel.idx is not None and getattr(ops, "gathered_window_qkv_update", None) is not None)
+            and sel.idx is not None and getattr(ops, "fused_step", False))
 
 
 def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops):

@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same nine functions with the same signatures, so the model code picks a
+kernels; both expose the same ten functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -25,7 +25,14 @@ from pallas_kernels.gather_attention import (
     sparse_decode_attention,
     sparse_decode_attention_reference,
 )
-from pallas_kernels.select_topk import code_topk_rows, code_topk_rows_reference, topk_rows, topk_rows_reference
+from pallas_kernels.select_topk import (
+    code_topk_pair,
+    code_topk_pair_reference,
+    code_topk_rows,
+    code_topk_rows_reference,
+    topk_rows,
+    topk_rows_reference,
+)
 from pallas_kernels.gather_mlp import (
     gathered_down,
     gathered_down_reference,
@@ -41,7 +48,15 @@ class Ops:
     """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv_update
     is the lazy KV mode's window recompute, written into the cache, and gathered_window_qkv_update
     the same with the attention norm, the window ring write and the Q projection in one op) and its
-    top-K selections (select_topk.py: from scores, and from a predictor's code, scores included)."""
+    top-K selections (select_topk.py: from scores, and from a predictor's code, scores included, for
+    one site or both).
+
+    fused_step: the batch-1 decode step uses the fused launches: the norms inside the kernels that
+    consume them (gathered_window_qkv_update in the lazy KV mode, gathered_up's `norm`) and one
+    top-K launch for both sites (code_topk_pair). Off by default: these kernels are checked against
+    their references on CPU (interpret mode, Triton lowering) but not yet compiled and timed on a
+    GPU; `python -m dejavu_jax.bench` times both settings (see pallas_kernels/NOTES.md).
+    """
 
     backend: str
     gathered_up: Callable
@@ -51,27 +66,27 @@ class Ops:
     sparse_decode_attention: Callable
     topk_rows: Callable
     code_topk_rows: Callable
+    code_topk_pair: Callable
     gathered_window_kv_update: Callable
     gathered_window_qkv_update: Callable
-    # The MLP norm applied inside gathered_up (its `norm` argument) rather than by XLA before it:
-    # False times the unfused step (bench) and is what the tensor-parallel ops report.
-    mlp_norm_in_up: bool = True
+    fused_step: bool = False
 
 
-def get_ops(backend: str) -> Ops:
+def get_ops(backend: str, *, fused_step: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU)."""
     if backend == "xla":
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
-                   gathered_window_kv_update_reference, gathered_window_qkv_update_reference)
+                   code_topk_pair_reference, gathered_window_kv_update_reference,
+                   gathered_window_qkv_update_reference, fused_step)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
-               sparse_decode_attention, topk_rows, code_topk_rows, gathered_window_kv_update,
+               sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
                gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
-        return Ops(backend, *fns)
+        return Ops(backend, *fns, fused_step)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
@@ -84,4 +99,5 @@ __all__ = [
     "gathered_window_qkv_update", "gathered_window_qkv_update_reference",
     "sparse_decode_attention", "sparse_decode_attention_reference",
     "topk_rows", "topk_rows_reference", "code_topk_rows", "code_topk_rows_reference",
+    "code_topk_pair", "code_topk_pair_reference",
 ]

@@ -140,12 +140,11 @@ def topk_rows_reference(scores, k: int):
 MAX_CODE_BLOCK = 256  # rows one program ranks: the pairwise rank is a [NB, NB] compare in registers
 
 
-def _code_topk_kernel(z_ref, w_ref, o_ref, *, start, rank, block_rows, k_block, nb, rb):
+def _rank_code_block(z_ref, w_ref, o_ref, s, *, start, rank, block_rows, k_block, n_slots, nb, rb):
     # z_ref [>= start + r]: the predictor code at start .. start + r - 1; w_ref [N, r] output matrix
-    # (rows = neurons / heads); o_ref [blocks * kb (+ NB when interpreted)] int32. Program s scores rows
-    # s*block_rows .. (s+1)*block_rows - 1 and writes the ascending indices of its kb best to
-    # o_ref[s*kb : (s+1)*kb].
-    s = pl.program_id(0)
+    # (rows = neurons / heads); o_ref [n_slots (+ NB when interpreted)] int32, n_slots = blocks * kb.
+    # Block s scores rows s*block_rows .. (s+1)*block_rows - 1 and writes the ascending indices of its
+    # kb best to o_ref[s*kb : (s+1)*kb].
     lane = jnp.arange(nb, dtype=jnp.int32)  # [NB]
     row = s * block_rows + lane
     row_ok = lane < block_rows
@@ -165,27 +164,38 @@ def _code_topk_kernel(z_ref, w_ref, o_ref, *, start, rank, block_rows, k_block, 
     pos = jnp.sum((sel[None, :] & j_lt_i).astype(jnp.int32), axis=1)  # selected rows before this one
     # Unselected lanes aim past the blocks' slots (see _topk_kernel's store: the interpreter writes
     # the old value back on masked-off lanes).
-    slot = jnp.where(sel, s * k_block + pos, pl.num_programs(0) * k_block + lane)
+    slot = jnp.where(sel, s * k_block + pos, n_slots + lane)
     plgpu.store(o_ref.at[slot], row, mask=sel)
+
+
+def _code_topk_kernel(z_ref, w_ref, o_ref, **block):
+    _rank_code_block(z_ref, w_ref, o_ref, pl.program_id(0), **block)
+
+
+def _code_block(n: int, rank: int, k: int, blocks: int, start: int) -> dict:
+    """_rank_code_block's static sizes for N = n rows of rank r in `blocks` blocks, kb of each kept."""
+    kb = -(-k // blocks)
+    return dict(start=start, rank=rank, block_rows=n // blocks, k_block=kb, n_slots=blocks * kb,
+                nb=pow2_ceil(n // blocks), rb=pow2_ceil(rank))
+
+
+def _code_topk_out(block: dict, interpret: bool) -> jax.ShapeDtypeStruct:
+    # Interpreted, the unselected lanes' scratch slots (see _rank_code_block) follow the real ones.
+    return jax.ShapeDtypeStruct((block["n_slots"] + (block["nb"] if interpret else 0),), jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "blocks", "start", "num_warps", "interpret"))
 def _code_topk_rows(z, w_t, *, k, blocks, start, num_warps, interpret):
-    n, rank = w_t.shape
-    block_rows = n // blocks
-    kb = -(-k // blocks)
-    nb = pow2_ceil(block_rows)
-    kernel = functools.partial(_code_topk_kernel, start=start, rank=rank, block_rows=block_rows, k_block=kb,
-                               nb=nb, rb=pow2_ceil(rank))
+    block = _code_block(*w_t.shape, k, blocks, start)
     out = pl.pallas_call(
-        kernel,
+        functools.partial(_code_topk_kernel, **block),
         grid=(blocks,),
-        out_shape=jax.ShapeDtypeStruct((blocks * kb + (nb if interpret else 0),), jnp.int32),
+        out_shape=_code_topk_out(block, interpret),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="code_topk",
     )(z, w_t)
-    return out[: blocks * kb] if interpret else out
+    return out[: block["n_slots"]] if interpret else out
 
 
 def _check_code_topk(z, w_t, k: int, blocks: int, start: int) -> None:
@@ -197,6 +207,20 @@ def _check_code_topk(z, w_t, k: int, blocks: int, start: int) -> None:
         raise ValueError(f"{n} rows cannot be split into {blocks} equal blocks")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for {n} rows, got {k}")
+
+
+def _check_code_kernel(z, w_t, k: int, blocks: int, start: int) -> int:
+    """_check_code_topk, and that one program can rank a block; returns the block's rows."""
+    _check_code_topk(z, w_t, k, blocks, start)
+    block_rows = w_t.shape[0] // blocks
+    if block_rows > MAX_CODE_BLOCK:
+        raise ValueError(f"code_topk_rows ranks at most {MAX_CODE_BLOCK} rows per block, got {block_rows} "
+                         f"({w_t.shape[0]} rows in {blocks} blocks)")
+    return block_rows
+
+
+def _code_topk_warps(block_rows: int) -> int:
+    return 4 if block_rows <= 32 else 8  # H100: 8 warps 4.7 us vs 4 warps 6.3 at 128 rows
 
 
 def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret: bool = False,
@@ -212,13 +236,57 @@ def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret
     score matvec, the ranking and the compaction are one launch with `blocks` programs in parallel
     (`topk_rows` ranks all N in one program by a sequential search). N / blocks <= MAX_CODE_BLOCK.
     """
-    _check_code_topk(z, w_t, k, blocks, start)
-    block_rows = w_t.shape[0] // blocks
-    if block_rows > MAX_CODE_BLOCK:
-        raise ValueError(f"code_topk_rows ranks at most {MAX_CODE_BLOCK} rows per block, got {block_rows} "
-                         f"({w_t.shape[0]} rows in {blocks} blocks)")
-    num_warps = num_warps or (4 if block_rows <= 32 else 8)  # H100: 8 warps 4.7 us vs 4 warps 6.3 at 128 rows
+    block_rows = _check_code_kernel(z, w_t, k, blocks, start)
+    num_warps = num_warps or _code_topk_warps(block_rows)
     return _code_topk_rows(z, w_t, k=k, blocks=blocks, start=start, num_warps=num_warps, interpret=interpret)
+
+
+def _code_topk_pair_kernel(z_ref, wh_ref, wm_ref, oh_ref, om_ref, *, heads, mlp, mlp_blocks):
+    # Programs 0 .. mlp_blocks - 1 rank the MLP blocks, the last one the heads (one block). Each
+    # branch is specialized to its own static sizes; programs of one launch run concurrently.
+    s = pl.program_id(0)
+    pl.when(s < mlp_blocks)(lambda: _rank_code_block(z_ref, wm_ref, om_ref, s, **mlp))
+    pl.when(s == mlp_blocks)(lambda: _rank_code_block(z_ref, wh_ref, oh_ref, 0, **heads))
+
+
+@functools.partial(jax.jit, static_argnames=("k_heads", "k_mlp", "mlp_blocks", "mlp_start", "heads_start",
+                                             "num_warps", "interpret"))
+def _code_topk_pair(z, heads_w_t, mlp_w_t, *, k_heads, k_mlp, mlp_blocks, mlp_start, heads_start, num_warps,
+                    interpret):
+    heads = _code_block(*heads_w_t.shape, k_heads, 1, heads_start)
+    mlp = _code_block(*mlp_w_t.shape, k_mlp, mlp_blocks, mlp_start)
+    heads_idx, mlp_idx = pl.pallas_call(
+        functools.partial(_code_topk_pair_kernel, heads=heads, mlp=mlp, mlp_blocks=mlp_blocks),
+        grid=(mlp_blocks + 1,),
+        out_shape=(_code_topk_out(heads, interpret), _code_topk_out(mlp, interpret)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="code_topk_pair",
+    )(z, heads_w_t, mlp_w_t)
+    if interpret:
+        return heads_idx[: heads["n_slots"]], mlp_idx[: mlp["n_slots"]]
+    return heads_idx, mlp_idx
+
+
+def code_topk_pair(z, heads_w_t, k_heads: int, mlp_w_t, k_mlp: int, *, mlp_blocks: int, mlp_start: int,
+                   heads_start: int = 0, interpret: bool = False, num_warps: int | None = None):
+    """A layer's two selections from one shared code in one launch: the two `code_topk_rows` calls
+
+        code_topk_rows(z, heads_w_t, k_heads, start=heads_start)
+        code_topk_rows(z, mlp_w_t, k_mlp, blocks=mlp_blocks, start=mlp_start)
+
+    -> (heads_idx int32 [k_heads], mlp_idx int32 [mlp_blocks * ceil(k_mlp / mlp_blocks)]), the same
+    values. The grid is the MLP's blocks plus one program for the heads, which then runs beside
+    them instead of as a 1-program launch of its own (~2 us per layer on the H100, see
+    results/profile-opt-6.7b-session5). heads_w_t [H, r_h] and every MLP block have at most
+    MAX_CODE_BLOCK rows; num_warps (one for all programs) defaults to what code_topk_rows picks for
+    the MLP blocks, the bulk of the work.
+    """
+    _check_code_kernel(z, heads_w_t, k_heads, 1, heads_start)
+    block_rows = _check_code_kernel(z, mlp_w_t, k_mlp, mlp_blocks, mlp_start)
+    return _code_topk_pair(z, heads_w_t, mlp_w_t, k_heads=k_heads, k_mlp=k_mlp, mlp_blocks=mlp_blocks,
+                           mlp_start=mlp_start, heads_start=heads_start,
+                           num_warps=num_warps or _code_topk_warps(block_rows), interpret=interpret)
 
 
 def code_topk_rows_reference(z, w_t, k: int, *, blocks: int = 1, start: int = 0):
@@ -229,3 +297,10 @@ def code_topk_rows_reference(z, w_t, k: int, *, blocks: int = 1, start: int = 0)
     scores = jnp.einsum("r,nr->n", z.astype(w_t.dtype), w_t, preferred_element_type=jnp.float32)
     local = topk_rows_reference(scores.reshape(blocks, n // blocks), -(-k // blocks))  # [blocks, kb]
     return (local + (jnp.arange(blocks, dtype=jnp.int32) * (n // blocks))[:, None]).reshape(-1)
+
+
+def code_topk_pair_reference(z, heads_w_t, k_heads: int, mlp_w_t, k_mlp: int, *, mlp_blocks: int, mlp_start: int,
+                             heads_start: int = 0):
+    """XLA reference for code_topk_pair: the two code_topk_rows_reference selections."""
+    return (code_topk_rows_reference(z, heads_w_t, k_heads, start=heads_start),
+            code_topk_rows_reference(z, mlp_w_t, k_mlp, blocks=mlp_blocks, start=mlp_start))

@@ -588,6 +588,45 @@ def test_code_topk_rows_matches_reference(N, r, K, blocks, dtype):
     _check_blockwise_topk(got, scores, K, blocks, tol=1e-5 * np.abs(scores).max())
 
 
+@pytest.mark.parametrize("H,rh,Kh,N,r,K,blocks,dtype", [
+    (9, 8, 4, 1536, 64, 384, 12, jnp.float16),  # SmolLM2: 9 heads, 128-row MLP blocks
+    (32, 16, 16, 256, 16, 100, 2, jnp.float32),  # 32 heads beside two 128-row blocks, odd K
+    (5, 4, 5, 30, 8, 30, 3, jnp.bfloat16),       # K = N at both sites
+])
+def test_code_topk_pair_matches_two_calls(H, rh, Kh, N, r, K, blocks, dtype):
+    """One launch for both sites returns exactly the two code_topk_rows calls' indices (and the
+    references'), from one code with the heads' part at 0 and the MLP's at rh; integer weights and
+    codes give exact scores with many ties."""
+    rng = keys(61, 1)[0]
+    z = jnp.asarray(rng.integers(-3, 4, rh + r).astype(np.float32))
+    w_h = jnp.asarray(rng.integers(-2, 3, (H, rh)).astype(np.float32), dtype)
+    w_m = jnp.asarray(rng.integers(-2, 3, (N, r)).astype(np.float32), dtype)
+    got = st.code_topk_pair(z, w_h, Kh, w_m, K, mlp_blocks=blocks, mlp_start=rh, interpret=INTERPRET)
+    two = (st.code_topk_rows(z, w_h, Kh, interpret=INTERPRET),
+           st.code_topk_rows(z, w_m, K, blocks=blocks, start=rh, interpret=INTERPRET))
+    ref = st.code_topk_pair_reference(z, w_h, Kh, w_m, K, mlp_blocks=blocks, mlp_start=rh)
+    assert [a.shape for a in got] == [(Kh,), (blocks * -(-K // blocks),)]
+    for g, t, f in zip(got, two, ref):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(t))
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(f))
+    # The heads' code need not come first: the MLP's at 0, the heads' after it.
+    swapped = jnp.concatenate([z[rh:], z[:rh]])
+    moved = st.code_topk_pair(swapped, w_h, Kh, w_m, K, mlp_blocks=blocks, mlp_start=0, heads_start=r,
+                              interpret=INTERPRET)
+    for g, m in zip(got, moved):
+        np.testing.assert_array_equal(np.asarray(m), np.asarray(g))
+
+
+def test_code_topk_pair_rejects_bad_arguments():
+    z, w_h, w_m = jnp.zeros(16), jnp.zeros((300, 8)), jnp.zeros((64, 8))
+    for args, kwargs, match in [((z, w_h, 4, w_m, 8), dict(mlp_blocks=2, mlp_start=8), "at most 256 rows"),
+                                ((z, w_h[:32], 4, w_m, 8), dict(mlp_blocks=3, mlp_start=8), "cannot be split"),
+                                ((z, w_h[:32], 4, w_m, 8), dict(mlp_blocks=2, mlp_start=9), "code at start"),
+                                ((z, w_h[:32], 0, w_m, 8), dict(mlp_blocks=2, mlp_start=8), "k must be")]:
+        with pytest.raises(ValueError, match=match):
+            st.code_topk_pair(*args, interpret=True, **kwargs)
+
+
 def test_code_topk_rows_rejects_bad_arguments():
     z, w = jnp.zeros(8), jnp.zeros((600, 8))
     for args, kwargs, match in [((z, w, 10), dict(blocks=7), "cannot be split into 7"),
@@ -686,6 +725,11 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     for n, r, k, blocks in ((1536, 64, 384, 12), (9, 64, 4, 1), (16384, 128, 4096, 128), (49152, 128, 5000, 192)):
         assert _lowers_to_triton(functools.partial(st.code_topk_rows, k=k, blocks=blocks),
                                  spec(r, dtype=jnp.float32), spec(n, r))
+    for (h, rh, kh), (n, r, k, blocks) in (((9, 64, 4), (1536, 64, 384, 12)),
+                                           ((32, 128, 16), (16384, 128, 4096, 128))):
+        pair = functools.partial(st.code_topk_pair, k_heads=kh, k_mlp=k, mlp_blocks=blocks, mlp_start=rh)
+        assert _lowers_to_triton(lambda z, w_h, w_m: pair(z, w_h, mlp_w_t=w_m),
+                                 spec(rh + r, dtype=jnp.float32), spec(h, rh), spec(n, r))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -742,6 +786,23 @@ def test_gpu_code_topk_rows_model_size(N, K, blocks):
     _check_blockwise_topk(got, scores, K, blocks, tol=1e-5 * np.abs(scores).max())
     ref = np.asarray(st.code_topk_rows_reference(z, w, K, blocks=blocks))
     assert np.mean(np.isin(got, ref)) > 0.999  # only near-ties may differ (summation order)
+
+
+@gpu
+@requires_gpu
+def test_gpu_code_topk_pair_model_size():
+    """A 7B-size layer: 32 heads of rank 128 beside 16384 neurons of rank 128 in 128 blocks. Integer
+    weights and codes keep the scores exact whatever the warp count (the pair runs the heads at the
+    MLP blocks' 8 warps, code_topk_rows at 4), so all three must agree exactly."""
+    rng = keys(67, 1)[0]
+    z = jnp.asarray(rng.integers(-3, 4, 256).astype(np.float32))
+    w_h, w_m = (jnp.asarray(rng.integers(-2, 3, (n, 128)).astype(np.float32), jnp.float16) for n in (32, 16384))
+    got = st.code_topk_pair(z, w_h, 16, w_m, 4096, mlp_blocks=128, mlp_start=128)
+    two = (st.code_topk_rows(z, w_h, 16), st.code_topk_rows(z, w_m, 4096, blocks=128, start=128))
+    ref = st.code_topk_pair_reference(z, w_h, 16, w_m, 4096, mlp_blocks=128, mlp_start=128)
+    for g, t, f in zip(got, two, ref):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(t))
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(f))
 
 
 @gpu

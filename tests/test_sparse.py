@@ -298,6 +298,33 @@ def test_blockwise_mlp_topk_gathers_like_its_masks(tiny, backend):
     assert float(jnp.max(jnp.abs(blockwise - one_topk))) > 1e-3
 
 
+def test_decode_ranks_both_sites_in_one_kernel(tiny):
+    """With the shared transposed matvec and Ops.fused_step, a layer whose heads and MLP blocks each fit
+    one program ranks both in one `code_topk_pair` launch, and gives the mask path's logits; a layer with a
+    dense MLP keeps its own heads selection."""
+    cfg, params = tiny
+    prompt, _ = tokens_for(cfg, B=1, T=6)
+    preds = random_predictors(cfg)
+    L, F = cfg.num_layers, cfg.ffn_size
+    mk, hk = (F,) + (F // 2,) * (L - 1), (2,) * L
+    make = lambda gather: PredictorSelector(preds, mk, hk, F, cfg.num_heads, True, gather=gather,  # noqa: E731
+                                            mlp_blocks=F // 16)
+    pallas, calls = get_ops("pallas", fused_step=True), []
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return getattr(pallas, name)(*args, **kwargs)
+        return call
+
+    ops = dataclasses.replace(pallas, code_topk_pair=counted("code_topk_pair"),
+                              code_topk_rows=counted("code_topk_rows"))
+    paired = decode_steps(params, cfg, prompt, 3, selector=share_first_matmul(make(True)), ops=ops)
+    assert calls == ["code_topk_pair"] * (L - 1)  # traced once per sparse-MLP layer
+    np.testing.assert_allclose(paired, decode_steps(params, cfg, prompt, 3, selector=make(False)),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_mlp_topk_block_settings():
     cfg = TINY["opt"].replace(num_layers=3)  # F = 64
     sp = SparsityConfig(mode="predictor", mlp_density=0.25, mlp_topk_block=16)
@@ -347,10 +374,10 @@ def test_lazy_kv_equals_exact(tiny, backend):
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend):
-    """A pre-norm model's gathered lazy-KV step takes its attention inputs from one op
-    (`gathered_window_qkv_update`: norm, ring write, Q, window K/V): it must not call the separate
-    Q projection or window update, and must decode exactly as they do (the tensor-parallel ops,
-    which lack the fused op, take that path)."""
+    """With Ops.fused_step a pre-norm model's gathered lazy-KV step takes its attention inputs from
+    one op (`gathered_window_qkv_update`: norm, ring write, Q, window K/V) and must not call the
+    separate Q projection or window update; without it, it must not call the fused op. Both decode
+    alike."""
     cfg, params = tiny
     prompt, _ = tokens_for(cfg, B=1, T=5)
     L, n = cfg.num_layers, 6
@@ -361,8 +388,9 @@ def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend):
     def unused(*args, **kwargs):
         raise AssertionError("the fused step called a separate op")
 
-    fused_ops = dataclasses.replace(ops, gathered_head_proj=unused, gathered_window_kv_update=unused)
-    separate_ops = dataclasses.replace(ops, gathered_window_qkv_update=None)
+    fused_ops = dataclasses.replace(get_ops(backend, fused_step=True), gathered_head_proj=unused,
+                                    gathered_window_kv_update=unused)
+    separate_ops = dataclasses.replace(ops, gathered_window_qkv_update=unused)
     runs = [decode_steps(params, cfg, prompt, n, selector=sel, ops=o,
                          cache=init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=4))
             for o in (fused_ops, separate_ops)]
