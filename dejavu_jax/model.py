@@ -298,8 +298,10 @@ def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: 
     with lp["mlp_norm"] itself) -> [B, T, D]."""
     if sel is not None and sel.idx is not None:
         B, T, D = x.shape
-        p = lp["mlp_norm"]
-        norm_arg = {"norm": (cfg.norm, cfg.norm_eps, p["scale"], p.get("bias"))} if norm_inside else {}
+        norm_arg = {}
+        if norm_inside:
+            p = lp["mlp_norm"]
+            norm_arg["norm"] = (cfg.norm, cfg.norm_eps, p["scale"], p.get("bias"))
         a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation,
                             **norm_arg)
         y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)

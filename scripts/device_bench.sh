@@ -15,6 +15,7 @@ SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
 MLP_TOPK_BLOCK=${MLP_TOPK_BLOCK:-0}
 KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
+FUSED=${FUSED:-0}  # 1: the main sparse rows use the fused step (the extras time the unfused one either way)
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
@@ -23,5 +24,6 @@ fi
 for preset in $PRESETS; do
   date
   python3 -m dejavu_jax.bench --preset "$preset" --dtype fp16 --reps 3 --sparse "$SPARSE" --kernels pallas \
-    --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --baselines "$BASELINES" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
+    --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --baselines "$BASELINES" \
+    $([ "$FUSED" = 1 ] && echo --fused-step) --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
 done 2>&1 | tee "$OUT/log.txt"

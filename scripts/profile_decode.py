@@ -100,6 +100,8 @@ def main(argv=None) -> int:
                    help="KV cache of the sparse runs (dense decode always uses the exact cache)")
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--fused-step", action="store_true",
+                   help="the sparse runs use the fused launches (pallas_kernels.Ops.fused_step)")
     p.add_argument("--dense-kernels", action="store_true",
                    help="also profile dense decode through the gathered kernels (every row selected)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per profile")
@@ -110,8 +112,8 @@ def main(argv=None) -> int:
     dtype = parse_dtype(args.dtype)
     params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
     mlp_d, head_d = (float(v) for v in args.sparse.split(":"))
-    ops = get_ops(args.kernels)
-    kv = f", kv {args.kv_mode}"
+    ops = get_ops(args.kernels, fused_step=args.fused_step)
+    kv = f", kv {args.kv_mode}" + (", fused step" if args.fused_step else "")
     runs = {"dense": (None, None, "exact"),
             f"sparse {args.kernels} predictor {args.sparse}{kv}, MLP top-K block {args.mlp_topk_block}": (
                 bench.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
