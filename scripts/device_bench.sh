@@ -6,7 +6,10 @@
 #      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
 #      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it),
 #      the MLP top-K per MLP_TOPK_BLOCK neurons (0: one per layer)
-# Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt.
+#   3. PROFILE=1: scripts/profile_decode.py at the first preset and density, lazy KV, with the fused
+#      step (the launch list per token; dense and fixed-index runs beside it)
+# Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt,
+# $OUT/profile/profile.{json,md} (PROFILE=1).
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/bench_out}
@@ -27,3 +30,7 @@ for preset in $PRESETS; do
     --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --baselines "$BASELINES" \
     $([ "$FUSED" = 1 ] && echo --fused-step) --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
 done 2>&1 | tee "$OUT/log.txt"
+if [ "${PROFILE:-0}" = 1 ]; then
+  python3 scripts/profile_decode.py --preset "${PRESETS%% *}" --sparse "${SPARSE%%,*}" --kv-mode lazy \
+    --mlp-topk-block "$MLP_TOPK_BLOCK" --fused-step --out "$OUT/profile" 2>&1 | grep -v "^[WI][0-9]" | tail -40
+fi
