@@ -278,10 +278,10 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
 def _head_tiles(load_x, sources, head_ok, m, *, head_dim, parts, d_model, block_n, block_d):
     """Sums x @ w^T over D for one program: window rows m [BM] of `load_x` times BN rows of one head.
 
-    load_x(cols [BD], ok [BM, BD]) -> the [BM, BD] input tile. sources: (w_ref [rows, D], b_ref or
-    None, first, active) per weight this kernel reads, `first` the head's first row in w_ref and
-    `active` (a bool, or a traced scalar when several weights share a launch) whether this program
-    reads it; exactly one source is active, the others' loads are masked off (no memory traffic).
+    load_x(cols [BD], ok [BM, BD]) -> the [BM, BD] input tile. sources: one or two (w_ref [rows, D],
+    b_ref or None, first, active), `first` the head's first row in w_ref; with two (weights that
+    share a launch), `active` is a traced scalar saying which one this program reads (exactly one
+    is), and a branch loads only that weight's tile.
     The head's Dh rows are split into `parts` equal slices; program axis 2 picks rows
     n = j*BN .. j*BN + BN - 1 of each slice. head_ok False reads nothing (the sums are zeros).
     Returns (accs: parts x [BM, BN] fp32 (+ bias), n, n_ok); n counts within a slice.
@@ -294,13 +294,11 @@ def _head_tiles(load_x, sources, head_ok, m, *, head_dim, parts, d_model, block_
     def rows_of(first, p):
         return first + p * part + n  # [BN]
 
-    def pick(load, extra_mask):  # the active source's tile
-        out = None
-        for w_ref, b_ref, first, active in sources:
-            mask = extra_mask if active is True else extra_mask & active
-            tile = load(w_ref, b_ref, first, mask)
-            out = tile if out is None else jnp.where(active, tile, out)
-        return out
+    def pick(load, mask):  # the active source's tile
+        if len(sources) == 1:
+            return load(*sources[0][:3], mask)
+        (w0, b0, first0, active0), (w1, b1, first1, _) = sources
+        return jax.lax.cond(active0, lambda: load(w0, b0, first0, mask), lambda: load(w1, b1, first1, mask))
 
     # Column masks only where the last block runs past D (then every step carries them).
     ragged_d = d_model % block_d != 0
