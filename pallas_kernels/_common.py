@@ -66,13 +66,21 @@ def apply_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, *,
     two-pass form is two dependent kernels on the decode step's critical path); in fp32 over one row
     the cancellation error is ~1e-7 of E[x^2]. The kernels use the same formula.
     """
-    x32 = x.astype(jnp.float32)
-    if kind == "layernorm":
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
-        y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    elif kind == "rmsnorm":
-        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * scale.astype(jnp.float32)
-    else:
+    if kind not in NORMS:
         raise ValueError(f"norm kind must be one of {NORMS}, got {kind!r}")
+    x32 = x.astype(jnp.float32)
+    mean, rstd = norm_mean_rstd(x32.sum(-1, keepdims=True), jnp.square(x32).sum(-1, keepdims=True),
+                                x.shape[-1], kind=kind, eps=eps)
+    y = (x32 - mean) * rstd * scale.astype(jnp.float32)
+    if kind == "layernorm":
+        y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def norm_mean_rstd(total, squares, d_model: int, *, kind: str, eps: float):
+    """(mean, 1 / std) of a norm from a row's fp32 sum and sum of squares: the one-pass formula that
+    apply_norm and the kernels that normalise in place share (mean 0 for RMSNorm)."""
+    if kind == "layernorm":
+        mean = total / d_model
+        return mean, jax.lax.rsqrt(jnp.maximum(squares / d_model - mean * mean, 0.0) + eps)
+    return jnp.zeros_like(total), jax.lax.rsqrt(squares / d_model + eps)

@@ -19,7 +19,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import TARGET_PROGRAMS, apply_norm, cdiv, check_block_keys, check_pow2, pow2_ceil
+from pallas_kernels._common import (
+    TARGET_PROGRAMS,
+    apply_norm,
+    cdiv,
+    check_block_keys,
+    check_pow2,
+    norm_mean_rstd,
+    pow2_ceil,
+)
 from pallas_kernels.gather_mlp import (
     DOWN_BLOCK_KEYS,
     UP_BLOCK_KEYS,
@@ -633,12 +641,7 @@ def _row_norm_stats(h_ref, b_row, live, *, d_model, block_d, norm_kind, norm_eps
 
     zeros = jnp.zeros(b_row.shape, jnp.float32)
     total, squares = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros, zeros))
-    if norm_kind == "layernorm":
-        mean = total / d_model
-        var = jnp.maximum(squares / d_model - mean * mean, 0.0)
-    else:
-        mean, var = zeros, squares / d_model
-    return mean, jax.lax.rsqrt(var + norm_eps)
+    return norm_mean_rstd(total, squares, d_model, kind=norm_kind, eps=norm_eps)
 
 
 def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, n_q, n_refresh, group,

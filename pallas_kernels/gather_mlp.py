@@ -31,6 +31,7 @@ from pallas_kernels._common import (
     cdiv,
     check_block_keys,
     check_pow2,
+    norm_mean_rstd,
     pow2_ceil,
     pow2_floor,
 )
@@ -105,11 +106,8 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
                       ).astype(jnp.float32) for cols, c_ok in chunks] for b in range(batch)]  # B x steps x [BD]
     if norm_kind:  # every program normalises the row itself: it reads the whole row anyway
         for b in range(batch):
-            total = sum(jnp.sum(x) for x in xs[b])
-            squares = sum(jnp.sum(x * x) for x in xs[b])
-            mean = total / d_model if norm_kind == "layernorm" else 0.0
-            var = jnp.maximum(squares / d_model - mean * mean, 0.0) if norm_kind == "layernorm" else squares / d_model
-            rstd = jax.lax.rsqrt(var + norm_eps)
+            mean, rstd = norm_mean_rstd(sum(jnp.sum(x) for x in xs[b]), sum(jnp.sum(x * x) for x in xs[b]),
+                                        d_model, kind=norm_kind, eps=norm_eps)
             for i, (cols, c_ok) in enumerate(chunks):
                 y = (xs[b][i] - mean) * rstd * plgpu.load(ns_ref.at[cols], mask=c_ok, other=0.0).astype(jnp.float32)
                 if nb_ref is not None:
@@ -158,8 +156,7 @@ def gather_rows_matvec(x, w, idx, b=None, norm_scale=None, norm_bias=None, *, ro
         d_model=d_model, batch=batch, activation=activation, has_bias=b is not None,
         norm_kind=norm_kind, norm_eps=norm_eps, has_norm_bias=norm_bias is not None,
         block_e=blocks.block_e, block_d=min(blocks.block_d, pow2_ceil(d_model)))
-    operands = (x, idx.astype(jnp.int32), w) + tuple(
-        v for v in (b, norm_scale if norm_kind else None, norm_bias) if v is not None)
+    operands = (x, idx.astype(jnp.int32), w) + tuple(v for v in (b, norm_scale, norm_bias) if v is not None)
     return pl.pallas_call(
         kernel,
         grid=(cdiv(n_entries, blocks.block_e),),
