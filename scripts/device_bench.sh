@@ -22,7 +22,7 @@ FUSED=${FUSED:-0}  # 1: the main sparse rows use the fused step (the extras time
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
-    -k "window_kv or qkv or normalises or topk or gpu or lazy" 2>&1 | tail -4 | tee "$OUT/gpu_tests.txt"
+    -rfE -k "window_kv or qkv or normalises or topk or gpu or lazy" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
 fi
 for preset in $PRESETS; do
   date
