@@ -47,6 +47,12 @@ def _full(like: jax.Array, value) -> jax.Array:
     return jnp.full(like.shape, value, jnp.int32)
 
 
+def _load_cols(ref_at, c_ok: jax.Array | None) -> jax.Array:
+    """Load a column block, masked (zeros past D) only when c_ok is given: Triton's lowering (jax
+    0.11) refuses a fill value without a mask."""
+    return plgpu.load(ref_at) if c_ok is None else plgpu.load(ref_at, mask=c_ok, other=0.0)
+
+
 def _selected_rows(idx_ref, e: jax.Array, e_ok: jax.Array, rows_per_idx: int) -> jax.Array:
     """Weight row of each selection entry e = k * R + r: idx[k] * R + r. e, e_ok: [BE]."""
     if rows_per_idx == 1:
@@ -102,16 +108,16 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
         cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
         # Column masks only where the block runs past D (simpler, fully vectorised loads).
         chunks.append((cols, cols < d_model if d0 + block_d > d_model else None))
-    xs = [[plgpu.load(x_ref.at[_full(cols, b), cols], mask=c_ok, other=None if c_ok is None else 0.0
-                      ).astype(jnp.float32) for cols, c_ok in chunks] for b in range(batch)]  # B x steps x [BD]
+    xs = [[_load_cols(x_ref.at[_full(cols, b), cols], c_ok).astype(jnp.float32) for cols, c_ok in chunks]
+          for b in range(batch)]  # B x steps x [BD]
     if norm_kind:  # every program normalises the row itself: it reads the whole row anyway
         for b in range(batch):
             mean, rstd = norm_mean_rstd(sum(jnp.sum(x) for x in xs[b]), sum(jnp.sum(x * x) for x in xs[b]),
                                         d_model, kind=norm_kind, eps=norm_eps)
             for i, (cols, c_ok) in enumerate(chunks):
-                y = (xs[b][i] - mean) * rstd * plgpu.load(ns_ref.at[cols], mask=c_ok, other=0.0).astype(jnp.float32)
+                y = (xs[b][i] - mean) * rstd * _load_cols(ns_ref.at[cols], c_ok).astype(jnp.float32)
                 if nb_ref is not None:
-                    y = y + plgpu.load(nb_ref.at[cols], mask=c_ok, other=0.0).astype(jnp.float32)
+                    y = y + _load_cols(nb_ref.at[cols], c_ok).astype(jnp.float32)
                 xs[b][i] = y.astype(x_ref.dtype).astype(jnp.float32)  # apply_norm's rounding
 
     acc = [[jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)] for _ in range(batch)]

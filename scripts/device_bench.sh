@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue-7 latency runs on the GPU machine (device tool), from the repo root:
-#   1. the kernels' GPU tests (TESTS=1): top-K, window K/V (and fused Q/K/V), the normalising up
+#   1. the kernels' GPU tests (TESTS=1; TESTS_K narrows the -k filter): top-K, window K/V (and fused Q/K/V), the normalising up
 #      projection, the model-size gpu tests, lazy == exact
 #   2. python -m dejavu_jax.bench at each preset of PRESETS: dense, transformers eager and static cache +
 #      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
@@ -22,7 +22,7 @@ FUSED=${FUSED:-0}  # 1: the main sparse rows use the fused step (the extras time
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
-    -rfE -k "window_kv or qkv or normalises or topk or gpu or lazy" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+    -rfE -k "${TESTS_K:-window_kv or qkv or normalises or topk or gpu or lazy}" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
 fi
 for preset in $PRESETS; do
   date
