@@ -37,6 +37,12 @@ class Launch:
     num_stages: int | None = None
 
 
+def full_index(like: jax.Array, value) -> jax.Array:
+    """An int32 index array of `like`'s shape filled with `value` (a scalar row/batch index), to pair
+    with a vector of column indices in a kernel's ref indexing."""
+    return jnp.full(like.shape, value, jnp.int32)
+
+
 def check_pow2(**sizes: int) -> None:
     for name, n in sizes.items():
         if n < 1 or n & (n - 1):

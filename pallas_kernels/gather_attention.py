@@ -25,6 +25,7 @@ from pallas_kernels._common import (
     cdiv,
     check_block_keys,
     check_pow2,
+    full_index,
     norm_mean_rstd,
     pow2_ceil,
 )
@@ -289,7 +290,8 @@ def _head_tiles(load_x, sources, head_ok, m, *, head_dim, parts, d_model, block_
     load_x(cols [BD], ok [BM, BD]) -> the [BM, BD] input tile. sources: one or two (w_ref [rows, D],
     b_ref or None, first, active), `first` the head's first row in w_ref; with two (weights that
     share a launch), `active` is a traced scalar saying which one this program reads (exactly one
-    is), and a branch loads only that weight's tile.
+    is). The branch is taken once, around the whole loop over D: a branch inside the loop would
+    keep Triton from pipelining the loop's loads.
     The head's Dh rows are split into `parts` equal slices; program axis 2 picks rows
     n = j*BN .. j*BN + BN - 1 of each slice. head_ok False reads nothing (the sums are zeros).
     Returns (accs: parts x [BM, BN] fp32 (+ bias), n, n_ok); n counts within a slice.
@@ -298,40 +300,38 @@ def _head_tiles(load_x, sources, head_ok, m, *, head_dim, parts, d_model, block_
     n = pl.program_id(2) * block_n + jnp.arange(block_n, dtype=jnp.int32)  # [BN]
     n_ok = n < part
     row_ok = n_ok & head_ok
-
-    def rows_of(first, p):
-        return first + p * part + n  # [BN]
-
-    def pick(load, mask):  # the active source's tile
-        if len(sources) == 1:
-            return load(*sources[0][:3], mask)
-        (w0, b0, first0, active0), (w1, b1, first1, _) = sources
-        return jax.lax.cond(active0, lambda: load(w0, b0, first0, mask), lambda: load(w1, b1, first1, mask))
-
     # Column masks only where the last block runs past D (then every step carries them).
     ragged_d = d_model % block_d != 0
 
-    def step(i, accs):  # accs: parts x [BM, BN] fp32
-        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
-        x_ok = jnp.ones((m.shape[0], block_d), jnp.bool_) if not ragged_d else jnp.broadcast_to(
-            (cols < d_model)[None, :], (m.shape[0], block_d))
-        w_ok = row_ok[:, None] if not ragged_d else row_ok[:, None] & (cols < d_model)[None, :]
-        x = load_x(cols, x_ok)  # [BM, BD]
-        out = []
-        for p, acc in enumerate(accs):
-            w = pick(lambda w_ref, _, first, mask: plgpu.load(
-                w_ref.at[rows_of(first, p)[:, None], cols[None, :]], mask=mask, other=0.0), w_ok)  # [BN, BD]
-            # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
-            out.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
-                                                 preferred_element_type=jnp.float32))
-        return tuple(out)
+    def accumulate(w_ref, b_ref, first):
+        rows = [first + p * part + n for p in range(parts)]  # [BN] weight rows of each slice
 
-    zeros = jnp.zeros((m.shape[0], block_n), jnp.float32)
-    accs = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros,) * parts)
-    if sources[0][1] is not None:
-        accs = tuple(acc + pick(lambda _, b_ref, first, mask: plgpu.load(
-            b_ref.at[rows_of(first, p)], mask=mask, other=0.0), row_ok).astype(jnp.float32)[None]
-            for p, acc in enumerate(accs))
+        def step(i, accs):  # accs: parts x [BM, BN] fp32
+            cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+            x_ok = jnp.ones((m.shape[0], block_d), jnp.bool_) if not ragged_d else jnp.broadcast_to(
+                (cols < d_model)[None, :], (m.shape[0], block_d))
+            w_ok = row_ok[:, None] if not ragged_d else row_ok[:, None] & (cols < d_model)[None, :]
+            x = load_x(cols, x_ok)  # [BM, BD]
+            out = []
+            for r, acc in zip(rows, accs):
+                w = plgpu.load(w_ref.at[r[:, None], cols[None, :]], mask=w_ok, other=0.0)  # [BN, BD]
+                # [BM, BD] x [BN, BD]^T on the tensor cores, fp32 accumulation.
+                out.append(acc + jax.lax.dot_general(x.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                                     preferred_element_type=jnp.float32))
+            return tuple(out)
+
+        zeros = jnp.zeros((m.shape[0], block_n), jnp.float32)
+        accs = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros,) * parts)
+        if b_ref is not None:
+            accs = tuple(acc + plgpu.load(b_ref.at[r], mask=row_ok, other=0.0).astype(jnp.float32)[None]
+                         for r, acc in zip(rows, accs))
+        return accs
+
+    if len(sources) == 1:
+        accs = accumulate(*sources[0][:3])
+    else:
+        (w0, b0, first0, active0), (w1, b1, first1, _) = sources
+        accs = jax.lax.cond(active0, lambda: accumulate(w0, b0, first0), lambda: accumulate(w1, b1, first1))
     return accs, n, n_ok
 
 
@@ -630,18 +630,21 @@ def first_occurrences(groups, n_kv: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def _row_norm_stats(h_ref, b_row, live, *, d_model, block_d, norm_kind, norm_eps):
-    """fp32 (mean, rstd) [BM] of residual rows h_ref[b_row] where live: apply_norm's one-pass
-    statistics (mean 0 for RMSNorm). Rows that are not live read nothing."""
-    def step(i, sums):
-        cols = i * block_d + jnp.arange(block_d, dtype=jnp.int32)
-        ok = live[:, None] & (cols < d_model)[None, :]
-        v = plgpu.load(h_ref.at[b_row[:, None], cols[None, :]], mask=ok, other=0.0).astype(jnp.float32)
-        return sums[0] + jnp.sum(v, axis=1), sums[1] + jnp.sum(v * v, axis=1)
-
-    zeros = jnp.zeros(b_row.shape, jnp.float32)
-    total, squares = jax.lax.fori_loop(0, cdiv(d_model, block_d), step, (zeros, zeros))
-    return norm_mean_rstd(total, squares, d_model, kind=norm_kind, eps=norm_eps)
+def _row_norm_stats(h_ref, b_row, *, batch, d_model, norm_kind, norm_eps):
+    """fp32 (mean, rstd) [BM] of residual rows h_ref[b_row]: apply_norm's one-pass statistics (mean 0
+    for RMSNorm). Each batch row is read whole, in static chunks: independent loads that are all in
+    flight at once (a loop over D would wait on each load in turn, before the main loop starts)."""
+    width = min(pow2_ceil(d_model), 4096)
+    mean = rstd = jnp.zeros(b_row.shape, jnp.float32)
+    for b in range(batch):
+        total = squares = jnp.zeros((), jnp.float32)
+        for d0 in range(0, d_model, width):
+            cols = d0 + jnp.arange(width, dtype=jnp.int32)
+            v = plgpu.load(h_ref.at[full_index(cols, b), cols], mask=cols < d_model, other=0.0).astype(jnp.float32)
+            total, squares = total + jnp.sum(v), squares + jnp.sum(v * v)
+        mean_b, rstd_b = norm_mean_rstd(total, squares, d_model, kind=norm_kind, eps=norm_eps)
+        mean, rstd = jnp.where(b_row == b, mean_b, mean), jnp.where(b_row == b, rstd_b, rstd)
+    return mean, rstd
 
 
 def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, n_q, n_refresh, group,
@@ -686,8 +689,8 @@ def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, 
     m_ok = m < batch * window
     b_row = m // window
     is_cur = m_ok & (m % window == cur_ref[0])
-    mean, rstd = _row_norm_stats(h_ref, b_row, is_cur, d_model=d_model, block_d=block_d,
-                                 norm_kind=norm_kind, norm_eps=norm_eps)
+    mean, rstd = _row_norm_stats(h_ref, b_row, batch=batch, d_model=d_model, norm_kind=norm_kind,
+                                 norm_eps=norm_eps)
     writer = (c == 0) & (a == 0) & (pl.program_id(2) == 0)  # one program per row block writes the ring
 
     def load_x(cols, ok):

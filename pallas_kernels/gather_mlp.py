@@ -31,6 +31,7 @@ from pallas_kernels._common import (
     cdiv,
     check_block_keys,
     check_pow2,
+    full_index,
     norm_mean_rstd,
     pow2_ceil,
     pow2_floor,
@@ -40,11 +41,6 @@ ACTIVATIONS = ("relu", "swiglu", "none")
 UP_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages")
 DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "combine", "num_warps", "num_stages")
 COMBINES = ("atomic", "partials", "atomic_last")
-
-
-def _full(like: jax.Array, value) -> jax.Array:
-    """An int32 index array of `like`'s shape filled with `value` (a scalar row/batch index)."""
-    return jnp.full(like.shape, value, jnp.int32)
 
 
 def _load_cols(ref_at, c_ok: jax.Array | None) -> jax.Array:
@@ -108,7 +104,16 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
         cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
         # Column masks only where the block runs past D (simpler, fully vectorised loads).
         chunks.append((cols, cols < d_model if d0 + block_d > d_model else None))
-    xs = [[_load_cols(x_ref.at[_full(cols, b), cols], c_ok).astype(jnp.float32) for cols, c_ok in chunks]
+
+    def load_w(i, u):  # [BE, BD] tile of step i, part u
+        cols, c_ok = chunks[i]
+        return plgpu.load(w_ref.at[row[:, None], (u * d_model + cols)[None, :]],
+                          mask=e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :], other=0.0)
+
+    # With the norm inside, the weight tiles are loaded first so that their reads are in flight
+    # while the row is normalised (its reductions would otherwise hold them back).
+    ws = [[load_w(i, u) for u in range(n_parts)] for i in range(len(chunks))] if norm_kind else None
+    xs = [[_load_cols(x_ref.at[full_index(cols, b), cols], c_ok).astype(jnp.float32) for cols, c_ok in chunks]
           for b in range(batch)]  # B x steps x [BD]
     if norm_kind:  # every program normalises the row itself: it reads the whole row anyway
         for b in range(batch):
@@ -121,11 +126,9 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
                 xs[b][i] = y.astype(x_ref.dtype).astype(jnp.float32)  # apply_norm's rounding
 
     acc = [[jnp.zeros((block_e,), jnp.float32) for _ in range(n_parts)] for _ in range(batch)]
-    for i, (cols, c_ok) in enumerate(chunks):
-        w_ok = e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :]
+    for i in range(len(chunks)):
         for u in range(n_parts):
-            w = plgpu.load(w_ref.at[row[:, None], (u * d_model + cols)[None, :]],
-                           mask=w_ok, other=0.0).astype(jnp.float32)
+            w = (ws[i][u] if ws else load_w(i, u)).astype(jnp.float32)
             for b in range(batch):  # [BE, BD] * [1, BD] summed over D
                 acc[b][u] = acc[b][u] + jnp.sum(w * xs[b][i][None, :], axis=1)
 
@@ -140,7 +143,7 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
             out = h[0] * jax.nn.sigmoid(h[0]) * h[1]
         else:
             out = h[0]
-        plgpu.store(o_ref.at[_full(e, b), e], out.astype(o_ref.dtype), mask=e_ok)
+        plgpu.store(o_ref.at[full_index(e, b), e], out.astype(o_ref.dtype), mask=e_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_idx", "n_parts", "activation", "blocks",
@@ -304,7 +307,7 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
                        other=0.0).astype(jnp.float32)
         out = []
         for b in range(batch):  # [BE, 1] * [BE, BD] summed over the selected rows
-            a_b = plgpu.load(a_ref.at[_full(e, b), e], mask=e_ok, other=0.0).astype(jnp.float32)
+            a_b = plgpu.load(a_ref.at[full_index(e, b), e], mask=e_ok, other=0.0).astype(jnp.float32)
             out.append(acc[b] + jnp.sum(a_b[:, None] * w, axis=0))
         return tuple(out)
 
@@ -316,7 +319,7 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
     if combine == "atomic_last":
         acc_ref, count_ref, y_ref = refs[-3:]
         for b in range(batch):
-            plgpu.atomic_add(acc_ref, (_full(cols, b), cols), acc[b])
+            plgpu.atomic_add(acc_ref, (full_index(cols, b), cols), acc[b])
         if not interpret:  # (the interpreter runs programs one at a time and has no barrier)
             # Every thread's adds are issued before the counter's acq_rel atomic releases them.
             plgpu.debug_barrier()
@@ -326,18 +329,18 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
         def _():  # the last split of this column block: all partial sums are in acc_ref
             for b in range(batch):
                 # Read through an atomic (+0) so the values come from L2, never a stale L1 line.
-                total = plgpu.atomic_add(acc_ref, (_full(cols, b), cols),
+                total = plgpu.atomic_add(acc_ref, (full_index(cols, b), cols),
                                          jnp.zeros((block_d,), jnp.float32))
-                plgpu.store(y_ref.at[_full(cols, b), cols], total.astype(y_ref.dtype), mask=c_ok)
+                plgpu.store(y_ref.at[full_index(cols, b), cols], total.astype(y_ref.dtype), mask=c_ok)
         return
     for b in range(batch):
         if combine == "atomic":
-            plgpu.atomic_add(o_ref, (_full(cols, b), cols), acc[b])
+            plgpu.atomic_add(o_ref, (full_index(cols, b), cols), acc[b])
         elif combine == "partials":
-            split = _full(cols, 0) + pl.program_id(1)
-            plgpu.store(o_ref.at[split, _full(cols, b), cols], acc[b])
+            split = full_index(cols, 0) + pl.program_id(1)
+            plgpu.store(o_ref.at[split, full_index(cols, b), cols], acc[b])
         else:
-            plgpu.store(o_ref.at[_full(cols, b), cols], acc[b].astype(o_ref.dtype), mask=c_ok)
+            plgpu.store(o_ref.at[full_index(cols, b), cols], acc[b].astype(o_ref.dtype), mask=c_ok)
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_idx", "blocks", "interpret"))
