@@ -12,8 +12,9 @@ L * R, so launch gaps inside the call count; the summed kernel durations and the
 (median of many calls minus an empty call) are reported beside it. After warm-up only.
 
     python -m pallas_kernels.microbench --out DIR [--sweep] [--batch4] [--seconds N] [--quick]
-        [--window-kv [--window-kv-heads KA ...] [--window-kv-seq S] [--window-kv-methods M ...]]
-        [--no-mlp] [--no-attention]
+        [--window-kv [--window-kv-heads KA ...] [--window-kv-seq S] [--window-kv-methods M ...]
+                     [--window-kv-sweep-methods M ...]]
+        [--up-norm] [--no-mlp] [--no-attention]
 writes DIR/kernels.json (all rows), DIR/kernels.jsonl (rows as measured) and DIR/kernels.md.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import gather_attention as ga
-from pallas_kernels._common import on_cpu
+from pallas_kernels._common import apply_norm, on_cpu
 from pallas_kernels import gather_mlp as gm
 
 OPT_6_7B_MLP = dict(D=4096, F=16384)
@@ -287,14 +288,30 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None)
         _, _, w_down, idx = layer
         return gm.gathered_down(a, w_down, idx, **down_blocks)
 
+    def layernorm(x):  # the MLP's norm: unit scale, zero shift (its cost does not depend on the values)
+        ones, zeros = jnp.ones(x.shape[-1:], x.dtype), jnp.zeros(x.shape[-1:], x.dtype)
+        return ("layernorm", NORM_EPS, ones, zeros)
+
+    def pallas_up_norm(x, layer):  # x [B, D] the residual, normalised inside the kernel -> [B, K]
+        w_up, b_up, _, idx = layer
+        return gm.gathered_up(x, w_up, idx, b_up, norm=layernorm(x), **up_blocks)
+
+    def pallas_up_xla_norm(x, layer):  # the same with XLA's norm launches before the kernel
+        w_up, b_up, _, idx = layer
+        kind, eps, scale, shift = layernorm(x)
+        return gm.gathered_up(apply_norm(x, scale, shift, kind=kind, eps=eps), w_up, idx, b_up, **up_blocks)
+
     return dict(pallas=pallas_mlp, pallas_atomic_last=pallas_atomic_last_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
-                pallas_down=pallas_down)
+                pallas_down=pallas_down, pallas_up_norm=pallas_up_norm, pallas_up_xla_norm=pallas_up_xla_norm)
+
+
+UP_METHODS = ("pallas_up", "pallas_up_norm", "pallas_up_xla_norm")  # the up kernel alone (up_blocks)
 
 
 def _mlp_bytes(case: MlpCase, method: str) -> int:
     item = jnp.dtype(case.dtype).itemsize
     rows = case.F if method == "dense" else case.K
-    n_mats = 1 if method in ("pallas_up", "pallas_down") else 2
+    n_mats = 1 if method in UP_METHODS + ("pallas_down",) else 2
     return n_mats * rows * case.D * item  # weight rows read; activations are negligible
 
 
@@ -467,7 +484,11 @@ def check_window_kv_blocks(blocks: dict) -> None:
     ga.check_window_kv_blocks(dataclasses.replace(minimal, **blocks))
 
 
-WINDOW_KV_METHODS = ("pallas", "xla", "dense", "pallas_update", "pallas_scatter", "xla_update")
+WINDOW_KV_METHODS = ("pallas", "xla", "dense", "pallas_update", "pallas_scatter", "xla_update", "qkv_unfused",
+                     "qkv_fused")
+# Methods whose kernels take the window K/V blocks (the sweep's candidates).
+WINDOW_KV_BLOCK_METHODS = ("pallas", "pallas_update", "pallas_scatter", "qkv_unfused", "qkv_fused")
+NORM_EPS = 1e-5
 
 
 def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
@@ -485,7 +506,12 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
     slots of per-layer [B, KV, S, Dh] caches, updated in place from one application to the next,
     `time_per_update`): "pallas_update" (`ga.gathered_window_kv_update`, one kernel, `blocks` too),
     "pallas_scatter" (the kernel above, then XLA's two scatters: the path it replaces) and
-    "xla_update" (its reference). bytes = the weight rows the method reads (activations and the
+    "xla_update" (its reference). The lazy step's whole attention input, from the residual (x's
+    window row 0) with the Ka heads split into Ka - r query heads and the r = ceil(KV / W) groups
+    refreshed round-robin (Ka > r), K/V heads = Q heads (MHA), LayerNorm: "qkv_unfused"
+    as the unfused step runs it (XLA norm, ring write and dedupe, gathered_head_proj,
+    gathered_window_kv_update) and "qkv_fused" as the fused step does (gathered_window_qkv_update);
+    their bytes add the query heads' rows. bytes = the weight rows the method reads (activations and the
     2 * B * Ka * W * Dh cache entries written < 1%); floor_us is those bytes at the copy bandwidth,
     sel_floor_us the selected heads' 2 * Ka * Dh * D rows (the dense row's speed-of-light were it
     to read only those). One dict per (Ka, method).
@@ -497,15 +523,15 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
     check_window_kv_blocks(blocks or {})
 
     def pallas_window_kv(x_win, layer):  # x_win [B, W, D] -> [2, B, Ka, W, Dh]
-        w_kv, b, heads = layer
+        w_kv, b, heads = layer[:3]
         return ga.gathered_window_kv(x_win, w_kv, heads, b, **kernel_blocks)
 
     def xla_window_kv(x_win, layer):
-        w_kv, b, heads = layer
+        w_kv, b, heads = layer[:3]
         return ga.gathered_window_kv_reference(x_win, w_kv, heads, b)
 
     def dense_window_kv(x_win, layer):  # every KV head: [2, B, KV, W, Dh]
-        w_kv, b, _ = layer
+        w_kv, b, _ = layer[:3]
         out = jnp.einsum("BTD,CKHD->CBKTH", x_win, w_kv, preferred_element_type=jnp.float32)
         if b is not None:
             out = out + b.astype(jnp.float32)[:, None, :, None, :]
@@ -515,21 +541,53 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
     slots = jnp.asarray([S // 2 - (S // 2 - t) % W for t in range(W)], jnp.int32)
 
     def pallas_update(x_win, caches, layer):  # caches (k, v), each [B, KV, S, Dh] -> updated
-        w_kv, b, heads = layer
+        w_kv, b, heads = layer[:3]
         return ga.gathered_window_kv_update(x_win, w_kv, heads, slots, *caches, b, **kernel_blocks)
 
     def pallas_scatter(x_win, caches, layer):
-        w_kv, b, heads = layer
+        w_kv, b, heads = layer[:3]
         kv_w = ga.gathered_window_kv(x_win, w_kv, heads, b, **kernel_blocks)  # [2, B, Ka, W, Dh]
         at = (slice(None), heads[:, None], slots[None, :])
         return tuple(cache.at[at].set(new, mode="drop") for cache, new in zip(caches, kv_w))
 
     def xla_update(x_win, caches, layer):
-        w_kv, b, heads = layer
+        w_kv, b, heads = layer[:3]
         return ga.gathered_window_kv_update_reference(x_win, w_kv, heads, slots, *caches, b)
+
+    cur = (S // 2) % W  # this token's ring row
+
+    n_refresh = -(-KV // W)  # sparse.refresh_groups
+
+    def split_heads(heads):  # (query heads, refreshed groups) of a qkv row's Ka heads
+        return heads[:heads.shape[0] - n_refresh], heads[heads.shape[0] - n_refresh:]
+
+    def qkv_unfused(x_win, state, layer):  # state (ring, k, v, q) -> updated
+        win, k, v, _ = state
+        w_kv, b, heads, w_q, b_q, scale, shift = layer
+        q_idx, refresh = split_heads(heads)
+        x = apply_norm(x_win[:, 0], scale, shift, kind="layernorm", eps=NORM_EPS)  # [B, D]
+        win = jax.lax.dynamic_update_slice(win, x[:, None], (0, cur, 0))
+        q = ga.gathered_head_proj(x, w_q, q_idx, b_q, interpret=on_cpu())
+        groups = ga.first_occurrences(jnp.concatenate([q_idx, refresh]), KV)
+        k, v = ga.gathered_window_kv_update(win, w_kv, groups, slots, k, v, b, **kernel_blocks)
+        return win, k, v, q
+
+    def qkv_fused(x_win, state, layer):
+        win, k, v, _ = state
+        w_kv, b, heads, w_q, b_q, scale, shift = layer
+        q_idx, refresh = split_heads(heads)
+        q, win, k, v = ga.gathered_window_qkv_update(
+            x_win[:, 0], scale, shift, win, w_q, w_kv, q_idx, refresh, jnp.int32(cur), slots, k, v, b_q, b,
+            norm_kind="layernorm", norm_eps=NORM_EPS, **kernel_blocks)
+        return win, k, v, q
 
     appliers = dict(pallas=pallas_window_kv, xla=xla_window_kv, dense=dense_window_kv)
     updaters = dict(pallas_update=pallas_update, pallas_scatter=pallas_scatter, xla_update=xla_update)
+    qkv_updaters = dict(qkv_unfused=qkv_unfused, qkv_fused=qkv_fused)
+    with_q = any(m in qkv_updaters for m in methods)
+    if with_q and min(heads_counts) <= n_refresh:
+        raise ValueError(f"the qkv methods need Ka > {n_refresh} (the refreshed groups) at KV={KV}, W={W}; "
+                         f"got Ka {min(heads_counts)}")
     rows = []
     for n_sel in heads_counts:
         key = jax.random.key(1000 + n_sel)
@@ -539,7 +597,14 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
             w_kv = (jax.random.normal(k1, (2, KV, Dh, D), jnp.float32) * D ** -0.5).astype(dt)
             b = (jax.random.normal(k2, (2, KV, Dh), jnp.float32) * 0.1).astype(dt) if bias else None
             heads = jax.random.permutation(k3, KV)[:n_sel].astype(jnp.int32)  # distinct, unsorted
-            layers.append((w_kv, b, heads))
+            if with_q:  # query weights and the attention norm of the qkv rows
+                k4, k5, k6 = jax.random.split(jax.random.fold_in(key, 500 + l), 3)
+                w_q = (jax.random.normal(k4, (KV, Dh, D), jnp.float32) * D ** -0.5).astype(dt)
+                b_q = (jax.random.normal(k5, (KV, Dh), jnp.float32) * 0.1).astype(dt) if bias else None
+                scale = (1.0 + 0.1 * jax.random.normal(k6, (D,), jnp.float32)).astype(dt)
+                layers.append((w_kv, b, heads, w_q, b_q, scale, jnp.zeros((D,), dt)))
+            else:
+                layers.append((w_kv, b, heads))
         xs = [jax.random.normal(jax.random.fold_in(key, 99 + r), (batch, W, D),
                                 jnp.float32).astype(dt) for r in range(reps)]
         sel_bytes = 2 * n_sel * Dh * D * item
@@ -550,18 +615,25 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
             if method in updaters:
                 caches = [tuple(jnp.zeros((batch, KV, S, Dh), dt) for _ in range(2)) for _ in layers]
                 timing = time_per_update(updaters[method], xs, caches, layers, n_trials)
+            elif method in qkv_updaters:
+                n_q = split_heads(layers[0][2])[0].shape[0]
+                states = [(jnp.zeros((batch, W, D), dt), *(jnp.zeros((batch, KV, S, Dh), dt) for _ in range(2)),
+                           jnp.zeros((batch, n_q, Dh), dt)) for _ in layers]
+                timing = time_per_update(qkv_updaters[method], xs, states, layers, n_trials)
             else:
                 timing = time_per_application(appliers[method], xs, layers, n_trials)
             t_us = timing.pop("time_us")
             n_bytes = 2 * KV * Dh * D * item if method == "dense" else sel_bytes
+            if method in qkv_updaters:
+                n_bytes += split_heads(layers[0][2])[0].shape[0] * Dh * D * item
             floor_us = n_bytes / (bw * 1e3)
             row = dict(op="window_kv", method=method, KV=KV, Dh=Dh, D=D, W=W, batch=batch,
                        Ka=n_sel, dtype=dtype, time_us=round(t_us, 2), bytes=n_bytes,
                        floor_us=round(floor_us, 2), x_floor=round(t_us / floor_us, 3),
                        sel_floor_us=round(sel_floor_us, 2),
                        gbs=round(n_bytes / (t_us * 1e3), 1), bandwidth_gbs=round(bw, 1),
-                       blocks=(blocks or {}) if method.startswith("pallas") else {},
-                       **(dict(S=S) if method in updaters else {}),
+                       blocks=(blocks or {}) if method in WINDOW_KV_BLOCK_METHODS else {},
+                       **(dict(S=S) if method in updaters or method in qkv_updaters else {}),
                        **{k: (round(v, 2) if isinstance(v, float) else v)
                           for k, v in timing.items()})
             log(json.dumps(row))
@@ -571,23 +643,29 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
 
 
 def window_kv_sweep(heads_counts: Sequence[int] = WINDOW_KV_HEADS,
-                    configs: Sequence[dict] = WINDOW_KV_SWEEP, **kw) -> list[dict]:
-    """The window K/V kernel alone with each block config of `configs`, at every Ka; rows get
-    sweep=True. kw: window_kv_microbench's shape, timing and deadline arguments."""
+                    configs: Sequence[dict] = WINDOW_KV_SWEEP, methods: Sequence[str] = ("pallas",),
+                    **kw) -> list[dict]:
+    """Each method of `methods` (WINDOW_KV_BLOCK_METHODS: the window K/V kernel alone by default)
+    with each block config of `configs`, at every Ka; rows get sweep=True. kw:
+    window_kv_microbench's shape, timing and deadline arguments."""
     for blocks in configs:
         check_window_kv_blocks(blocks)
+    unknown = set(methods) - set(WINDOW_KV_BLOCK_METHODS)
+    if unknown:
+        raise ValueError(f"no window K/V blocks to sweep in {sorted(unknown)}; choose from {WINDOW_KV_BLOCK_METHODS}")
     rows = []
-    for blocks in configs:
-        new = window_kv_microbench(heads_counts, methods=("pallas",), blocks=blocks, **kw)
-        rows += [dict(r, sweep=True) for r in new]
+    for method in methods:
+        for blocks in configs:
+            new = window_kv_microbench(heads_counts, methods=(method,), blocks=blocks, **kw)
+            rows += [dict(r, sweep=True) for r in new]
     return rows
 
 
-def best_window_kv_blocks(rows: list[dict]) -> dict | None:
-    """The window K/V sweep config with the least summed time over the Ka values at which every
-    config was measured (None without a complete config)."""
-    return _least_total_config([r for r in rows if r["op"] == "window_kv" and r.get("sweep")],
-                               "blocks", "Ka")
+def best_window_kv_blocks(rows: list[dict], method: str = "pallas") -> dict | None:
+    """The window K/V sweep config of `method` with the least summed time over the Ka values at
+    which every config was measured (None without a complete config)."""
+    return _least_total_config([r for r in rows if r["op"] == "window_kv" and r.get("sweep")
+                                and r["method"] == method], "blocks", "Ka")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,13 +689,14 @@ DOWN_SWEEP = (
 
 def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
           deadline: float = float("inf"), log: Callable = print,
-          bandwidth_gbs: float | None = None) -> list[dict]:
-    """Up and down kernels alone over UP_SWEEP / DOWN_SWEEP configs, until the deadline."""
+          bandwidth_gbs: float | None = None, up_methods: Sequence[str] = ("pallas_up",)) -> list[dict]:
+    """Up kernels (each of up_methods) and the down kernel alone over UP_SWEEP / DOWN_SWEEP
+    configs, until the deadline."""
     rows = []
     for density in densities:
-        for method, configs in (("pallas_up", UP_SWEEP), ("pallas_down", DOWN_SWEEP)):
+        for method, configs in (*((m, UP_SWEEP) for m in up_methods), ("pallas_down", DOWN_SWEEP)):
             for blocks in configs:
-                kw = dict(up_blocks=blocks) if method == "pallas_up" else dict(down_blocks=blocks)
+                kw = dict(up_blocks=blocks) if method in UP_METHODS else dict(down_blocks=blocks)
                 new = kernel_microbench(shapes, densities=(density,), methods=(method,), reps=2,
                                         n_trials=10, bandwidth_gbs=bandwidth_gbs, log=log,
                                         deadline=deadline, **kw)
@@ -642,7 +721,7 @@ def _least_total_config(sweep_rows: list[dict], blocks_key: str, point_key: str)
 def best_blocks(rows: list[dict], method: str) -> dict | None:
     """The sweep config of `method` ("pallas_up" / "pallas_down") with the least summed time over
     the densities at which every config was measured."""
-    key = "up_blocks" if method == "pallas_up" else "down_blocks"
+    key = "up_blocks" if method in UP_METHODS else "down_blocks"
     return _least_total_config([r for r in rows if r["method"] == method and r.get("sweep")],
                                key, "density")
 
@@ -676,13 +755,13 @@ def to_markdown(rows: list[dict], device: str) -> str:
             lines.append(f"| {r['density']} | {r['K']} | {r['method']} | {r['time_us']} |"
                          f" {r.get('kernel_us', '')} | {r.get('wall_us', '')} | {r['x_floor']} |"
                          f" {r['gbs']} | {blocks or ''} | {r.get('kernels', '')} |")
-    single = [r for r in rows if r["op"] == "mlp" and r["method"] in ("pallas_up", "pallas_down")]
+    single = [r for r in rows if r["op"] == "mlp" and r["method"] in UP_METHODS + ("pallas_down",)]
     if single:
         lines += ["\n## Single kernels and block sizes\n",
                   "| kernel | density | blocks | us | kernel us | x floor | GB/s | kernels (us) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in single:
-            blocks = r["up_blocks"] if r["method"] == "pallas_up" else r["down_blocks"]
+            blocks = r["up_blocks"] if r["method"] in UP_METHODS else r["down_blocks"]
             lines.append(f"| {r['method']} | {r['density']} | {blocks or 'default'} | "
                          f"{r['time_us']} | {r.get('kernel_us', '')} | {r['x_floor']} | "
                          f"{r['gbs']} | {r.get('kernels', '')} |")
@@ -714,15 +793,15 @@ def to_markdown(rows: list[dict], device: str) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in window:
             lines.append(f"| {r['Ka']}/{r['KV']} | {r['W']} | {r['method']} |"
-                         f" {r['blocks'] or ('default' if r['method'].startswith('pallas') else '')} | {r['time_us']} | {r.get('kernel_us', '')} |"
+                         f" {r['blocks'] or ('default' if r['method'] in WINDOW_KV_BLOCK_METHODS else '')} | {r['time_us']} | {r.get('kernel_us', '')} |"
                          f" {r.get('wall_us', '')} | {r['floor_us']} | {r['x_floor']} |"
                          f" {r['sel_floor_us']} | {round(r['time_us'] / r['sel_floor_us'], 3)} |"
                          f" {r['gbs']} | {r.get('kernels', '')} |")
-    window_sweep = [r for r in rows if r["op"] == "window_kv" and r.get("sweep")]
-    if window_sweep:
-        best = best_window_kv_blocks(rows)
-        lines += ["\n## Window K/V kernel block sweep\n",
-                  f"best summed over Ka: {best}\n",
+    swept = [r for r in rows if r["op"] == "window_kv" and r.get("sweep")]
+    for method in dict.fromkeys(r["method"] for r in swept):
+        window_sweep = [r for r in swept if r["method"] == method]
+        lines += [f"\n## Window K/V block sweep: {method}\n",
+                  f"best summed over Ka: {best_window_kv_blocks(rows, method)}\n",
                   "| Ka | blocks | us | kernel us | x floor | GB/s | best at this Ka |",
                   "|---|---|---|---|---|---|---|"]
         for r in sorted(window_sweep, key=lambda r: (r["Ka"], r["time_us"])):
@@ -751,6 +830,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="cache slots of the window K/V update rows (*_update, pallas_scatter)")
     p.add_argument("--window-kv-methods", nargs="+", default=list(WINDOW_KV_METHODS),
                    choices=WINDOW_KV_METHODS, help="window K/V methods to time (default: all)")
+    p.add_argument("--window-kv-sweep-methods", nargs="+", default=["pallas"], choices=WINDOW_KV_BLOCK_METHODS,
+                   help="methods the --sweep runs over WINDOW_KV_SWEEP (default: the window K/V kernel alone)")
+    p.add_argument("--up-norm", action="store_true",
+                   help="also time the up projection with the MLP's LayerNorm inside the kernel (gathered_up's "
+                        "norm) against the XLA norm before it (with --sweep: both over UP_SWEEP)")
     p.add_argument("--batch4", action="store_true", help="also time the MLP at batch 4")
     p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
     p.add_argument("--mlp-shape", type=int, nargs=2, metavar=("D", "F"),
@@ -793,10 +877,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        methods=("pallas", "xla", "dense"), n_trials=trials, **common)
         rows += [dict(r, op="mlp_batch4") for r in batch_rows]
     if args.sweep and args.window_kv:
-        rows += window_kv_sweep(args.window_kv_heads, **window_kw)
-        log(json.dumps(dict(best_window_kv_blocks=best_window_kv_blocks(rows))))
+        rows += window_kv_sweep(args.window_kv_heads, methods=args.window_kv_sweep_methods, **window_kw)
+        log(json.dumps(dict(best_window_kv_blocks={m: best_window_kv_blocks(rows, m)
+                                                   for m in args.window_kv_sweep_methods})))
+    if args.up_norm:
+        rows += kernel_microbench(shapes, densities=args.densities, methods=UP_METHODS, n_trials=trials, **common)
     if args.sweep and not args.no_mlp:
-        rows += sweep(shapes, **common)
+        rows += sweep(shapes, up_methods=UP_METHODS if args.up_norm else ("pallas_up",), **common)
         up, down = best_blocks(rows, "pallas_up"), best_blocks(rows, "pallas_down")
         log(json.dumps(dict(best_up_blocks=up, best_down_blocks=down)))
         if up is not None and down is not None:

@@ -15,21 +15,47 @@ TINY_WINDOW = dict(KV=4, Dh=16, D=64, W=4, n_layers=2, reps=1, n_trials=1, bandw
                    log=lambda line: None)
 
 
+KV_METHODS = tuple(m for m in mb.WINDOW_KV_METHODS if not m.startswith("qkv"))
+
+
 def test_window_kv_microbench_rows():
-    rows = mb.window_kv_microbench((1, 3), S=12, **TINY_WINDOW)
-    assert [(r["Ka"], r["method"]) for r in rows] == [(ka, m) for ka in (1, 3) for m in mb.WINDOW_KV_METHODS]
+    rows = mb.window_kv_microbench((1, 3), S=12, methods=KV_METHODS, **TINY_WINDOW)
+    rows += mb.window_kv_microbench((2, 3), S=12, methods=("qkv_unfused", "qkv_fused"), **TINY_WINDOW)
+    assert [(r["Ka"], r["method"]) for r in rows] == (
+        [(ka, m) for ka in (1, 3) for m in KV_METHODS] + [(ka, m) for ka in (2, 3) for m in ("qkv_unfused", "qkv_fused")])
     for r in rows:
         assert r["op"] == "window_kv" and (r["KV"], r["Dh"], r["D"], r["W"]) == (4, 16, 64, 4)
-        updates = r["method"] in ("pallas_update", "pallas_scatter", "xla_update")
+        updates = r["method"] in ("pallas_update", "pallas_scatter", "xla_update", "qkv_unfused", "qkv_fused")
         assert r.get("S") == (12 if updates else None)
         heads = 4 if r["method"] == "dense" else r["Ka"]
-        assert r["bytes"] == 2 * heads * 16 * 64 * 2  # K and V rows, fp16
+        queries = r["Ka"] - 1 if r["method"].startswith("qkv") else 0  # ceil(KV / W) = 1 group refreshed
+        assert r["bytes"] == (2 * heads + queries) * 16 * 64 * 2  # K, V (and Q) rows, fp16
         assert r["sel_floor_us"] == round(2 * r["Ka"] * 16 * 64 * 2 / 1e3, 2)
         assert r["time_us"] > 0
         assert r["gbs"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e3), abs=0.1)
         assert r["x_floor"] == pytest.approx(r["time_us"] / r["floor_us"], rel=0.01)
     md = mb.to_markdown(rows, "cpu")
     assert "Window K/V of the selected KV heads" in md and "| 3/4 | 4 | dense |" in md
+    assert "| 2/4 | 4 | qkv_fused | default |" in md
+    with pytest.raises(ValueError, match="Ka > 1"):  # no query head left beside the refreshed group
+        mb.window_kv_microbench((1,), methods=("qkv_fused",), **TINY_WINDOW)
+
+
+def test_qkv_microbench_methods_compute_the_same_step(monkeypatch):
+    """The two qkv rows time the same computation: run once from the same state, the unfused ops
+    and the fused kernel give the same ring, caches and queries."""
+    import numpy as np
+
+    captured = {}
+
+    def capture(update, xs, states, layers, n_trials):
+        captured[update.__name__] = update(xs[0], states[0], layers[0])
+        return dict(time_us=1.0)
+
+    monkeypatch.setattr(mb, "time_per_update", capture)  # one application instead of timing
+    mb.window_kv_microbench((3,), S=12, methods=("qkv_unfused", "qkv_fused"), **TINY_WINDOW)
+    for a, b in zip(captured["qkv_unfused"], captured["qkv_fused"]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3)
 
 
 def test_chain_update_threads_each_layers_state_in_place():
@@ -45,10 +71,34 @@ def test_chain_update_threads_each_layers_state_in_place():
 
 def test_window_kv_sweep_picks_a_complete_config():
     configs = mb.WINDOW_KV_SWEEP[:2]
-    rows = mb.window_kv_sweep((2,), configs=configs, **TINY_WINDOW)
-    assert [r["blocks"] for r in rows] == list(configs) and all(r["sweep"] for r in rows)
-    assert mb.best_window_kv_blocks(rows) == min(rows, key=lambda r: r["time_us"])["blocks"]
-    assert "Window K/V kernel block sweep" in mb.to_markdown(rows, "cpu")
+    rows = mb.window_kv_sweep((2,), configs=configs, methods=("pallas", "qkv_fused"), **TINY_WINDOW)
+    assert [(r["method"], r["blocks"]) for r in rows] == [(m, c) for m in ("pallas", "qkv_fused") for c in configs]
+    assert all(r["sweep"] for r in rows)
+    for method in ("pallas", "qkv_fused"):
+        mine = [r for r in rows if r["method"] == method]
+        assert mb.best_window_kv_blocks(rows, method) == min(mine, key=lambda r: r["time_us"])["blocks"]
+    md = mb.to_markdown(rows, "cpu")
+    assert "Window K/V block sweep: pallas" in md and "Window K/V block sweep: qkv_fused" in md
+    with pytest.raises(ValueError, match="no window K/V blocks"):
+        mb.window_kv_sweep((2,), methods=("xla",), **TINY_WINDOW)
+
+
+def test_up_norm_rows_time_the_same_projection():
+    """--up-norm's rows: the up kernel with the LayerNorm inside and after XLA's norm read the same
+    bytes (one matrix's selected rows) and compute the same activations."""
+    import numpy as np
+
+    case = mb.MlpCase(D=64, F=96, density=0.25)
+    layer = mb._mlp_layers(case, 1, jax.random.key(0))[0]
+    x = jax.random.normal(jax.random.key(1), (1, 64), jnp.float32).astype(jnp.float16) * 3 + 1
+    ap = mb.mlp_appliers()
+    np.testing.assert_allclose(np.asarray(ap["pallas_up_norm"](x, layer), np.float32),
+                               np.asarray(ap["pallas_up_xla_norm"](x, layer), np.float32), atol=2e-3)
+    rows = mb.kernel_microbench([dict(D=64, F=96)], densities=(0.25,), methods=mb.UP_METHODS, n_layers=1,
+                                reps=1, n_trials=1, bandwidth_gbs=1.0, log=lambda line: None)
+    assert [r["method"] for r in rows] == list(mb.UP_METHODS)
+    assert {r["bytes"] for r in rows} == {24 * 64 * 2}
+    assert "pallas_up_norm" in mb.to_markdown(rows, "cpu")
 
 
 def test_window_kv_sweep_configs_are_valid():
