@@ -689,12 +689,13 @@ DOWN_SWEEP = (
 
 def sweep(shapes: Sequence[dict] = (OPT_6_7B_MLP,), densities=(0.1, 0.5),
           deadline: float = float("inf"), log: Callable = print,
-          bandwidth_gbs: float | None = None, up_methods: Sequence[str] = ("pallas_up",)) -> list[dict]:
-    """Up kernels (each of up_methods) and the down kernel alone over UP_SWEEP / DOWN_SWEEP
-    configs, until the deadline."""
+          bandwidth_gbs: float | None = None, up_methods: Sequence[str] = ("pallas_up",),
+          down: bool = True) -> list[dict]:
+    """Up kernels (each of up_methods) and the down kernel (unless not down) alone over UP_SWEEP /
+    DOWN_SWEEP configs, until the deadline."""
     rows = []
     for density in densities:
-        for method, configs in (*((m, UP_SWEEP) for m in up_methods), ("pallas_down", DOWN_SWEEP)):
+        for method, configs in (*((m, UP_SWEEP) for m in up_methods), *((("pallas_down", DOWN_SWEEP),) if down else ())):
             for blocks in configs:
                 kw = dict(up_blocks=blocks) if method in UP_METHODS else dict(down_blocks=blocks)
                 new = kernel_microbench(shapes, densities=(density,), methods=(method,), reps=2,
@@ -882,7 +883,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                    for m in args.window_kv_sweep_methods})))
     if args.up_norm:
         rows += kernel_microbench(shapes, densities=args.densities, methods=UP_METHODS, n_trials=trials, **common)
-    if args.sweep and not args.no_mlp:
+    if args.sweep and args.no_mlp and args.up_norm:  # the norm's two up variants only
+        rows += sweep(shapes, densities=args.densities, up_methods=UP_METHODS[1:], down=False, **common)
+        log(json.dumps({f"best_{m}_blocks": best_blocks(rows, m) for m in UP_METHODS[1:]}))
+    elif args.sweep and not args.no_mlp:
         rows += sweep(shapes, up_methods=UP_METHODS if args.up_norm else ("pallas_up",), **common)
         up, down = best_blocks(rows, "pallas_up"), best_blocks(rows, "pallas_down")
         log(json.dumps(dict(best_up_blocks=up, best_down_blocks=down)))

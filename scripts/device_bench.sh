@@ -6,9 +6,12 @@
 #      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
 #      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it),
 #      the MLP top-K per MLP_TOPK_BLOCK neurons (0: one per layer)
+#   2b. KERNELS=1 (before the bench): pallas_kernels.microbench at OPT-6.7B, heads 0.5 (Ka = 18): the
+#      lazy step's attention inputs unfused and fused over the window tile sweep, and the up kernel
+#      with and without the norm inside, at MLP density 0.25 ($OUT/kernels/kernels.{json,md})
 #   3. PROFILE=1: scripts/profile_decode.py at the first preset and density, lazy KV, with the fused
 #      step (the launch list per token; dense and fixed-index runs beside it)
-# Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt,
+# Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt, $OUT/kernels/ (KERNELS=1),
 # $OUT/profile/profile.{json,md} (PROFILE=1).
 set -uo pipefail
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -23,6 +26,12 @@ mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
     -rfE -k "${TESTS_K:-window_kv or qkv or normalises or topk or gpu or lazy}" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
+fi
+if [ "${KERNELS:-0}" = 1 ]; then
+  python3 -m pallas_kernels.microbench --out "$OUT/kernels" --no-mlp --no-attention --window-kv --window-kv-heads 18 \
+    --window-kv-methods pallas_update qkv_unfused qkv_fused --window-kv-sweep-methods pallas_update qkv_fused \
+    --sweep --up-norm --densities 0.25 --seconds 240 2>&1 | grep -v "^[WI][0-9]" | tail -60
+  rm -f "$OUT/kernels/kernels.jsonl"  # kernels.json holds the same rows
 fi
 for preset in $PRESETS; do
   date
