@@ -351,8 +351,8 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
             block = mlp_topk_block
-            main = ("predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
-                    + (", fused step" if fused_step else ""))
+            base = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
+            main = base + (", fused step" if fused_step else "")
             # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block, Ops changes
             variants = [(main, True, False, True, block, {})]
             if extras and i == 0 and j == 0:
@@ -366,7 +366,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 if batch == 1 and mesh is None:  # the layout and the fused ops only matter to the batch-1 step
                     variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block, {}))
                     if cfg.pre_norm and backend == "pallas":  # the other setting of Ops.fused_step
-                        variants.append((f"{main}, {'unfused' if fused_step else 'fused'} step", True, False,
+                        variants.append((f"{base}, {'unfused' if fused_step else 'fused'} step", True, False,
                                          True, block, {"fused_step": not fused_step}))
             for label, lookahead, fixed, transpose, block, ops_changes in variants:
                 if fixed and mesh is not None:

@@ -273,8 +273,10 @@ def check_window_kv_blocks(blocks: WindowKVBlocks) -> None:
 def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int) -> WindowKVBlocks:
     """Split each head's Dh rows so that 2 * Ka * (Dh / block_n) >= WINDOW_KV_PROGRAMS.
 
-    Not measured yet. OPT-6.7B at head density 0.5 (Ka = 16 active + 2 refreshed, Dh = 128):
-    block_n = 32, 144 programs, each looping over D = 4096 in [16, 256] x [32, 256] tiles.
+    OPT-6.7B at head density 0.5 (Ka = 16 active + 2 refreshed, Dh = 128): block_n = 32, 144
+    programs, each looping over D = 4096 in [16, 256] x [32, 256] tiles. Session 4's H100 sweep
+    (pallas_kernels/NOTES.md) had 13 tile shapes within 17.2-18.3 us of this kernel; the fused
+    gathered_window_qkv_update uses the same tiles and has not been swept yet.
     """
     splits = pow2_ceil(cdiv(WINDOW_KV_PROGRAMS, 2 * max(n_sel, 1)))
     dh = max(pow2_ceil(head_dim), MIN_DOT)
