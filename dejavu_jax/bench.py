@@ -368,6 +368,9 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     if cfg.pre_norm and backend == "pallas":  # the other setting of Ops.fused_step
                         variants.append((f"{base}, {'unfused' if fused_step else 'fused'} step", True, False,
                                          True, block, {"fused_step": not fused_step}))
+                    if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
+                        variants.append((f"{main}, top-K of heads and MLP in two launches", True, False, True,
+                                         block, {"topk_pair": False}))
             for label, lookahead, fixed, transpose, block, ops_changes in variants:
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector

@@ -250,7 +250,8 @@ class Ops(Protocol):
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
     gathered_window_qkv_update: Callable  # the same with the attention norm and Q
-    fused_step: bool  # use it, gathered_up's `norm` and code_topk_pair (pallas_kernels.Ops)
+    fused_step: bool  # use it and gathered_up's `norm` (pallas_kernels.Ops)
+    topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
 
 
 # --------------------------------------------------------------------------------------------

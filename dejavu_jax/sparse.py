@@ -485,7 +485,7 @@ class PredictorSelector:
             # One matvec for both sites' codes (they read the same residual under lookahead); the
             # MLP half (or, ranked already, its indices) waits in ctx.scratch for this block's neurons().
             z = _pdot(x, shared) if self.decode_b is None else _pdot_t(x, shared)
-            if (getattr(ctx.ops, "fused_step", False) and self._one_kernel(ctx, n, 1)
+            if (getattr(ctx.ops, "topk_pair", False) and self._one_kernel(ctx, n, 1)
                     and self._one_kernel(ctx, self.num_neurons, self.mlp_blocks)):
                 # Both rankings in one launch: the heads' single program runs beside the MLP blocks'
                 # instead of costing a launch of its own.

@@ -299,7 +299,7 @@ def test_blockwise_mlp_topk_gathers_like_its_masks(tiny, backend):
 
 
 def test_decode_ranks_both_sites_in_one_kernel(tiny):
-    """With the shared transposed matvec and Ops.fused_step, a layer whose heads and MLP blocks each fit
+    """With the shared transposed matvec and Ops.topk_pair (the default), a layer whose heads and MLP blocks each fit
     one program ranks both in one `code_topk_pair` launch, and gives the mask path's logits; a layer with a
     dense MLP keeps its own heads selection."""
     cfg, params = tiny
@@ -309,7 +309,7 @@ def test_decode_ranks_both_sites_in_one_kernel(tiny):
     mk, hk = (F,) + (F // 2,) * (L - 1), (2,) * L
     make = lambda gather: PredictorSelector(preds, mk, hk, F, cfg.num_heads, True, gather=gather,  # noqa: E731
                                             mlp_blocks=F // 16)
-    pallas, calls = get_ops("pallas", fused_step=True), []
+    pallas, calls = get_ops("pallas"), []
 
     def counted(name):
         def call(*args, **kwargs):
@@ -321,6 +321,11 @@ def test_decode_ranks_both_sites_in_one_kernel(tiny):
                               code_topk_rows=counted("code_topk_rows"))
     paired = decode_steps(params, cfg, prompt, 3, selector=share_first_matmul(make(True)), ops=ops)
     assert calls == ["code_topk_pair"] * (L - 1)  # traced once per sparse-MLP layer
+    calls.clear()
+    separate = dataclasses.replace(ops, topk_pair=False)
+    np.testing.assert_array_equal(paired, decode_steps(params, cfg, prompt, 3, selector=share_first_matmul(make(True)),
+                                                       ops=separate))
+    assert calls == ["code_topk_rows"] * (2 * (L - 1))  # heads and MLP, each its own launch
     np.testing.assert_allclose(paired, decode_steps(params, cfg, prompt, 3, selector=make(False)),
                                atol=1e-4, rtol=1e-4)
 
