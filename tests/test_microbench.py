@@ -83,6 +83,23 @@ def test_window_kv_sweep_picks_a_complete_config():
         mb.window_kv_sweep((2,), methods=("xla",), **TINY_WINDOW)
 
 
+def test_window_kv_sweep_records_a_config_that_fails_and_goes_on(monkeypatch):
+    """A tile the GPU compiler refuses (shared memory) is a row of its own; the sweep continues."""
+    real = mb.window_kv_microbench
+
+    def refuse_wide_tiles(heads_counts, *, blocks, **kw):
+        if blocks["block_d"] > 256:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded")
+        return real(heads_counts, blocks=blocks, **kw)
+
+    monkeypatch.setattr(mb, "window_kv_microbench", refuse_wide_tiles)
+    configs = (dict(block_n=16, block_d=512), dict(block_n=16, block_d=256))
+    rows = mb.window_kv_sweep((2,), configs=configs, **TINY_WINDOW)
+    assert [r["op"] for r in rows] == ["window_kv_failed", "window_kv"]
+    assert "Shared memory" in rows[0]["error"] and mb.best_window_kv_blocks(rows) == configs[1]
+    assert "did not build" in mb.to_markdown(rows, "cpu")
+
+
 def test_up_norm_rows_time_the_same_projection():
     """--up-norm's rows: the up kernel with the LayerNorm inside and after XLA's norm read the same
     bytes (one matrix's selected rows) and compute the same activations."""
