@@ -616,7 +616,7 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
                 caches = [tuple(jnp.zeros((batch, KV, S, Dh), dt) for _ in range(2)) for _ in layers]
                 timing = time_per_update(updaters[method], xs, caches, layers, n_trials)
             elif method in qkv_updaters:
-                n_q = split_heads(layers[0][2])[0].shape[0]
+                n_q = n_sel - n_refresh
                 states = [(jnp.zeros((batch, W, D), dt), *(jnp.zeros((batch, KV, S, Dh), dt) for _ in range(2)),
                            jnp.zeros((batch, n_q, Dh), dt)) for _ in layers]
                 timing = time_per_update(qkv_updaters[method], xs, states, layers, n_trials)
@@ -625,7 +625,7 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
             t_us = timing.pop("time_us")
             n_bytes = 2 * KV * Dh * D * item if method == "dense" else sel_bytes
             if method in qkv_updaters:
-                n_bytes += split_heads(layers[0][2])[0].shape[0] * Dh * D * item
+                n_bytes += (n_sel - n_refresh) * Dh * D * item  # the query heads' rows
             floor_us = n_bytes / (bw * 1e3)
             row = dict(op="window_kv", method=method, KV=KV, Dh=Dh, D=D, W=W, batch=batch,
                        Ka=n_sel, dtype=dtype, time_us=round(t_us, 2), bytes=n_bytes,
