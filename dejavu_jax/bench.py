@@ -365,9 +365,11 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                              ("fixed indices (no predictor)", True, True, True, 0, {})]
                 if batch == 1 and mesh is None:  # the layout and the fused ops only matter to the batch-1 step
                     variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block, {}))
-                    if cfg.pre_norm and backend == "pallas":  # the other setting of Ops.fused_step
+                    if cfg.pre_norm and backend == "pallas":  # the other settings of the fused launches
                         variants.append((f"{base}, {'unfused' if fused_step else 'fused'} step", True, False,
                                          True, block, {"fused_step": not fused_step}))
+                        variants.append((f"{main}, MLP norm inside the up kernel", True, False, True, block,
+                                         {"mlp_norm_in_up": True}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append((f"{main}, top-K of heads and MLP in two launches", True, False, True,
                                          block, {"topk_pair": False}))
@@ -701,9 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the predictors rank MLP neurons per block of B rows, each keeping its share of K (0: one "
                          "top-K per layer); the extras also time the other setting")
     sp.add_argument("--fused-step", action="store_true",
-                    help="the batch-1 decode step's fused launches (norms inside the gathered kernels, one "
-                         "lazy-KV attention-input kernel, one top-K launch for both sites; not yet timed on a "
-                         "GPU, hence off by default); the extras also time the other setting")
+                    help="the batch-1 lazy-KV decode step takes its attention inputs (norm, window ring "
+                         "write, Q, window K/V) from one kernel instead of five; the extras also time the other "
+                         "setting, and the MLP norm inside the up kernel")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the no-lookahead and no-predictor variants at the first density point")
     sp.add_argument("--dense-pallas", action="store_true",

@@ -250,8 +250,9 @@ class Ops(Protocol):
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
     gathered_window_qkv_update: Callable  # the same with the attention norm and Q
-    fused_step: bool  # use it and gathered_up's `norm` (pallas_kernels.Ops)
+    fused_step: bool  # the lazy KV step uses it (pallas_kernels.Ops)
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
+    mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,9 +423,9 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
         neuron_sel = selector.neurons(ctx)
     else:
         neuron_sel = None
-    # A gathered MLP step normalises inside the up projection (saves the norm's two launches).
+    # A gathered MLP step may normalise inside the up projection (saves the norm's two launches).
     norm_inside = (cfg.pre_norm and neuron_sel is not None and neuron_sel.idx is not None
-                   and getattr(ops, "fused_step", False))
+                   and getattr(ops, "mlp_norm_in_up", False))
     x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside)
     if not cfg.pre_norm:

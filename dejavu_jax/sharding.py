@@ -267,6 +267,7 @@ class ShardedOps:
     # The fused step's ops (norms inside the kernels, one attention-input op) are not sharded: the
     # model uses the separate ops, whose projections are shard_map'ed.
     fused_step = False
+    mlp_norm_in_up = False
 
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map

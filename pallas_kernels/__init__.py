@@ -51,11 +51,12 @@ class Ops:
     top-K selections (select_topk.py: from scores, and from a predictor's code, scores included, for
     one site or both).
 
-    fused_step: the batch-1 decode step uses the fused launches: the norms inside the kernels that
-    consume them (gathered_window_qkv_update in the lazy KV mode, gathered_up's `norm`). Off by
-    default: timed on an H200 (session 7, pallas_kernels/NOTES.md) the fused kernels cost more than
-    the launches they remove (OPT-6.7B sparse step 2.746 against 2.550 ms/token);
-    `python -m dejavu_jax.bench` times both settings.
+    fused_step: the batch-1 lazy-KV decode step takes its attention inputs from one launch
+    (gathered_window_qkv_update: the attention norm, the ring write, Q and the window K/V) instead of
+    five. `python -m dejavu_jax.bench` times both settings (pallas_kernels/NOTES.md, sessions 7-8).
+    mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
+    of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
+    at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.
     topk_pair: a layer's heads and MLP blocks are ranked in one launch (code_topk_pair) where both
     fit its programs. On by default: in the H200 profile of session 7 the pair took 4.7 us per layer
     against 2.0 + 4.6 for the two launches it replaces (bench extras time it off).
@@ -74,23 +75,24 @@ class Ops:
     gathered_window_qkv_update: Callable
     fused_step: bool = False
     topk_pair: bool = True
+    mlp_norm_in_up: bool = False
 
 
-def get_ops(backend: str, *, fused_step: bool = False, topk_pair: bool = True) -> Ops:
+def get_ops(backend: str, *, fused_step: bool = False, topk_pair: bool = True, mlp_norm_in_up: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU)."""
     if backend == "xla":
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
                    code_topk_pair_reference, gathered_window_kv_update_reference,
-                   gathered_window_qkv_update_reference, fused_step, topk_pair)
+                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
                gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
-        return Ops(backend, *fns, fused_step, topk_pair)
+        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 

@@ -275,8 +275,9 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
 
     OPT-6.7B at head density 0.5 (Ka = 16 active + 2 refreshed, Dh = 128): block_n = 32, 144
     programs, each looping over D = 4096 in [16, 256] x [32, 256] tiles. Session 4's H100 sweep
-    (pallas_kernels/NOTES.md) had 13 tile shapes within 17.2-18.3 us of this kernel; the fused
-    gathered_window_qkv_update uses the same tiles and has not been swept yet.
+    (pallas_kernels/NOTES.md) had 13 tile shapes within 17.2-18.3 us of this kernel, the H200's of
+    session 8 8 within 14.8-15.4 us; the fused gathered_window_qkv_update has its own
+    (`default_window_qkv_blocks`).
     """
     splits = pow2_ceil(cdiv(WINDOW_KV_PROGRAMS, 2 * max(n_sel, 1)))
     dh = max(pow2_ceil(head_dim), MIN_DOT)
@@ -284,6 +285,18 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
     block_m = min(max(pow2_ceil(rows), MIN_DOT), 64)
     block_d = min(max(pow2_ceil(d_model), MIN_DOT), 256)
     return WindowKVBlocks(block_m=block_m, block_n=block_n, block_d=block_d)
+
+
+def default_window_qkv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int) -> WindowKVBlocks:
+    """The window K/V kernel's tiles with twice the head rows per program (half the programs).
+
+    Every program of the fused kernel computes this token's norm statistics itself, so fewer, larger
+    programs pay: at OPT-6.7B with Ka = 18 on the H200 (session 8 sweep, results/kernels-h200-session8/)
+    block_n 64 took 23.6 us against 32.2 at the window kernel's block_n 32 (block_d 256, 4 warps both);
+    every other swept tile was slower still, or asked more shared memory than the H200 has.
+    """
+    kv = default_window_kv_blocks(rows, n_sel, head_dim, d_model)
+    return dataclasses.replace(kv, block_n=min(2 * kv.block_n, max(pow2_ceil(head_dim), MIN_DOT)))
 
 
 def _head_tiles(load_x, sources, head_ok, m, *, head_dim, parts, d_model, block_n, block_d):
@@ -816,8 +829,8 @@ def gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx
     if (norm_bias is None) != (norm_kind == "rmsnorm"):
         raise ValueError(f"{norm_kind} takes {'no ' if norm_kind == 'rmsnorm' else ''}norm bias")
     parts = 1 if rotary is None else 2
-    cfg = dataclasses.replace(default_window_kv_blocks(batch * window, q_idx.shape[0] + refresh.shape[0],
-                                                       w_kv.shape[2] // parts, d_model), **blocks)
+    cfg = dataclasses.replace(default_window_qkv_blocks(batch * window, q_idx.shape[0] + refresh.shape[0],
+                                                        w_kv.shape[2] // parts, d_model), **blocks)
     return _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx, refresh, cur,
                                        slots, k_cache, v_cache, b_q, b_kv, rotary, norm_kind=norm_kind,
                                        norm_eps=float(norm_eps), blocks=cfg, interpret=interpret)

@@ -74,6 +74,7 @@ def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
     assert by_variant["predictor, no lookahead"]["mlp_topk_block"] == 16
     # The fused step (Ops.fused_step: the interpreted fused kernels end to end) runs as an extra.
     assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, fused step"]["main"]
+    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, MLP norm inside the up kernel"]["main"]
     # Ops.topk_pair off (heads and MLP blocks ranked in separate launches), beside the default.
     assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, top-K of heads and MLP in two launches"]["main"]
 

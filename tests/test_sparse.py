@@ -377,12 +377,12 @@ def test_lazy_kv_equals_exact(tiny, backend):
     np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend):
+@pytest.mark.parametrize("backend,mlp_norm_in_up", [("xla", False), ("pallas", False), ("pallas", True)])
+def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_norm_in_up):
     """With Ops.fused_step a pre-norm model's gathered lazy-KV step takes its attention inputs from
     one op (`gathered_window_qkv_update`: norm, ring write, Q, window K/V) and must not call the
     separate Q projection or window update; without it, it must not call the fused op. Both decode
-    alike."""
+    alike, also when the fused run normalises the MLP input inside the up kernel (Ops.mlp_norm_in_up)."""
     cfg, params = tiny
     prompt, _ = tokens_for(cfg, B=1, T=5)
     L, n = cfg.num_layers, 6
@@ -393,8 +393,16 @@ def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend):
     def unused(*args, **kwargs):
         raise AssertionError("the fused step called a separate op")
 
-    fused_ops = dataclasses.replace(get_ops(backend, fused_step=True), gathered_head_proj=unused,
-                                    gathered_window_kv_update=unused)
+    fused_ops = dataclasses.replace(get_ops(backend, fused_step=True, mlp_norm_in_up=mlp_norm_in_up),
+                                    gathered_head_proj=unused, gathered_window_kv_update=unused)
+    if mlp_norm_in_up:  # the up kernel must get the norm (and the residual) rather than a normed input
+        up = fused_ops.gathered_up
+
+        def up_with_norm(*args, norm=None, **kwargs):
+            assert norm is not None, "Ops.mlp_norm_in_up: gathered_up was called without the MLP norm"
+            return up(*args, norm=norm, **kwargs)
+
+        fused_ops = dataclasses.replace(fused_ops, gathered_up=up_with_norm)
     separate_ops = dataclasses.replace(ops, gathered_window_qkv_update=unused)
     runs = [decode_steps(params, cfg, prompt, n, selector=sel, ops=o,
                          cache=init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=4))
