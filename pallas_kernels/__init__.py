@@ -53,7 +53,9 @@ class Ops:
 
     fused_step: the batch-1 lazy-KV decode step takes its attention inputs from one launch
     (gathered_window_qkv_update: the attention norm, the ring write, Q and the window K/V) instead of
-    five. `python -m dejavu_jax.bench` times both settings (pallas_kernels/NOTES.md, sessions 7-8).
+    five. Off by default: on the H200 (session 8) it made the OPT-6.7B sparse step faster (2.394
+    against 2.488 ms/token, with its own tile) but the OPT-13B one slower (4.547 against 4.050);
+    `python -m dejavu_jax.bench` times both settings (pallas_kernels/NOTES.md, sessions 7-8).
     mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
     of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
     at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.

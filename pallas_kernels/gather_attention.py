@@ -288,14 +288,19 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
 
 
 def default_window_qkv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int) -> WindowKVBlocks:
-    """The window K/V kernel's tiles with twice the head rows per program (half the programs).
+    """The window K/V kernel's tiles, with twice the head rows per program up to D = 5120.
 
     Every program of the fused kernel computes this token's norm statistics itself, so fewer, larger
     programs pay: at OPT-6.7B with Ka = 18 on the H200 (session 8 sweep, results/kernels-h200-session8/)
     block_n 64 took 23.6 us against 32.2 at the window kernel's block_n 32 (block_d 256, 4 warps both);
-    every other swept tile was slower still, or asked more shared memory than the H200 has.
+    every other swept tile was slower still, or asked more shared memory than the H200 has. At
+    OPT-13B's D = 5120 it builds too (the step 4.547 ms/token against 4.969 at block_n 32); at
+    OPT-30B's D = 7168 it asks 324 KiB of shared memory (the H200 has 227) while block_n 32 builds,
+    so wider models keep the window kernel's tiles.
     """
     kv = default_window_kv_blocks(rows, n_sel, head_dim, d_model)
+    if d_model > 5120:
+        return kv
     return dataclasses.replace(kv, block_n=min(2 * kv.block_n, max(pow2_ceil(head_dim), MIN_DOT)))
 
 

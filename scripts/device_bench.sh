@@ -21,7 +21,7 @@ SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
 MLP_TOPK_BLOCK=${MLP_TOPK_BLOCK:-0}
 KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
-FUSED=${FUSED:-0}  # 1: the main sparse rows use the fused step (the extras time the unfused one either way)
+FUSED=${FUSED:-0}  # 1: the main sparse rows use the fused step (the extras time the other setting either way)
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \

@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--fused-step", action="store_true",
-                   help="the sparse runs use the fused launches (pallas_kernels.Ops.fused_step)")
+                   help="the sparse runs take the lazy step's attention inputs from one launch "
+                        "(pallas_kernels.Ops.fused_step)")
     p.add_argument("--dense-kernels", action="store_true",
                    help="also profile dense decode through the gathered kernels (every row selected)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per profile")

@@ -72,7 +72,8 @@ def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
     assert by_variant["predictor+lookahead, MLP top-K per 16 rows"]["main"]
     assert by_variant["predictor+lookahead, one MLP top-K per layer"]["mlp_topk_block"] == 0
     assert by_variant["predictor, no lookahead"]["mlp_topk_block"] == 16
-    # The fused step (Ops.fused_step: the interpreted fused kernels end to end) runs as an extra.
+    # The fused step (Ops.fused_step: the interpreted fused kernels end to end) and the MLP norm
+    # inside the up kernel run as extras.
     assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, fused step"]["main"]
     assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, MLP norm inside the up kernel"]["main"]
     # Ops.topk_pair off (heads and MLP blocks ranked in separate launches), beside the default.

@@ -388,7 +388,7 @@ def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_no
     L, n = cfg.num_layers, 6
     sel = PredictorSelector(random_predictors(cfg, seed=4), (cfg.ffn_size // 2,) * L, (2,) * L, cfg.ffn_size,
                             cfg.num_heads, True, True)
-    ops = get_ops(backend)
+    ops = get_ops(backend, fused_step=False)
 
     def unused(*args, **kwargs):
         raise AssertionError("the fused step called a separate op")
