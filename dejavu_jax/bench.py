@@ -406,7 +406,17 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     return rows
 
 
-def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title: str, path: Path) -> None:
+def torch_lines(rows: list[dict]) -> dict[str, float]:
+    """{impl: ms/token} of the transformers rows that finished (the plot's baseline lines)."""
+    return {r["impl"]: r["decode_ms_per_token"] for r in rows
+            if r.get("impl", "").startswith("transformers") and "error" not in r and r.get("decode_ms_per_token")}
+
+
+def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title: str, path: Path,
+                baselines: dict[str, float] | None = None) -> None:
+    """ms/token of the main sparse rows against MLP density, their bytes-read floor (marked at each
+    point, so a single density shows it too), our dense step, its floor and the `baselines`
+    ({label: ms/token}, e.g. the transformers rows) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,10 +437,12 @@ def plot_sparse(rows: list[dict], dense_ms: float, floor_dense_ms: float, title:
                         and r.get("main") and r["kernels"] == first["kernels"]
                         and r["kv_mode"] == first["kv_mode"]})
     if floor_pts:
-        ax.plot([p[0] for p in floor_pts], [p[1] for p in floor_pts], "k:",
+        ax.plot([p[0] for p in floor_pts], [p[1] for p in floor_pts], "kx:",
                 label=f"bytes-read floor (kv {first['kv_mode']}, with predictors)")
     ax.axhline(dense_ms, color="C3", ls="--", label="dejavu_jax dense")
     ax.axhline(floor_dense_ms, color="gray", ls=":", label="dense floor")
+    for i, (label, ms) in enumerate((baselines or {}).items()):
+        ax.axhline(ms, color=f"C{4 + i}", ls="-.", lw=1.2, label=label)
     ax.set_xlabel("MLP density (fraction of neurons read)")
     ax.set_ylabel("decode ms/token")
     ax.set_title(title, fontsize=9)
@@ -855,7 +867,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ok_sparse:
         text += "\n" + speedup_table(rows, ok_sparse) + "\n"
         plot_sparse(ok_sparse, rows[1]["decode_ms_per_token"], floor_ms,
-                    f"{result['model']} {args.dtype} batch {args.batch}, {device}", out / "bench.png")
+                    f"{result['model']} {args.dtype} batch {args.batch}, {device}", out / "bench.png",
+                    baselines=torch_lines(rows))
     (out / "bench.md").write_text(text)
     print(text)
     return 0

@@ -177,3 +177,16 @@ def test_scaling_table_speedup_and_efficiency():
 def test_torch_baselines_past_their_timeout_become_an_error_row():
     rows = B.run_torch_baselines("opt-125m", "fp32", 8, 4, "eager", timeout=1)
     assert rows[-1]["impl"] == "transformers (eager)" and rows[-1]["error"] == ["timed out after 1 s"]
+
+
+def test_plot_draws_the_finished_transformers_rows(tmp_path):
+    from dejavu_jax.bench import plot_sparse, torch_lines
+
+    rows = [{"impl": "dejavu_jax dense", "decode_ms_per_token": 4.0},
+            {"impl": "transformers eager", "decode_ms_per_token": 11.8},
+            {"impl": "transformers static-compile", "error": "timed out after 300 s"}]
+    assert torch_lines(rows) == {"transformers eager": 11.8}
+    sparse = [{"main": True, "kernels": "pallas", "kv_mode": "lazy", "mlp_density": 0.25,
+               "decode_ms_per_token": 2.4, "floor_ms_per_token": 1.2}]
+    plot_sparse(sparse, 4.0, 3.2, "t", tmp_path / "bench.png", baselines=torch_lines(rows))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
