@@ -275,8 +275,8 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
 
     OPT-6.7B at head density 0.5 (Ka = 16 active + 2 refreshed, Dh = 128): block_n = 32, 144
     programs, each looping over D = 4096 in [16, 256] x [32, 256] tiles. Session 4's H100 sweep
-    (pallas_kernels/NOTES.md) had 13 tile shapes within 17.2-18.3 us of this kernel, the H200's of
-    session 8 8 within 14.8-15.4 us; the fused gathered_window_qkv_update has its own
+    (pallas_kernels/NOTES.md) had 13 tile shapes within 17.2-18.3 us of this kernel, session 8's
+    H200 sweep 8 within 14.8-15.4 us; the fused gathered_window_qkv_update has its own tiles
     (`default_window_qkv_blocks`).
     """
     splits = pow2_ceil(cdiv(WINDOW_KV_PROGRAMS, 2 * max(n_sel, 1)))
