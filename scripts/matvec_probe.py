@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -23,24 +24,24 @@ D, F, H, Dh, V = 4096, 16384, 32, 128, 50272
 def cases():
     f32 = jnp.float32
     return {
-        # name: (weight shape, apply(x [1, 1, D] or [1, 1, F], w) -> y)
+        # name: (weight shape, input width, apply(x [1, 1, width], w) -> y)
         "lm head einsum bte,ve->btv, astype f32 (model)": (
-            (V, D), lambda x, w: jnp.einsum("bte,ve->btv", x, w).astype(f32)),
+            (V, D), D, lambda x, w: jnp.einsum("bte,ve->btv", x, w).astype(f32)),
         "lm head einsum, preferred f32": (
-            (V, D), lambda x, w: jnp.einsum("bte,ve->btv", x, w, preferred_element_type=f32)),
+            (V, D), D, lambda x, w: jnp.einsum("bte,ve->btv", x, w, preferred_element_type=f32)),
         "lm head w @ x (gemv form)": (
-            (V, D), lambda x, w: (w @ x[0, 0])[None, None].astype(f32)),
+            (V, D), D, lambda x, w: (w @ x[0, 0])[None, None].astype(f32)),
         "lm head pallas row matvec": (
-            (V, D), lambda x, w: gather_rows_matvec(
+            (V, D), D, lambda x, w: gather_rows_matvec(
                 x[0], w, jnp.arange(V, dtype=jnp.int32), rows_per_idx=1, n_parts=1, activation="none",
                 blocks=default_up_blocks(V, D, 1, 1), interpret=False)[None].astype(f32)),
-        "lm head padded to 50304 rows": (
-            (50304, D), lambda x, w: jnp.einsum("bte,ve->btv", x, w)[..., :V].astype(f32)),
-        "q proj btd,nhd->btnh": ((H, Dh, D), lambda x, w: jnp.einsum("btd,nhd->btnh", x, w)),
-        "kv proj btd,ckhd->cbtkh": ((2, H, Dh, D), lambda x, w: jnp.einsum("btd,ckhd->cbtkh", x, w)),
-        "out proj btnh,nhd->btd": ((H, Dh, D), lambda x, w: jnp.einsum("btnh,nhd->btd", x.reshape(1, 1, H, Dh), w)),
-        "up btd,fud->btfu": ((F, 1, D), lambda x, w: jax.nn.relu(jnp.einsum("btd,fud->btfu", x, w)[..., 0])),
-        "down btf,fd->btd": ((F, D), "down"),
+        "lm head padded to a multiple of 64 rows": (
+            (-(-V // 64) * 64, D), D, lambda x, w: jnp.einsum("bte,ve->btv", x, w)[..., :V].astype(f32)),
+        "q proj btd,nhd->btnh": ((H, Dh, D), D, lambda x, w: jnp.einsum("btd,nhd->btnh", x, w)),
+        "kv proj btd,ckhd->cbtkh": ((2, H, Dh, D), D, lambda x, w: jnp.einsum("btd,ckhd->cbtkh", x, w)),
+        "out proj btnh,nhd->btd": ((H, Dh, D), D, lambda x, w: jnp.einsum("btnh,nhd->btd", x.reshape(1, 1, H, Dh), w)),
+        "up btd,fud->btfu": ((F, 1, D), D, lambda x, w: jax.nn.relu(jnp.einsum("btd,fud->btfu", x, w)[..., 0])),
+        "down btf,fd->btd": ((F, D), F, lambda x, w: jnp.einsum("btf,fd->btd", x, w)),
     }
 
 
@@ -52,11 +53,8 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     bw = copy_bandwidth_gbs()
     rows = []
-    for name, (shape, apply) in cases().items():
-        n_in = F if apply == "down" else D
-        if apply == "down":
-            apply = lambda x, w: jnp.einsum("btf,fd->btd", x, w)  # noqa: E731
-        nbytes = 2 * int(jnp.prod(jnp.array(shape)))
+    for name, (shape, n_in, apply) in cases().items():
+        nbytes = 2 * math.prod(shape)
         n_layers = max(1, min(4, (400 << 20) // nbytes + 1))  # weights past L2 between calls
         keys = jax.random.split(jax.random.key(0), n_layers + 4)
         layers = [jax.random.normal(k, shape, jnp.float16) * 0.02 for k in keys[:n_layers]]
