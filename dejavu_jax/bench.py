@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch baselines share the GPU after us
 
@@ -50,8 +50,9 @@ import numpy as np
 
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig, preset
-from dejavu_jax.generate import Generator
+from dejavu_jax.generate import Generator, decode_compiler_options
 from dejavu_jax.sparse import LAZY_WINDOW, MLP_TOPK_BLOCK, refresh_groups
+from pallas_kernels import FUSED_STEP_MAX_D_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,15 +116,16 @@ def cache_len(prompt_len: int, new_tokens: int) -> int:
 
 
 def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, batch: int = 1, selector=None,
-              ops=None, reps: int = 5, kv_mode: str = "exact", place_cache=None) -> dict:
+              ops=None, reps: int = 5, kv_mode: str = "exact", place_cache=None, decode_options=None) -> dict:
     """Prefill ms and decode ms/token of our jitted path (compile excluded, medians of reps).
 
     place_cache: cache -> cache placed on devices (tensor parallelism: `sharding.shard_cache`).
+    decode_options: the decode loop's XLA compiler options (`Generator.decode_options`).
     At most two KV caches are alive at once; the decode program is compiled ahead of time so its
     temporaries are checked against the free device memory before it runs (`decode_temp_bytes`).
     """
     cfg = cfg.replace(eos_token_id=None)  # decode exactly new_tokens steps
-    gen = Generator(cfg, selector=selector, ops=ops)
+    gen = Generator(cfg, selector=selector, ops=ops, decode_options=decode_options)
     dtype = params["layers"][0]["up"].dtype
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
@@ -319,15 +321,32 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
     return cfg.num_layers * (mlp + D * rank + rank * cfg.num_heads) * itemsize
 
 
+SERIAL_SCHEDULING = "XLA's default graph scheduling (kernels chained)"
+FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
+
+
+class _Variant(NamedTuple):
+    """One sparse row's setup beside the density point's backend and KV mode."""
+
+    label: str
+    lookahead: bool = True
+    fixed: bool = False  # fixed random indices instead of predictors
+    transpose: bool = True  # the predictors' transposed decode-step layout (`sparse.share_first_matmul`)
+    mlp_topk_block: int = 0
+    ops_changes: dict = {}  # replaced fields of pallas_kernels.Ops (never mutated)
+    decode_options: dict | None = None  # Generator.decode_options
+
+
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
-                mlp_topk_block: int = 0, fused_step: bool = False) -> list[dict]:
+                mlp_topk_block: int = 0, fused_step: bool | None = None) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
     layer); with extras, the first point also runs the other setting for comparison. fused_step:
-    the gathered kernels' fused launches (`pallas_kernels.Ops.fused_step`); extras time the other
+    the gathered kernels' fused launches (`pallas_kernels.Ops.fused_step`; None: by model width,
+    `pallas_kernels.fused_step_enabled`); extras time the other
     setting too.
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
@@ -337,7 +356,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     without lookahead and with fixed indices, i.e. without predictors: the predictor's share of the
     step); the other points with the first backend and KV mode only, which draws the density curve.
     """
-    from pallas_kernels import get_ops
+    from pallas_kernels import fused_step_enabled, get_ops
 
     dtype = params["layers"][0]["up"].dtype
     itemsize = jnp.dtype(dtype).itemsize
@@ -352,28 +371,33 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 wbytes = decode_weight_bytes(cfg, itemsize)
             block = mlp_topk_block
             base = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
-            main = base + (", fused step" if fused_step else "")
-            # label, lookahead, fixed indices, transposed predictor layout, MLP top-K block, Ops changes
-            variants = [(main, True, False, True, block, {})]
+            fused = cfg.pre_norm and kv_mode == "lazy" and fused_step_enabled(ops, cfg.hidden_size)
+            main = base + (", fused step" if fused else "")
+            variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:
                 if block:
-                    variants.append(("predictor+lookahead, one MLP top-K per layer", True, False, True, 0, {}))
+                    variants.append(_Variant("predictor+lookahead, one MLP top-K per layer"))
                 elif mesh is None and cfg.ffn_size % MLP_TOPK_BLOCK == 0:
-                    variants.append((f"predictor+lookahead, MLP top-K per {MLP_TOPK_BLOCK} rows", True, False,
-                                     True, MLP_TOPK_BLOCK, {}))
-                variants += [("predictor, no lookahead", False, False, True, block, {}),
-                             ("fixed indices (no predictor)", True, True, True, 0, {})]
+                    variants.append(_Variant(f"predictor+lookahead, MLP top-K per {MLP_TOPK_BLOCK} rows",
+                                             mlp_topk_block=MLP_TOPK_BLOCK))
+                variants += [_Variant("predictor, no lookahead", lookahead=False, mlp_topk_block=block),
+                             _Variant("fixed indices (no predictor)", fixed=True)]
+                if decode_compiler_options():  # a GPU: the same step under XLA's default graph scheduling
+                    variants.append(_Variant(f"{main}, {SERIAL_SCHEDULING}", mlp_topk_block=block,
+                                             decode_options={}))
                 if batch == 1 and mesh is None:  # the layout and the fused ops only matter to the batch-1 step
-                    variants.append(("predictor+lookahead, [D, r] predictor layout", True, False, False, block, {}))
+                    variants.append(_Variant("predictor+lookahead, [D, r] predictor layout", transpose=False,
+                                             mlp_topk_block=block))
                     if cfg.pre_norm and backend == "pallas":  # the other settings of the fused launches
-                        variants.append((f"{base}, {'unfused' if fused_step else 'fused'} step", True, False,
-                                         True, block, {"fused_step": not fused_step}))
-                        variants.append((f"{main}, MLP norm inside the up kernel", True, False, True, block,
-                                         {"mlp_norm_in_up": True}))
+                        variants.append(_Variant(f"{base}, {'unfused' if fused else 'fused'} step",
+                                                 mlp_topk_block=block, ops_changes={"fused_step": not fused}))
+                        variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
+                                                 ops_changes={"mlp_norm_in_up": True}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
-                        variants.append((f"{main}, top-K of heads and MLP in two launches", True, False, True,
-                                         block, {"topk_pair": False}))
-            for label, lookahead, fixed, transpose, block, ops_changes in variants:
+                        variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
+                                                 mlp_topk_block=block, ops_changes={"topk_pair": False}))
+            for v in variants:
+                label, fixed, block = v.label, v.fixed, 0 if v.fixed else v.mlp_topk_block
                 if fixed and mesh is not None:
                     from dejavu_jax.sharding import blockwise_fixed_selector
 
@@ -382,9 +406,10 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     sel = fixed_index_selector(cfg, mlp_density=mlp_d, head_density=head_d)
                 else:
                     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d,
-                                                    head_density=head_d, rank=rank, dtype=dtype, lookahead=lookahead,
-                                                    transpose=transpose, mlp_topk_block=block)
-                step_ops, place_cache = dataclasses.replace(ops, **ops_changes), None
+                                                    head_density=head_d, rank=rank, dtype=dtype,
+                                                    lookahead=v.lookahead, transpose=v.transpose,
+                                                    mlp_topk_block=block)
+                step_ops, place_cache = dataclasses.replace(ops, **v.ops_changes), None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup
 
@@ -398,7 +423,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 try:
                     row.update(bench_jax(cfg, params, prompt_len=prompt_len, new_tokens=new_tokens, selector=sel,
                                          ops=step_ops, reps=reps, kv_mode=kv_mode, batch=batch,
-                                         place_cache=place_cache))
+                                         place_cache=place_cache, decode_options=v.decode_options))
                 except Exception as e:  # report a failing variant and keep measuring the others
                     row["error"] = error_text(e)
                 print(json.dumps(row), flush=True)
@@ -714,13 +739,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mlp-topk-block", type=int, default=0, metavar="B",
                     help="the predictors rank MLP neurons per block of B rows, each keeping its share of K (0: one "
                          "top-K per layer); the extras also time the other setting")
-    sp.add_argument("--fused-step", action="store_true",
+    sp.add_argument("--fused-step", choices=FUSED_STEP_CHOICES, default="auto",
                     help="the batch-1 lazy-KV decode step takes its attention inputs (norm, window ring "
-                         "write, Q, window K/V) from one kernel instead of five (faster at OPT-6.7B on an H200, "
-                         "slower at 13B); the extras also time the other setting, and the MLP norm inside the "
-                         "up kernel")
+                         "write, Q, window K/V) from one kernel instead of five: auto (default) where the "
+                         f"model is at most {FUSED_STEP_MAX_D_MODEL} wide (faster there on an H200, slower at "
+                         "OPT-13B and 30B), on, off; the extras also time the other setting, and the MLP norm "
+                         "inside the up kernel")
     sp.add_argument("--no-extras", action="store_true",
-                    help="skip the no-lookahead and no-predictor variants at the first density point")
+                    help="skip the extra variants (no lookahead, no predictor, other kernel and layout settings "
+                         "at the first density point; on a GPU, dense and sparse under XLA's default graph "
+                         "scheduling)")
     sp.add_argument("--dense-pallas", action="store_true",
                     help="also time dense decode through the Pallas gathered kernels with every row selected "
                          "(on the H100 at OPT-6.7B: 5.47 ms/token vs 5.30 for XLA's dense matvecs)")
@@ -837,6 +865,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceMemoryError as e:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(rows[-1]), flush=True)
+    if not args.no_extras and decode_compiler_options():  # a GPU: what the decode loop's scheduling mode is worth
+        row = {"impl": f"dejavu_jax dense, {SERIAL_SCHEDULING}", "floor_ms_per_token": floor_ms}
+        try:
+            row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                 batch=args.batch, reps=args.reps, place_cache=place_cache, decode_options={}))
+        except Exception as e:  # a failing variant is reported, the others still run
+            row["error"] = error_text(e)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     if args.dense_pallas and mesh is None and args.batch == 1:
         from pallas_kernels import get_ops
 
@@ -854,7 +891,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sparse = sparse_rows(cfg, params, densities=densities, kernels=kernels, rank=args.rank, kv_modes=kv_modes,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
-                             mlp_topk_block=args.mlp_topk_block, fused_step=args.fused_step)
+                             mlp_topk_block=args.mlp_topk_block,
+                             fused_step=FUSED_STEP_CHOICES[args.fused_step])
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

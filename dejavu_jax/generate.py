@@ -85,19 +85,42 @@ def _combine(dynamic, meta):
     return jax.tree_util.tree_unflatten(treedef, [next(it) if a else s for s, a in zip(static, is_array)])
 
 
+# XLA:GPU runs a jitted program's kernels as CUDA graphs. Its default scheduling mode (LHS) chains
+# every kernel after the one before it; CONCURRENT gives the graph only the edges that buffer
+# reads and writes need, so independent kernels overlap. In a decode step that is what lookahead is
+# for: layer l+1's predictor and top-K depend only on layer l's input, not on its attention or MLP.
+# Measured on an H200 (OPT-6.7B shapes, fp16, MLP 0.25 / heads 0.5, one bench process per setting,
+# results/xla-flags-h200-scheduling/): sparse 2.534 -> 2.333 ms/token, dense 4.019 -> 3.944.
+# Other backends ignore the option.
+DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+
+
+def decode_compiler_options(options: dict | None = None) -> dict:
+    """The XLA compiler options of the decode loop's jit: `options` (None: DECODE_COMPILER_OPTIONS,
+    {}: XLA's defaults), dropped where the default backend is not a GPU."""
+    options = DECODE_COMPILER_OPTIONS if options is None else options
+    return dict(options) if jax.default_backend() == "gpu" else {}
+
+
 @dataclasses.dataclass
 class Generator:
-    """Jitted prefill and decode loop for one model config, selector and sampling setup."""
+    """Jitted prefill and decode loop for one model config, selector and sampling setup.
+
+    decode_options: XLA compiler options of the decode loop (None: DECODE_COMPILER_OPTIONS on a GPU;
+    {}: XLA's defaults, e.g. to time what the scheduling mode is worth).
+    """
 
     cfg: ModelConfig
     sampling: SamplingConfig = SamplingConfig()
     selector: Any = None  # a model.Selector; sparsity applies to decode only (prefill is dense)
     ops: Any = None  # pallas_kernels ops for gathered decode
+    decode_options: dict | None = None
 
     def __post_init__(self):
         self._sel_dynamic, self._sel_meta = _partition(self.selector)
         self.prefill = jax.jit(self._prefill, donate_argnames=("cache",))
-        self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens",), donate_argnames=("cache",))
+        self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens",), donate_argnames=("cache",),
+                              compiler_options=decode_compiler_options(self.decode_options) or None)
 
     def _prefill(self, params, tokens, valid, cache):
         """tokens/valid [B, T] (left padded) -> (last logits [B, V], cache, next positions [B])."""

@@ -250,7 +250,7 @@ class Ops(Protocol):
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
     gathered_window_qkv_update: Callable  # the same with the attention norm and Q
-    fused_step: bool  # the lazy KV step uses it (pallas_kernels.Ops)
+    fused_step: bool | None  # the lazy KV step uses it (None: by model width; pallas_kernels.Ops)
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
 

@@ -60,7 +60,7 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
-from pallas_kernels import gathered_window_kv_update_reference, topk_rows_reference
+from pallas_kernels import fused_step_enabled, gathered_window_kv_update_reference, topk_rows_reference
 from pallas_kernels.gather_attention import first_occurrences
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
@@ -889,9 +889,10 @@ def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
 def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None, ops) -> bool:
     """Whether a block's attention inputs come from `lazy_attention_inputs` (the norm inside the op):
     a gathered decode step of a pre-norm model with the lazy KV cache and a backend
-    that asks for the fused step (`pallas_kernels.Ops.fused_step`; the tensor-parallel ops do not)."""
+    that asks for the fused step at this model width (`pallas_kernels.fused_step_enabled`; the
+    tensor-parallel ops do not)."""
     return (cfg.pre_norm and layer_cache is not None and len(layer_cache) == 5 and sel is not None
-            and sel.idx is not None and getattr(ops, "fused_step", False))
+            and sel.idx is not None and fused_step_enabled(ops, cfg.hidden_size))
 
 
 def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops):

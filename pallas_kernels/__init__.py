@@ -53,9 +53,12 @@ class Ops:
 
     fused_step: the batch-1 lazy-KV decode step takes its attention inputs from one launch
     (gathered_window_qkv_update: the attention norm, the ring write, Q and the window K/V) instead of
-    five. Off by default: on the H200 (session 8) it made the OPT-6.7B sparse step faster (2.394
-    against 2.488 ms/token, with its own tile) but the OPT-13B one slower (4.547 against 4.050);
-    `python -m dejavu_jax.bench` times both settings (pallas_kernels/NOTES.md, sessions 7-8).
+    five. None (the Pallas default): where the model width is at most FUSED_STEP_MAX_D_MODEL
+    (`fused_step_enabled`). On the H200 the fused kernel beat the launches it replaces at D 2560
+    and 4096 (16.6 against 18.2 us at OPT-2.7B shapes; end to end 1.538 against 1.572 ms/token at
+    OPT-2.7B, 2.223 against 2.314 at 6.7B) and lost at 5120 and 7168 (48.6 against 34.7 us at OPT-13B, 65.8 against 52.4 at 30B,
+    no tile of the sweep closing it; end to end 4.298 against 3.638 and 7.494 against 6.679)
+    (pallas_kernels/NOTES.md, sessions 7-9). `python -m dejavu_jax.bench` times both settings.
     mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
     of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
     at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.
@@ -75,14 +78,30 @@ class Ops:
     code_topk_pair: Callable
     gathered_window_kv_update: Callable
     gathered_window_qkv_update: Callable
-    fused_step: bool = False
+    fused_step: bool | None = False
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
 
 
-def get_ops(backend: str, *, fused_step: bool = False, topk_pair: bool = True, mlp_norm_in_up: bool = False) -> Ops:
-    """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU)."""
+# The widest model whose batch-1 lazy-KV step fuses its attention inputs by default (Ops.fused_step).
+FUSED_STEP_MAX_D_MODEL = 4096
+
+
+def fused_step_enabled(ops, d_model: int) -> bool:
+    """Whether `ops` (an Ops, or any object with a fused_step attribute) fuse the attention inputs of
+    a model `d_model` wide: their fused_step, or for None whether d_model <= FUSED_STEP_MAX_D_MODEL."""
+    fused = getattr(ops, "fused_step", False)
+    return d_model <= FUSED_STEP_MAX_D_MODEL if fused is None else bool(fused)
+
+
+def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
+            mlp_norm_in_up: bool = False) -> Ops:
+    """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
+
+    fused_step None: the Pallas kernels fuse by model width (`fused_step_enabled`); the XLA
+    references do not fuse (their fused op exists as the kernel's oracle)."""
     if backend == "xla":
+        fused_step = bool(fused_step)
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
@@ -99,7 +118,7 @@ def get_ops(backend: str, *, fused_step: bool = False, topk_pair: bool = True, m
 
 
 __all__ = [
-    "BACKENDS", "Ops", "get_ops",
+    "BACKENDS", "FUSED_STEP_MAX_D_MODEL", "Ops", "fused_step_enabled", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",

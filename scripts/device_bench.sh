@@ -9,8 +9,8 @@
 #   2b. KERNELS=1 (before the bench): pallas_kernels.microbench at OPT-6.7B, heads 0.5 (Ka = 18): the
 #      lazy step's attention inputs unfused and fused over the window tile sweep, and the up kernel
 #      with and without the norm inside, at MLP density 0.25 ($OUT/kernels/kernels.{json,md})
-#   3. PROFILE=1: scripts/profile_decode.py at the first preset and density, lazy KV, with the fused
-#      step (the launch list per token; dense and fixed-index runs beside it)
+#   3. PROFILE=1: scripts/profile_decode.py at the first preset and density, lazy KV, FUSED's fused-step setting
+#      (the launch list per token; dense and fixed-index runs beside it)
 # Results: $OUT/bench-<preset>/bench.{json,md,png}, $OUT/log.txt, $OUT/gpu_tests.txt, $OUT/kernels/ (KERNELS=1),
 # $OUT/profile/profile.{json,md} (PROFILE=1).
 set -uo pipefail
@@ -21,7 +21,7 @@ SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
 MLP_TOPK_BLOCK=${MLP_TOPK_BLOCK:-0}
 KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
-FUSED=${FUSED:-0}  # 1: the main sparse rows use the fused step (the extras time the other setting either way)
+FUSED=${FUSED:-auto}  # bench --fused-step: auto (by model width), on, off (the extras time the other setting either way)
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
@@ -37,9 +37,9 @@ for preset in $PRESETS; do
   date
   python3 -m dejavu_jax.bench --preset "$preset" --dtype fp16 --reps 3 --sparse "$SPARSE" --kernels pallas \
     --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --baselines "$BASELINES" \
-    $([ "$FUSED" = 1 ] && echo --fused-step) --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
+    --fused-step "$FUSED" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
 done 2>&1 | tee "$OUT/log.txt"
 if [ "${PROFILE:-0}" = 1 ]; then
   python3 scripts/profile_decode.py --preset "${PRESETS%% *}" --sparse "${SPARSE%%,*}" --kv-mode lazy \
-    --mlp-topk-block "$MLP_TOPK_BLOCK" --fused-step --out "$OUT/profile" 2>&1 | grep -v "^[WI][0-9]" | tail -40
+    --mlp-topk-block "$MLP_TOPK_BLOCK" --fused-step "$FUSED" --out "$OUT/profile" 2>&1 | grep -v "^[WI][0-9]" | tail -40
 fi

@@ -33,7 +33,7 @@ from dejavu_jax.checkpoint import parse_dtype  # noqa: E402
 from dejavu_jax.config import preset  # noqa: E402
 from dejavu_jax.generate import Generator  # noqa: E402
 from dejavu_jax.sparse import KV_MODES, init_sparse_cache  # noqa: E402
-from pallas_kernels import get_ops  # noqa: E402
+from pallas_kernels import fused_step_enabled, get_ops  # noqa: E402
 from pallas_kernels.microbench import _device_events  # noqa: E402
 
 
@@ -100,9 +100,9 @@ def main(argv=None) -> int:
                    help="KV cache of the sparse runs (dense decode always uses the exact cache)")
     p.add_argument("--tokens", type=int, default=16, help="decode steps traced")
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--fused-step", action="store_true",
+    p.add_argument("--fused-step", choices=bench.FUSED_STEP_CHOICES, default="auto",
                    help="the sparse runs take the lazy step's attention inputs from one launch "
-                        "(pallas_kernels.Ops.fused_step)")
+                        "(pallas_kernels.Ops.fused_step; auto: by model width)")
     p.add_argument("--dense-kernels", action="store_true",
                    help="also profile dense decode through the gathered kernels (every row selected)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per profile")
@@ -113,8 +113,9 @@ def main(argv=None) -> int:
     dtype = parse_dtype(args.dtype)
     params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
     mlp_d, head_d = (float(v) for v in args.sparse.split(":"))
-    ops = get_ops(args.kernels, fused_step=args.fused_step)
-    kv = f", kv {args.kv_mode}" + (", fused step" if args.fused_step else "")
+    ops = get_ops(args.kernels, fused_step=bench.FUSED_STEP_CHOICES[args.fused_step])
+    fused = cfg.pre_norm and args.kv_mode == "lazy" and fused_step_enabled(ops, cfg.hidden_size)
+    kv = f", kv {args.kv_mode}" + (", fused step" if fused else "")
     runs = {"dense": (None, None, "exact"),
             f"sparse {args.kernels} predictor {args.sparse}{kv}, MLP top-K block {args.mlp_topk_block}": (
                 bench.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,

@@ -69,15 +69,25 @@ def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
     sparse = [r for r in json.loads((out / "bench.json").read_text())["rows"] if "mlp_density" in r]
     assert all("error" not in r for r in sparse)
     by_variant = {r["variant"]: r for r in sparse}
-    assert by_variant["predictor+lookahead, MLP top-K per 16 rows"]["main"]
+    # --fused-step auto: a model this narrow (D <= FUSED_STEP_MAX_D_MODEL) fuses its attention inputs
+    # (Ops.fused_step: the interpreted fused kernels end to end) in the main rows; the unfused step
+    # and the MLP norm inside the up kernel run as extras.
+    main = "predictor+lookahead, MLP top-K per 16 rows, fused step"
+    assert [r["variant"] for r in sparse if r["main"]] == [main]
     assert by_variant["predictor+lookahead, one MLP top-K per layer"]["mlp_topk_block"] == 0
     assert by_variant["predictor, no lookahead"]["mlp_topk_block"] == 16
-    # The fused step (Ops.fused_step: the interpreted fused kernels end to end) and the MLP norm
-    # inside the up kernel run as extras.
-    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, fused step"]["main"]
-    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, MLP norm inside the up kernel"]["main"]
+    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, unfused step"]["main"]
+    assert not by_variant[f"{main}, MLP norm inside the up kernel"]["main"]
     # Ops.topk_pair off (heads and MLP blocks ranked in separate launches), beside the default.
-    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, top-K of heads and MLP in two launches"]["main"]
+    assert not by_variant[f"{main}, top-K of heads and MLP in two launches"]["main"]
+    # --fused-step off: the unfused step is the main row and the fused one the extra.
+    out_off = tmp_path / "bench-off"
+    assert bench_main(["--model", str(tiny_opt_ckpt), "--dtype", "fp32", "--prompt-len", "8", "--new-tokens", "2",
+                       "--reps", "1", "--baselines", "none", "--sparse", "0.5:0.5", "--kernels", "pallas",
+                       "--kv-modes", "lazy", "--mlp-topk-block", "16", "--fused-step", "off", "--no-extras",
+                       "--out", str(out_off)]) == 0
+    rows_off = [r for r in json.loads((out_off / "bench.json").read_text())["rows"] if "mlp_density" in r]
+    assert [r["variant"] for r in rows_off] == ["predictor+lookahead, MLP top-K per 16 rows"]
 
 
 def test_cli_rejects_bad_flags(tiny_opt_ckpt, tmp_path, capsys):

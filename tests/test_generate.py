@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import hf_to_jax, make_hf_model
-from dejavu_jax.generate import SamplingConfig, generate, main as generate_main, sample_logits
+from dejavu_jax.generate import (
+    DECODE_COMPILER_OPTIONS,
+    Generator,
+    SamplingConfig,
+    decode_compiler_options,
+    generate,
+    main as generate_main,
+    sample_logits,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +81,25 @@ def test_sampling_is_seeded_and_stops_at_eos(opt):
     eos = a[0][3]
     stopped = generate(params, cfg.replace(eos_token_id=eos), [[5, 6, 7]], max_new_tokens=16, sampling=s)
     assert stopped.tokens[0] == a[0][: a[0].index(eos) + 1]
+
+
+def test_decode_loop_scheduling_option(opt, monkeypatch):
+    """On a GPU the decode loop compiles with DECODE_COMPILER_OPTIONS (concurrent CUDA-graph
+    scheduling); {} gives XLA's defaults; other backends get none. XLA validates the option's name
+    and value on any backend, so compiling with it here catches a misspelt option; it must not
+    change a token."""
+    cfg, params = opt
+    cfg = cfg.replace(eos_token_id=None)
+    assert decode_compiler_options() == (DECODE_COMPILER_OPTIONS if jax.default_backend() == "gpu" else {})
+    with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda: "gpu")
+        assert decode_compiler_options() == DECODE_COMPILER_OPTIONS and decode_compiler_options({}) == {}
+        concurrent = Generator(cfg)  # the options are fixed when the jit is built
+    serial = Generator(cfg, decode_options={})
+    prompts = [[5, 17, 33, 8], [44, 3]]
+    a = generate(params, cfg, prompts, max_new_tokens=10, generator=concurrent).tokens
+    b = generate(params, cfg, prompts, max_new_tokens=10, generator=serial).tokens
+    assert a == b and all(len(t) == 10 for t in a)
 
 
 def test_cli_generates_text_from_a_checkpoint(tiny_opt_ckpt, tmp_path, capsys, monkeypatch):

@@ -410,6 +410,21 @@ def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_no
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=1e-5)
 
 
+def test_fused_step_follows_the_model_width_by_default():
+    """get_ops("pallas") leaves Ops.fused_step None: fused up to FUSED_STEP_MAX_D_MODEL (measured
+    faster at D 2560 and 4096 on the H200, slower at 5120 and 7168); True/False override; the XLA
+    references fuse only when asked."""
+    from pallas_kernels import FUSED_STEP_MAX_D_MODEL, fused_step_enabled
+
+    auto = get_ops("pallas")
+    assert auto.fused_step is None
+    assert fused_step_enabled(auto, FUSED_STEP_MAX_D_MODEL) and not fused_step_enabled(auto, 5120)
+    assert fused_step_enabled(get_ops("pallas", fused_step=True), 7168)
+    assert not fused_step_enabled(get_ops("pallas", fused_step=False), 768)
+    assert not fused_step_enabled(get_ops("xla"), 768) and fused_step_enabled(get_ops("xla", fused_step=True), 768)
+    assert not fused_step_enabled(object(), 768)  # ops without the field (e.g. a caller's own) never fuse
+
+
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_lazy_kv_skips_idle_heads(tiny, backend):
     """K/V of heads nobody selected (and the round-robin does not refresh) are not written: the saving."""
@@ -464,6 +479,37 @@ def test_lazy_kv_round_robin_refresh_equals_exact(tiny, backend):
     np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
     dense = decode_steps(params, cfg, prompt, n)
     assert float(jnp.max(jnp.abs(lazy - dense))) > 1e-2  # the selections really changed the outputs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend (the option is a CUDA-graph setting)")
+@pytest.mark.parametrize("fused_step", [False, True])
+def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step):
+    """The decode loop's concurrent CUDA-graph scheduling (generate.DECODE_COMPILER_OPTIONS) orders
+    kernels by their buffers only; the Pallas kernels that write the caches in place must still see
+    every write before them. Greedy tokens of a sparse lazy-KV run with predictors and lookahead
+    equal those under XLA's default (chained) scheduling."""
+    from dejavu_jax.bench import random_predictor_selector
+    from dejavu_jax.generate import Generator
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=16, head_dim=64,
+                      ffn_size=4096, max_positions=256, norm="layernorm", activation="relu", positions="learned",
+                      position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="mid-opt",
+                      eos_token_id=None)
+    params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float16)
+    sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=0.25, head_density=0.5, rank=64,
+                                    dtype=jnp.float16, mlp_topk_block=128)
+    ops = get_ops("pallas", fused_step=fused_step)
+    prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 32), 3, cfg.vocab_size)
+    runs = []
+    for options in (None, {}):
+        gen = Generator(cfg, selector=sel, ops=ops, decode_options=options)
+        cache = init_sparse_cache(cfg, 1, 96, jnp.float16, kv_mode="lazy")
+        logits, cache, pos = gen.prefill(params, prompt, jnp.ones_like(prompt, bool), cache)
+        tokens, _, _ = gen.decode(params, gen._sel_dynamic, cache, logits, pos, jax.random.PRNGKey(0),
+                                  max_new_tokens=48)
+        runs.append(np.asarray(tokens))
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_lazy_kv_cache_is_complete_up_to_each_refresh(tiny):
