@@ -51,7 +51,7 @@ import numpy as np
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig, preset
 from dejavu_jax.generate import Generator, decode_compiler_options
-from dejavu_jax.sparse import LAZY_WINDOW, MLP_TOPK_BLOCK, refresh_groups
+from dejavu_jax.sparse import LAZY_WINDOW, MLP_TOPK_BLOCK, refresh_groups, step_fuses_attention_inputs
 from pallas_kernels import FUSED_STEP_MAX_D_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -356,7 +356,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     without lookahead and with fixed indices, i.e. without predictors: the predictor's share of the
     step); the other points with the first backend and KV mode only, which draws the density curve.
     """
-    from pallas_kernels import fused_step_enabled, get_ops
+    from pallas_kernels import get_ops
 
     dtype = params["layers"][0]["up"].dtype
     itemsize = jnp.dtype(dtype).itemsize
@@ -371,7 +371,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 wbytes = decode_weight_bytes(cfg, itemsize)
             block = mlp_topk_block
             base = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
-            fused = cfg.pre_norm and kv_mode == "lazy" and fused_step_enabled(ops, cfg.hidden_size)
+            fused = step_fuses_attention_inputs(cfg, kv_mode, ops)
             main = base + (", fused step" if fused else "")
             variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:

@@ -886,13 +886,18 @@ def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
     return rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
 
 
+def step_fuses_attention_inputs(cfg: ModelConfig, kv_mode: str, ops) -> bool:
+    """Whether a gathered decode step with this KV mode takes its attention inputs from one op
+    (`lazy_attention_inputs`): a pre-norm model, the lazy KV cache, and ops that fuse at this model
+    width (`pallas_kernels.fused_step_enabled`; the tensor-parallel ops do not)."""
+    return cfg.pre_norm and kv_mode == "lazy" and fused_step_enabled(ops, cfg.hidden_size)
+
+
 def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None, ops) -> bool:
-    """Whether a block's attention inputs come from `lazy_attention_inputs` (the norm inside the op):
-    a gathered decode step of a pre-norm model with the lazy KV cache and a backend
-    that asks for the fused step at this model width (`pallas_kernels.fused_step_enabled`; the
-    tensor-parallel ops do not)."""
-    return (cfg.pre_norm and layer_cache is not None and len(layer_cache) == 5 and sel is not None
-            and sel.idx is not None and fused_step_enabled(ops, cfg.hidden_size))
+    """`step_fuses_attention_inputs` for one block: its cache is the lazy one (5 fields) and its
+    heads are gathered (a decode step)."""
+    kv_mode = "lazy" if layer_cache is not None and len(layer_cache) == 5 else "exact"
+    return sel is not None and sel.idx is not None and step_fuses_attention_inputs(cfg, kv_mode, ops)
 
 
 def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops):

@@ -56,9 +56,10 @@ class Ops:
     five. None (the Pallas default): where the model width is at most FUSED_STEP_MAX_D_MODEL
     (`fused_step_enabled`). On the H200 the fused kernel beat the launches it replaces at D 2560
     and 4096 (16.6 against 18.2 us at OPT-2.7B shapes; end to end 1.538 against 1.572 ms/token at
-    OPT-2.7B, 2.223 against 2.314 at 6.7B) and lost at 5120 and 7168 (48.6 against 34.7 us at OPT-13B, 65.8 against 52.4 at 30B,
-    no tile of the sweep closing it; end to end 4.298 against 3.638 and 7.494 against 6.679)
-    (pallas_kernels/NOTES.md, sessions 7-9). `python -m dejavu_jax.bench` times both settings.
+    OPT-2.7B, 2.223 against 2.314 at 6.7B) and lost at 5120 and 7168 (48.6 against 34.7 us at
+    OPT-13B, 65.8 against 52.4 at 30B, no tile of the sweep closing it; end to end 4.298 against
+    3.638 and 7.494 against 6.679) (pallas_kernels/NOTES.md, sessions 7-9). `python -m
+    dejavu_jax.bench` times both settings.
     mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
     of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
     at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.

@@ -32,8 +32,8 @@ from dejavu_jax import model as M  # noqa: E402
 from dejavu_jax.checkpoint import parse_dtype  # noqa: E402
 from dejavu_jax.config import preset  # noqa: E402
 from dejavu_jax.generate import Generator  # noqa: E402
-from dejavu_jax.sparse import KV_MODES, init_sparse_cache  # noqa: E402
-from pallas_kernels import fused_step_enabled, get_ops  # noqa: E402
+from dejavu_jax.sparse import KV_MODES, init_sparse_cache, step_fuses_attention_inputs  # noqa: E402
+from pallas_kernels import get_ops  # noqa: E402
 from pallas_kernels.microbench import _device_events  # noqa: E402
 
 
@@ -114,8 +114,7 @@ def main(argv=None) -> int:
     params = M.init_params(cfg, jax.random.PRNGKey(0), dtype)
     mlp_d, head_d = (float(v) for v in args.sparse.split(":"))
     ops = get_ops(args.kernels, fused_step=bench.FUSED_STEP_CHOICES[args.fused_step])
-    fused = cfg.pre_norm and args.kv_mode == "lazy" and fused_step_enabled(ops, cfg.hidden_size)
-    kv = f", kv {args.kv_mode}" + (", fused step" if fused else "")
+    kv = f", kv {args.kv_mode}" + (", fused step" if step_fuses_attention_inputs(cfg, args.kv_mode, ops) else "")
     runs = {"dense": (None, None, "exact"),
             f"sparse {args.kernels} predictor {args.sparse}{kv}, MLP top-K block {args.mlp_topk_block}": (
                 bench.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
