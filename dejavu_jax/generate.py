@@ -195,8 +195,14 @@ def _bucket(n: int, multiple: int = 64) -> int:
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingConfig = SamplingConfig(), selector=None, ops=None, cache_dtype=None,
-             generator: Generator | None = None) -> GenerationResult:
-    """Generate from token-id prompts (batched, left padded). Times compile, prefill and decode."""
+             generator: Generator | None = None, kv_mode: str = "exact") -> GenerationResult:
+    """Generate from token-id prompts (batched, left padded). Times compile, prefill and decode.
+
+    kv_mode: "exact" (every head's K/V written at each token) or "lazy" (`dejavu_jax.sparse`: a
+    gathered decode step computes K/V only for its heads' KV groups, over a window of stored inputs;
+    same tokens, fewer weight bytes read)."""
+    from dejavu_jax.sparse import init_sparse_cache
+
     validate_prompts(cfg, prompts, max_new_tokens)
     gen = generator or Generator(cfg, sampling, selector, ops)
     B = len(prompts)
@@ -212,14 +218,15 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
 
     t0 = time.perf_counter()
-    cache_shape = jax.eval_shape(lambda: M.init_cache(cfg, B, max_len, cache_dtype))
+    new_cache = lambda: init_sparse_cache(cfg, B, max_len, cache_dtype, kv_mode=kv_mode)  # noqa: E731
+    cache_shape = jax.eval_shape(new_cache)
     prefill_c = gen.prefill.lower(params, tokens, valid, cache_shape).compile()
     logits_shape, cache_shape2, pos_shape = jax.eval_shape(gen._prefill, params, tokens, valid, cache_shape)
     decode_c = gen.decode.lower(params, gen._sel_dynamic, cache_shape2, logits_shape, pos_shape, key,
                                 max_new_tokens=max_new_tokens).compile()
     compile_s = time.perf_counter() - t0
 
-    cache = M.init_cache(cfg, B, max_len, cache_dtype)
+    cache = new_cache()
     t0 = time.perf_counter()
     logits, cache, pos = prefill_c(params, tokens, valid, cache)
     logits.block_until_ready()
@@ -248,8 +255,8 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
 
 def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_new_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig(), dtype=None, chat: bool | None = None,
-                  selector_args: dict | None = None, kernels: str = "xla",
-                  batch_select: str = "per-row") -> tuple[list[str], GenerationResult]:
+                  selector_args: dict | None = None, kernels: str = "xla", batch_select: str = "per-row",
+                  kv_mode: str = "exact") -> tuple[list[str], GenerationResult]:
     """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode."""
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
@@ -277,7 +284,8 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
 
             selector = wrap_selector(selector, batch_select="union")
         ops = get_ops(kernels)
-    result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops)
+    result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops,
+                      kv_mode=kv_mode)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
     return texts, result
 
@@ -335,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
                          "set per step (top-K of the rows' summed predictor probabilities; gathered kernels)")
+    sp.add_argument("--kv-mode", choices=["exact", "lazy"], default="exact",
+                    help="exact: every head's K/V written at each token; lazy (Deja Vu's scheme): a sparse step "
+                         "computes K/V only for its selected heads' KV groups, over a window of the last 16 "
+                         "inputs, and so reads fewer weights (same tokens; pays off with --kernels pallas)")
     return p
 
 
@@ -354,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts, result = generate_text(args.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                       dtype=parse_dtype(args.dtype) if args.dtype else None, chat=args.chat,
                                       selector_args=selector_args, kernels=args.kernels,
-                                      batch_select=args.batch_select)
+                                      batch_select=args.batch_select, kv_mode=args.kv_mode)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     stats = {"prompt_tokens": result.prompt_lengths, "new_tokens": result.new_tokens,

@@ -160,3 +160,9 @@ def test_cli_predictor_mode_reads_the_models_predictors(tiny_opt_ckpt, tmp_path,
     with pytest.raises(SystemExit):
         generate_main(argv + ["--mlp-topk-block", "24"])
     assert "does not divide the 64 MLP neurons" in capsys.readouterr().err
+    # --kv-mode lazy (K/V of the selected heads' groups only, over the window): the same text as exact.
+    texts = {}
+    for kv_mode in ("exact", "lazy"):
+        assert generate_main(argv + ["--max-new-tokens", "8", "--kv-mode", kv_mode, "--json"]) == 0
+        texts[kv_mode] = json.loads(capsys.readouterr().out)["texts"]
+    assert texts["lazy"] == texts["exact"]

@@ -512,6 +512,28 @@ def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_generate_lazy_kv_equals_exact_on_a_left_padded_batch(tiny):
+    """generate(kv_mode="lazy") with predictors, lookahead and one union index set per step
+    (`batching.wrap_selector`): a left-padded batch of three prompts decodes the same greedy tokens
+    as the exact KV cache, over more steps than the lazy window (refreshes included)."""
+    from dejavu_jax.batching import wrap_selector
+    from dejavu_jax.generate import generate
+
+    cfg, params = tiny
+    cfg = cfg.replace(eos_token_id=None)
+    L = cfg.num_layers
+    sel = wrap_selector(PredictorSelector(random_predictors(cfg, seed=5), (cfg.ffn_size // 2,) * L, (2,) * L,
+                                          cfg.ffn_size, cfg.num_heads, True, True), batch_select="union")
+    prompts = [[5, 17, 33, 8, 60, 12, 9], [44, 3], [30, 31, 32, 33]]
+    runs = {kv: generate(params, cfg, prompts, max_new_tokens=20, selector=sel, ops=OPS, kv_mode=kv).tokens
+            for kv in ("exact", "lazy")}
+    assert runs["lazy"] == runs["exact"]
+    dense = generate(params, cfg, prompts, max_new_tokens=20).tokens
+    assert dense != runs["exact"]  # the selection really changed the tokens
+    with pytest.raises(SparsityError, match="unknown kv_mode"):
+        generate(params, cfg, prompts, max_new_tokens=2, kv_mode="paged")
+
+
 def test_lazy_kv_cache_is_complete_up_to_each_refresh(tiny):
     """The invariant the lazy mode rests on, read off the cache: after decoding with one head only,
     every KV group equals exact mode's cache at every slot up to its last round-robin refresh (the
