@@ -307,6 +307,8 @@ def _read_prompts(args) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dejavu_jax.sparse import KV_MODES, LAZY_WINDOW
+
     p = argparse.ArgumentParser(
         prog="python -m dejavu_jax.generate",
         description="Generate text with a dejavu_jax checkpoint, dense or contextually sparse. Without --model "
@@ -343,10 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
                          "set per step (top-K of the rows' summed predictor probabilities; gathered kernels)")
-    sp.add_argument("--kv-mode", choices=["exact", "lazy"], default="exact",
+    sp.add_argument("--kv-mode", choices=KV_MODES, default="exact",
                     help="exact: every head's K/V written at each token; lazy (Deja Vu's scheme): a sparse step "
-                         "computes K/V only for its selected heads' KV groups, over a window of the last 16 "
-                         "inputs, and so reads fewer weights (same tokens; pays off with --kernels pallas)")
+                         "computes K/V only for its selected heads' KV groups, over a window of the last "
+                         f"{LAZY_WINDOW} inputs, and so reads fewer weights (same tokens; pays off with --kernels "
+                         "pallas)")
     return p
 
 
