@@ -475,6 +475,13 @@ WINDOW_KV_SWEEP = (
     dict(block_n=16, block_d=256, num_warps=4, num_stages=4),
     dict(block_n=16, block_d=128, num_warps=4, num_stages=4),
     dict(block_n=32, block_d=128, num_warps=4, num_stages=6),
+    # Occupancy, a guess to test (session 9): the fused kernel at OPT-13B runs 3 x 23 x 2 = 138
+    # programs whose pipeline buffers (an estimated 150-200 KB from the sweep's shared-memory
+    # errors) allow one per SM, i.e. two waves on 132 SMs. Fewer stages could fit two per SM;
+    # whole heads per program make one wave of 69.
+    dict(block_n=64, block_d=256, num_warps=4, num_stages=2),
+    dict(block_n=64, block_d=128, num_warps=4, num_stages=2),
+    dict(block_n=128, block_d=128, num_warps=8, num_stages=2),
 )
 
 
