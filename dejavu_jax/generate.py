@@ -253,9 +253,16 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def resolve_kernels(kernels: str) -> str:
+    """--kernels auto -> "pallas" on a GPU, "xla" elsewhere; "xla" and "pallas" as given."""
+    if kernels == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return kernels
+
+
 def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_new_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig(), dtype=None, chat: bool | None = None,
-                  selector_args: dict | None = None, kernels: str = "xla", batch_select: str = "per-row",
+                  selector_args: dict | None = None, kernels: str = "auto", batch_select: str = "per-row",
                   kv_mode: str = "exact") -> tuple[list[str], GenerationResult]:
     """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode."""
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
@@ -283,7 +290,7 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
             from dejavu_jax.batching import wrap_selector
 
             selector = wrap_selector(selector, batch_select="union")
-        ops = get_ops(kernels)
+        ops = get_ops(resolve_kernels(kernels))
     result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops,
                       kv_mode=kv_mode)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
@@ -341,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predictor and oracle modes: rank the MLP neurons per block of B consecutive ones, "
                          "each block keeping its share of K (0 = one top-K over the layer; 128 is the fast "
                          "decode setting)")
-    sp.add_argument("--kernels", choices=["xla", "pallas"], default="xla", help="gathered-matmul backend")
+    sp.add_argument("--kernels", choices=["auto", "xla", "pallas"], default="auto",
+                    help="gathered-matmul backend of sparse decode: the Pallas kernels or XLA's take + dot; auto: "
+                         "Pallas on a GPU, XLA elsewhere (on a CPU the kernels run in Pallas' slow interpreter)")
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
                          "set per step (top-K of the rows' summed predictor probabilities; gathered kernels)")

@@ -18,6 +18,7 @@ from dejavu_jax.generate import (
     decode_compiler_options,
     generate,
     main as generate_main,
+    resolve_kernels,
     sample_logits,
 )
 
@@ -100,6 +101,15 @@ def test_decode_loop_scheduling_option(opt, monkeypatch):
     a = generate(params, cfg, prompts, max_new_tokens=10, generator=concurrent).tokens
     b = generate(params, cfg, prompts, max_new_tokens=10, generator=serial).tokens
     assert a == b and all(len(t) == 10 for t in a)
+
+
+def test_kernels_auto_picks_pallas_on_a_gpu_only(monkeypatch):
+    """--kernels auto (the default): the compiled Pallas kernels on a GPU, XLA's take + dot elsewhere
+    (on a CPU the kernels would run in the interpreter); explicit choices pass through."""
+    assert resolve_kernels("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_kernels("auto") == "pallas"
+    assert resolve_kernels("xla") == "xla" and resolve_kernels("pallas") == "pallas"
 
 
 def test_cli_generates_text_from_a_checkpoint(tiny_opt_ckpt, tmp_path, capsys, monkeypatch):
