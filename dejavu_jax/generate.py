@@ -357,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv-mode", choices=KV_MODES, default="exact",
                     help="exact: every head's K/V written at each token; lazy (Deja Vu's scheme): a sparse step "
                          "computes K/V only for its selected heads' KV groups, over a window of the last "
-                         f"{LAZY_WINDOW} inputs, and so reads fewer weights (same tokens; pays off with --kernels "
-                         "pallas)")
+                         f"{LAZY_WINDOW} inputs, and so reads fewer weights (same tokens; pays off with the Pallas "
+                         "kernels)")
     return p
 
 
