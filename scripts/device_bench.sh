@@ -22,6 +22,7 @@ MLP_TOPK_BLOCK=${MLP_TOPK_BLOCK:-0}
 KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
 FUSED=${FUSED:-auto}  # bench --fused-step: auto (by model width), on, off (the extras time the other setting either way)
+case "$FUSED" in 1) FUSED=on ;; 0) FUSED=off ;; esac  # the sessions 7-8 spelling in README commands
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
