@@ -51,7 +51,13 @@ import numpy as np
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig, preset
 from dejavu_jax.generate import Generator, decode_compiler_options
-from dejavu_jax.sparse import LAZY_WINDOW, MLP_TOPK_BLOCK, refresh_groups, step_fuses_attention_inputs
+from dejavu_jax.sparse import (
+    LAZY_WINDOW,
+    MLP_TOPK_BLOCK,
+    init_sparse_cache,
+    refresh_groups,
+    step_fuses_attention_inputs,
+)
 from pallas_kernels import FUSED_STEP_MAX_D_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,12 +138,7 @@ def bench_jax(cfg: ModelConfig, params, *, prompt_len: int, new_tokens: int, bat
     valid = jnp.ones((batch, prompt_len), bool)
     max_len = cache_len(prompt_len, new_tokens)
     key = jax.random.PRNGKey(0)
-    if kv_mode == "exact":
-        new_cache = lambda: M.init_cache(cfg, batch, max_len, dtype)  # noqa: E731
-    else:
-        from dejavu_jax.sparse import init_sparse_cache
-
-        new_cache = lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode)  # noqa: E731
+    new_cache = lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode)  # noqa: E731
     if place_cache is not None:
         make_cache = new_cache
         new_cache = lambda: place_cache(make_cache())  # noqa: E731
@@ -222,12 +223,7 @@ def param_bytes(cfg: ModelConfig, itemsize: int, tp: int = 1) -> int:
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype, kv_mode: str = "exact") -> int:
     """Bytes of one KV cache (shapes only: nothing is allocated)."""
-    if kv_mode == "exact":
-        shape = jax.eval_shape(lambda: M.init_cache(cfg, batch, max_len, dtype))
-    else:
-        from dejavu_jax.sparse import init_sparse_cache
-
-        shape = jax.eval_shape(lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode))
+    shape = jax.eval_shape(lambda: init_sparse_cache(cfg, batch, max_len, dtype, kv_mode=kv_mode))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shape))
 
 

@@ -787,7 +787,7 @@ def build_selector(cfg: ModelConfig, params: Params, *, mode: str, mlp_density: 
 # --------------------------------------------------------------------------------------------
 def init_sparse_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *,
                       kv_mode: str = "exact", lazy_window: int = LAZY_WINDOW) -> KVCache:
-    """A KV cache for sparse decoding; kv_mode="lazy" adds the W-token input window per layer."""
+    """A decode KV cache: exact, `model.init_cache`; kv_mode="lazy" adds the W-token input window per layer."""
     from dejavu_jax.model import init_cache
 
     if kv_mode not in KV_MODES:
