@@ -54,6 +54,7 @@ from dejavu_jax.generate import Generator, decode_compiler_options
 from dejavu_jax.sparse import (
     LAZY_WINDOW,
     MLP_TOPK_BLOCK,
+    fuses_attention_norm,
     init_sparse_cache,
     refresh_groups,
     step_fuses_attention_inputs,
@@ -319,6 +320,14 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
 
 SERIAL_SCHEDULING = "XLA's default graph scheduling (kernels chained)"
 FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
+FUSED_NORM_CHOICES = FUSED_STEP_CHOICES  # --fused-norm -> pallas_kernels.Ops.fused_norm
+
+
+def _step_label(fused: bool, norm_inside: bool) -> str:
+    """How a row's batch-1 lazy-KV step takes its attention inputs (pallas_kernels.Ops.fused_step/fused_norm)."""
+    if not fused:
+        return "unfused step"
+    return "fused step" if norm_inside else "fused step, attention norm in XLA"
 
 
 class _Variant(NamedTuple):
@@ -336,14 +345,15 @@ class _Variant(NamedTuple):
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
-                mlp_topk_block: int = 0, fused_step: bool | None = None) -> list[dict]:
+                mlp_topk_block: int = 0, fused_step: bool | None = None,
+                fused_norm: bool | None = None) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
     layer); with extras, the first point also runs the other setting for comparison. fused_step:
     the gathered kernels' fused launches (`pallas_kernels.Ops.fused_step`; None: by model width,
-    `pallas_kernels.fused_step_enabled`); extras time the other
-    setting too.
+    `pallas_kernels.fused_step_enabled`) and fused_norm whether that launch normalises too
+    (`pallas_kernels.Ops.fused_norm`); extras time the other settings too (all three steps).
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -361,14 +371,15 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     for i, (mlp_d, head_d) in enumerate(densities):
         combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
         for j, (backend, kv_mode) in enumerate(combos):
-            ops = get_ops(backend, fused_step=fused_step)
+            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
             block = mlp_topk_block
             base = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
             fused = step_fuses_attention_inputs(cfg, kv_mode, ops)
-            main = base + (", fused step" if fused else "")
+            norm_inside = fuses_attention_norm(cfg, ops)
+            main = base + (f", {_step_label(True, norm_inside)}" if fused else "")
             variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:
                 if block:
@@ -385,8 +396,14 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     variants.append(_Variant("predictor+lookahead, [D, r] predictor layout", transpose=False,
                                              mlp_topk_block=block))
                     if cfg.pre_norm and backend == "pallas":  # the other settings of the fused launches
-                        variants.append(_Variant(f"{base}, {'unfused' if fused else 'fused'} step",
-                                                 mlp_topk_block=block, ops_changes={"fused_step": not fused}))
+                        other_norm = fuses_attention_norm(cfg, dataclasses.replace(ops, fused_step=True))
+                        if fused:  # the fused step with the norm on the other side, and the unfused step
+                            others = [(True, not norm_inside), (False, norm_inside)]
+                        else:  # the fused step both ways
+                            others = [(True, other_norm), (True, not other_norm)]
+                        for f, n in others:
+                            variants.append(_Variant(f"{base}, {_step_label(f, n)}", mlp_topk_block=block,
+                                                     ops_changes={"fused_step": f, "fused_norm": n}))
                         variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
                                                  ops_changes={"mlp_norm_in_up": True}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
@@ -741,6 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"model is at most {FUSED_STEP_MAX_D_MODEL} wide (faster there on an H200, slower at "
                          "OPT-13B and 30B), on, off; the extras also time the other setting, and the MLP norm "
                          "inside the up kernel")
+    sp.add_argument("--fused-norm", choices=FUSED_NORM_CHOICES, default="auto",
+                    help="with the fused step, its kernel also computes the attention norm and writes the window "
+                         "ring (on), or XLA does that first and the kernel only reads the ring (off); auto "
+                         f"(default): inside where the model is at most {FUSED_STEP_MAX_D_MODEL} wide")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the extra variants (no lookahead, no predictor, other kernel and layout settings "
                          "at the first density point; on a GPU, dense and sparse under XLA's default graph "
@@ -888,7 +909,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps, bw=bw,
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
                              mlp_topk_block=args.mlp_topk_block,
-                             fused_step=FUSED_STEP_CHOICES[args.fused_step])
+                             fused_step=FUSED_STEP_CHOICES[args.fused_step],
+                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm])
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -253,6 +253,7 @@ class Ops(Protocol):
     fused_step: bool | None  # the lazy KV step uses it (None: by model width; pallas_kernels.Ops)
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
+    fused_norm: bool | None  # the fused step's launch normalises too (None: by model width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,11 +341,12 @@ def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Arra
 
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
               key_valid: jax.Array, query_slot: jax.Array, key_slot: jax.Array, sel: Selection | None,
-              ops: Ops | None, record: dict | None = None, *, fused_inputs: bool = False):
+              ops: Ops | None, record: dict | None = None, *, fused_inputs: bool = False,
+              norm_inside: bool = False):
     """Self-attention over the cache (or over the chunk itself when layer_cache is None).
 
-    x [B, T, D] normed input (with fused_inputs: the residual, which the lazy KV mode's fused op
-    normalises, `sparse.lazy_attention_inputs`); positions [B, T]; layer_cache (k, v, index) with
+    x [B, T, D] normed input (with fused_inputs and norm_inside: the residual, which the lazy KV
+    mode's fused op normalises, `sparse.lazy_attention_inputs`); positions [B, T]; layer_cache (k, v, index) with
     k/v [B, KV, S, Dh]; key_valid [B, S]; query_slot [T] and key_slot [S] are absolute slots for the
     causal mask. Returns (out [B, T, D], (k, v) updated).
     """
@@ -356,7 +358,8 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         from dejavu_jax.sparse import lazy_attention_inputs, lazy_kv_update
 
         if fused_inputs:
-            q, k_all, v_all, win_x = lazy_attention_inputs(lp, cfg, x, layer_cache, sel, ops)
+            q, k_all, v_all, win_x = lazy_attention_inputs(lp, cfg, x, layer_cache, sel, ops,
+                                                           normed=not norm_inside)
         else:
             k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel, ops)
         new_cache = (k_all, v_all, win_x)
@@ -409,12 +412,13 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
     """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v))."""
     ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h, ops=ops)
     head_sel = selector.heads(ctx) if selector is not None else None
-    from dejavu_jax.sparse import fuses_attention_inputs
+    from dejavu_jax.sparse import fuses_attention_inputs, fuses_attention_norm
 
     fused = fuses_attention_inputs(cfg, layer_cache, head_sel, ops)
-    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not fused else h
+    norm_inside = fused and fuses_attention_norm(cfg, ops)
+    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
-                                    head_sel, ops, record, fused_inputs=fused)
+                                    head_sel, ops, record, fused_inputs=fused, norm_inside=norm_inside)
     h = h + attn_out
     if not cfg.pre_norm:
         h = norm(lp["attn_norm"], h, cfg)

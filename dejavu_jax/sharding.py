@@ -268,6 +268,7 @@ class ShardedOps:
     # model uses the separate ops, whose projections are shard_map'ed.
     fused_step = False
     mlp_norm_in_up = False
+    fused_norm = False
 
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map

@@ -60,7 +60,8 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
-from pallas_kernels import fused_step_enabled, gathered_window_kv_update_reference, topk_rows_reference
+from pallas_kernels import (fused_norm_enabled, fused_step_enabled, gathered_window_kv_update_reference,
+                            topk_rows_reference)
 from pallas_kernels.gather_attention import first_occurrences
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
@@ -900,22 +901,35 @@ def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None,
     return sel is not None and sel.idx is not None and step_fuses_attention_inputs(cfg, kv_mode, ops)
 
 
-def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops):
+def fuses_attention_norm(cfg: ModelConfig, ops) -> bool:
+    """Whether a fused step's one launch also normalises (`pallas_kernels.fused_norm_enabled`)."""
+    return fused_norm_enabled(ops, cfg.hidden_size)
+
+
+def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops, *,
+                          normed: bool = False):
     """The gathered lazy-KV decode step's attention inputs, from the residual, in one op.
 
-    h [B, 1, D] the residual entering the layer (not normed); layer_cache and sel as lazy_kv_update's
-    gathered step. Returns (q [B, K, Dh] of the selected heads, RoPE'd; k, v, win_x updated):
-    `ops.gathered_window_qkv_update` normalises h, stores it in the window ring, projects the
-    selected heads' queries and writes the window K/V of their groups and the refreshed ones, which
-    is lazy_kv_update's gathered step plus the norm and the Q projection (same values).
+    h [B, 1, D] the residual entering the layer (not normed; normed=True: its attention norm);
+    layer_cache and sel as lazy_kv_update's gathered step. Returns (q [B, K, Dh] of the selected
+    heads, RoPE'd; k, v, win_x updated): `ops.gathered_window_qkv_update` normalises h, stores it in
+    the window ring, projects the selected heads' queries and writes the window K/V of their groups
+    and the refreshed ones, which is lazy_kv_update's gathered step plus the norm and the Q
+    projection (same values). normed: XLA writes h into the ring first and the op only reads it.
     """
     k_cache, v_cache, index, win_x, win_pos = layer_cache
     assert h.shape[1] == 1, "the lazy KV recompute is a decode-only path (one token per row)"
     W = win_x.shape[1]
     slots, refreshed = _window_schedule(index, W, k_cache.shape[2], cfg.num_kv_heads)
-    norm = lp["attn_norm"]
+    cur = jnp.mod(index, W)
+    if normed:
+        win_x = jax.lax.dynamic_update_slice(win_x, h.astype(win_x.dtype), (0, cur, 0))
+        norm_args = (None, None, None)
+    else:
+        norm = lp["attn_norm"]
+        norm_args = (h[:, 0], norm["scale"], norm.get("bias"))
     q, win_x, k_all, v_all = ops.gathered_window_qkv_update(
-        h[:, 0], norm["scale"], norm.get("bias"), win_x, lp["q"], lp["kv"], sel.idx, refreshed,
-        jnp.mod(index, W), slots, k_cache, v_cache, lp.get("q_bias"), lp.get("kv_bias"),
-        _window_rotary(cfg, win_pos), norm_kind=cfg.norm, norm_eps=cfg.norm_eps)
+        *norm_args, win_x, lp["q"], lp["kv"], sel.idx, refreshed, cur, slots, k_cache, v_cache,
+        lp.get("q_bias"), lp.get("kv_bias"), _window_rotary(cfg, win_pos), norm_kind=cfg.norm,
+        norm_eps=cfg.norm_eps)
     return q, k_all, v_all, win_x

@@ -60,6 +60,11 @@ class Ops:
     OPT-13B, 65.8 against 52.4 at 30B, no tile of the sweep closing it; end to end 4.298 against
     3.638 and 7.494 against 6.679) (pallas_kernels/NOTES.md, sessions 7-9). `python -m
     dejavu_jax.bench` times both settings.
+    fused_norm: the fused step's launch also computes the attention norm and writes the ring (one
+    launch in all); False: XLA normalises and writes ring row cur first (two small fusions) and the
+    launch only reads the ring (`gathered_window_qkv_update` with h None), which keeps the norm's
+    extra loads out of its loop over D. None (default): inside where the model width is at most
+    FUSED_STEP_MAX_D_MODEL (`fused_norm_enabled`).
     mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
     of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
     at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.
@@ -82,6 +87,7 @@ class Ops:
     fused_step: bool | None = False
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
+    fused_norm: bool | None = None
 
 
 # The widest model whose batch-1 lazy-KV step fuses its attention inputs by default (Ops.fused_step).
@@ -95,8 +101,15 @@ def fused_step_enabled(ops, d_model: int) -> bool:
     return d_model <= FUSED_STEP_MAX_D_MODEL if fused is None else bool(fused)
 
 
+def fused_norm_enabled(ops, d_model: int) -> bool:
+    """Whether the fused step of `ops` also normalises inside its launch (Ops.fused_norm; None: by width,
+    as fused_step_enabled's rule); ops without the field do."""
+    fused = getattr(ops, "fused_norm", True)
+    return d_model <= FUSED_STEP_MAX_D_MODEL if fused is None else bool(fused)
+
+
 def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
-            mlp_norm_in_up: bool = False) -> Ops:
+            mlp_norm_in_up: bool = False, fused_norm: bool | None = None) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
 
     fused_step None: the Pallas kernels fuse by model width (`fused_step_enabled`); the XLA
@@ -107,19 +120,19 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
                    code_topk_pair_reference, gathered_window_kv_update_reference,
-                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up)
+                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
                gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
-        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up)
+        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
 __all__ = [
-    "BACKENDS", "FUSED_STEP_MAX_D_MODEL", "Ops", "fused_step_enabled", "get_ops",
+    "BACKENDS", "FUSED_STEP_MAX_D_MODEL", "Ops", "fused_norm_enabled", "fused_step_enabled", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",

@@ -667,19 +667,24 @@ def _row_norm_stats(h_ref, b_row, *, batch, d_model, norm_kind, norm_eps):
     return mean, rstd
 
 
-def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, n_q, n_refresh, group,
-                       n_heads, norm_kind, norm_eps, has_norm_bias, has_bias, rotary, **tile):
-    # h_ref [B, D] residual; scale_ref (and nb_ref) [D] norm weights; win_ref [B*W(+pad), D(+pad)]
-    # window ring (aliased to win_out); qidx_ref [Kq]; refresh_ref [r]; cur_ref [1] ring row of this
-    # token; slots_ref [W]; wq_ref [H*Dh, D]; wkv_ref [2*KV*Dh, D]; bq_ref [H*Dh], bkv_ref [2*KV*Dh]
+def _window_qkv_kernel(*refs, batch, window, seq_len, n_rows, n_q, n_refresh, group, n_heads, normalise,
+                       norm_kind, norm_eps, has_norm_bias, has_bias, rotary, **tile):
+    # normalise: h_ref [B, D] residual; scale_ref (and nb_ref) [D] norm weights. Then win_ref
+    # [B*W(+pad), D(+pad)] window ring (normalise: aliased to win_out; else holding this token's
+    # normed row already); qidx_ref [Kq]; refresh_ref [r]; cur_ref [1] ring row of this token;
+    # slots_ref [W]; wq_ref [H*Dh, D]; wkv_ref [2*KV*Dh, D]; bq_ref [H*Dh], bkv_ref [2*KV*Dh]
     # (has_bias); cos_ref, sin_ref [B*W, Dh/2] (rotary); caches k_in, v_in [B*KV*S(+pad), Dh(+pad)]
-    # (aliased, never read); outputs q_ref [B*Kq(+pad), Dh(+pad)], win_out, k_ref, v_ref.
+    # (aliased, never read); outputs q_ref [B*Kq(+pad), Dh(+pad)], win_out (normalise), k_ref, v_ref.
     refs = list(refs)
+    h_ref, scale_ref = (refs.pop(0), refs.pop(0)) if normalise else (None, None)
     nb_ref = refs.pop(0) if has_norm_bias else None
     win_ref, qidx_ref, refresh_ref, cur_ref, slots_ref, wq_ref, wkv_ref = (refs.pop(0) for _ in range(7))
     bq_ref, bkv_ref = (refs.pop(0), refs.pop(0)) if has_bias else (None, None)
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotary else (None, None)
-    _, _, q_ref, win_out, k_ref, v_ref = refs
+    if normalise:
+        _, _, q_ref, win_out, k_ref, v_ref = refs
+    else:
+        _, _, q_ref, k_ref, v_ref = refs
     n_kv, head_dim, d_model, block_d = tile["n_kv"], tile["head_dim"], tile["d_model"], tile["block_d"]
     c, a = pl.program_id(0), pl.program_id(1)  # c: 0 keys, 1 values, 2 queries; a: selection entry
 
@@ -709,13 +714,18 @@ def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, 
     m_ok = m < batch * window
     b_row = m // window
     is_cur = m_ok & (m % window == cur_ref[0])
-    mean, rstd = _row_norm_stats(h_ref, b_row, batch=batch, d_model=d_model, norm_kind=norm_kind,
-                                 norm_eps=norm_eps)
+
+    def load_ring(cols, ok):
+        return plgpu.load(win_ref.at[m[:, None], cols[None, :]], mask=ok & m_ok[:, None], other=0.0)
+
+    if normalise:
+        mean, rstd = _row_norm_stats(h_ref, b_row, batch=batch, d_model=d_model, norm_kind=norm_kind,
+                                     norm_eps=norm_eps)
     writer = (c == 0) & (a == 0) & (pl.program_id(2) == 0)  # one program per row block writes the ring
 
     def load_x(cols, ok):
         ok = ok & m_ok[:, None]
-        ring = plgpu.load(win_ref.at[m[:, None], cols[None, :]], mask=ok & ~is_cur[:, None], other=0.0)
+        ring = load_ring(cols, ok & ~is_cur[:, None])
         mine = ok & is_cur[:, None]
         h = plgpu.load(h_ref.at[b_row[:, None], cols[None, :]], mask=mine, other=0.0).astype(jnp.float32)
         col_ok = cols < d_model
@@ -728,9 +738,9 @@ def _window_qkv_kernel(h_ref, scale_ref, *refs, batch, window, seq_len, n_rows, 
         return x
 
     parts = 2 if rotary else 1
-    accs, n, n_ok = _head_tiles(load_x, sources, head_ok, m, head_dim=head_dim, parts=parts,
-                                d_model=d_model, block_n=tile["block_n"], block_d=block_d)
-    vals = [acc.astype(h_ref.dtype) for acc in accs]  # rounded like the projections' outputs
+    accs, n, n_ok = _head_tiles(load_x if normalise else load_ring, sources, head_ok, m, head_dim=head_dim,
+                                parts=parts, d_model=d_model, block_n=tile["block_n"], block_d=block_d)
+    vals = [acc.astype(q_ref.dtype) for acc in accs]  # rounded like the projections' outputs
     if rotary:  # keys and queries
         vals = _rotate_tiles(vals, cos_ref, sin_ref, m, m_ok, n, n_ok, c != 1)
     _store_window_kv(vals, k_ref, v_ref, slots_ref, g, kv_ok & ~is_q, m, m_ok, n, n_ok, window=window,
@@ -755,6 +765,7 @@ def _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_id
     seq_len = k_cache.shape[2]
     n_q, n_refresh = q_idx.shape[0], refresh.shape[0]
     parts = 1 if rotary is None else 2
+    normalise = h is not None
     check_window_kv_blocks(blocks)
     n_rows = batch * n_kv * seq_len
     n_blocks = cdiv(head_dim // parts, blocks.block_n)
@@ -762,7 +773,7 @@ def _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_id
     has_bias = b_q is not None
     kernel = functools.partial(
         _window_qkv_kernel, batch=batch, window=window, seq_len=seq_len, n_rows=n_rows, n_q=n_q,
-        n_refresh=n_refresh, group=n_heads // n_kv, n_heads=n_heads, norm_kind=norm_kind,
+        n_refresh=n_refresh, group=n_heads // n_kv, n_heads=n_heads, normalise=normalise, norm_kind=norm_kind,
         norm_eps=norm_eps, has_norm_bias=norm_bias is not None, has_bias=has_bias,
         rotary=rotary is not None, **_window_tile_args(w_kv, blocks))
     win = x_win.reshape(batch * window, d_model)
@@ -774,7 +785,7 @@ def _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_id
         win = jnp.pad(win, ((0, m_blocks * blocks.block_m - batch * window),
                             (0, cdiv(d_model, blocks.block_d) * blocks.block_d - d_model)))
         q_rows, q_cols = q_rows + blocks.block_m, width
-    operands = [h, norm_scale] + ([] if norm_bias is None else [norm_bias]) + [
+    operands = ([h, norm_scale] if normalise else []) + ([] if norm_bias is None else [norm_bias]) + [
         win, q_idx.astype(jnp.int32), refresh.astype(jnp.int32), jnp.reshape(cur, (1,)).astype(jnp.int32),
         slots.astype(jnp.int32), w_q.reshape(n_heads * head_dim, d_model),
         w_kv.reshape(2 * n_kv * head_dim, d_model)]
@@ -782,19 +793,23 @@ def _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_id
         operands += [b_q.reshape(n_heads * head_dim), b_kv.reshape(2 * n_kv * head_dim)]
     if rotary is not None:
         operands += [r.astype(jnp.float32).reshape(batch * window, head_dim // 2) for r in rotary]
-    win_at = 2 + (norm_bias is not None)  # the ring's place among the operands
-    q, win, k_out, v_out = pl.pallas_call(
+    # In place: the caches (and, normalising, the ring) are the outputs' buffers (the decode step
+    # donates them).
+    win_out = [jax.ShapeDtypeStruct(win.shape, win.dtype)] if normalise else []
+    aliases = {len(operands) + i: len(win_out) + 1 + i for i in range(2)}
+    if normalise:
+        aliases[2 + (norm_bias is not None)] = 1  # the ring's place among the operands
+    q, *outs = pl.pallas_call(
         kernel,
         grid=(3, n_q + n_refresh, n_blocks, m_blocks),
-        out_shape=(jax.ShapeDtypeStruct((q_rows, q_cols), h.dtype),
-                   jax.ShapeDtypeStruct(win.shape, win.dtype),
+        out_shape=(jax.ShapeDtypeStruct((q_rows, q_cols), x_win.dtype), *win_out,
                    *(jax.ShapeDtypeStruct(cache.shape, cache.dtype) for cache in caches)),
-        # In place: the ring and the caches are the outputs' buffers (the decode step donates them).
-        input_output_aliases={win_at: 1, len(operands): 2, len(operands) + 1: 3},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
-        name="gathered_window_qkv_update",
+        name="gathered_window_qkv_update" if normalise else "gathered_window_qkv",
     )(*operands, *caches)
+    win, k_out, v_out = outs if normalise else (win, *outs)
     if interpret:
         q, win = q[:batch * n_q, :head_dim], win[:batch * window, :d_model]
         k_out, v_out = k_out[:n_rows, :head_dim], v_out[:n_rows, :head_dim]
@@ -822,16 +837,24 @@ def gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx
     window K/V) is one: program (c, a, n, m) is `gathered_window_kv_update`'s for c = K, V, and for
     c = Q reads entry a's query rows instead; every program normalises this token's row itself
     (it reads x's whole row anyway), and one program per row block writes it into the ring.
+
+    h None (norm_scale, norm_bias None too): ring row cur already holds this token's normed input
+    (the caller normalised and wrote it, in XLA) and the kernel only reads the ring: Q and the window
+    K/V in one launch, with no norm or ring store inside the loop over D. x_win is returned as given.
     """
     check_block_keys(blocks, WINDOW_KV_BLOCK_KEYS, "gathered_window_qkv_update")
     _check_window_update(x_win, w_kv, slots, k_cache, v_cache, rotary)
     batch, window, d_model = x_win.shape
-    if h.shape != (batch, d_model) or w_q.shape[1:] != w_kv.shape[2:] or w_q.shape[0] % w_kv.shape[1]:
+    h_shape = (batch, d_model) if h is None else h.shape
+    if h_shape != (batch, d_model) or w_q.shape[1:] != w_kv.shape[2:] or w_q.shape[0] % w_kv.shape[1]:
         raise ValueError(f"h must be [B, D] = [{batch}, {d_model}] and w_q [H, Dh, D] with H a multiple of "
-                         f"KV = {w_kv.shape[1]}, got {h.shape} and {w_q.shape}")
+                         f"KV = {w_kv.shape[1]}, got {h_shape} and {w_q.shape}")
     if (b_q is None) != (b_kv is None):
         raise ValueError("give both projection biases (b_q, b_kv) or neither")
-    if (norm_bias is None) != (norm_kind == "rmsnorm"):
+    if h is None:
+        if norm_scale is not None or norm_bias is not None:
+            raise ValueError("without h (ring row cur already normed) give no norm weights")
+    elif (norm_bias is None) != (norm_kind == "rmsnorm"):
         raise ValueError(f"{norm_kind} takes {'no ' if norm_kind == 'rmsnorm' else ''}norm bias")
     parts = 1 if rotary is None else 2
     cfg = dataclasses.replace(default_window_qkv_blocks(batch * window, q_idx.shape[0] + refresh.shape[0],
@@ -846,9 +869,13 @@ def gathered_window_qkv_update_reference(h, norm_scale, norm_bias, x_win, w_q, w
                                          slots, k_cache, v_cache, b_q=None, b_kv=None, rotary=None, *,
                                          norm_kind: str, norm_eps: float):
     """XLA reference: the five steps as separate ops (apply_norm, a ring write, the Q projection's
-    reference and RoPE, the window update's reference over the deduplicated groups)."""
-    x = apply_norm(h, norm_scale, norm_bias, kind=norm_kind, eps=norm_eps)  # [B, D]
-    x_win = jax.lax.dynamic_update_slice(x_win, x[:, None].astype(x_win.dtype), (0, cur, 0))
+    reference and RoPE, the window update's reference over the deduplicated groups); h None: the
+    last two, on ring row cur."""
+    if h is None:
+        x = jax.lax.dynamic_index_in_dim(x_win, cur, axis=1, keepdims=False)  # [B, D]
+    else:
+        x = apply_norm(h, norm_scale, norm_bias, kind=norm_kind, eps=norm_eps)  # [B, D]
+        x_win = jax.lax.dynamic_update_slice(x_win, x[:, None].astype(x_win.dtype), (0, cur, 0))
     q = gathered_head_proj_reference(x, w_q, q_idx, b_q)  # [B, Kq, Dh]
     if rotary is not None:
         cos, sin = (jax.lax.dynamic_index_in_dim(r, cur, axis=1) for r in rotary)  # [B, 1, Dh/2]

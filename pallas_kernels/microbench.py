@@ -492,9 +492,9 @@ def check_window_kv_blocks(blocks: dict) -> None:
 
 
 WINDOW_KV_METHODS = ("pallas", "xla", "dense", "pallas_update", "pallas_scatter", "xla_update", "qkv_unfused",
-                     "qkv_fused")
+                     "qkv_normed", "qkv_fused")
 # Methods whose kernels take the window K/V blocks (the sweep's candidates).
-WINDOW_KV_BLOCK_METHODS = ("pallas", "pallas_update", "pallas_scatter", "qkv_unfused", "qkv_fused")
+WINDOW_KV_BLOCK_METHODS = ("pallas", "pallas_update", "pallas_scatter", "qkv_unfused", "qkv_normed", "qkv_fused")
 NORM_EPS = 1e-5
 
 
@@ -517,7 +517,9 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
     window row 0) with the Ka heads split into Ka - r query heads and the r = ceil(KV / W) groups
     refreshed round-robin (Ka > r), K/V heads = Q heads (MHA), LayerNorm: "qkv_unfused"
     as the unfused step runs it (XLA norm, ring write and dedupe, gathered_head_proj,
-    gathered_window_kv_update) and "qkv_fused" as the fused step does (gathered_window_qkv_update);
+    gathered_window_kv_update), "qkv_normed" (XLA norm and ring write, then gathered_window_qkv_update
+    reading the normed ring: two fusions and one kernel) and "qkv_fused" as the fused step does
+    (gathered_window_qkv_update normalising inside);
     their bytes add the query heads' rows. bytes = the weight rows the method reads (activations and the
     2 * B * Ka * W * Dh cache entries written < 1%); floor_us is those bytes at the copy bandwidth,
     sel_floor_us the selected heads' 2 * Ka * Dh * D rows (the dense row's speed-of-light were it
@@ -581,6 +583,17 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
         k, v = ga.gathered_window_kv_update(win, w_kv, groups, slots, k, v, b, **kernel_blocks)
         return win, k, v, q + q_prev
 
+    def qkv_normed(x_win, state, layer):
+        win, k, v, q_prev = state
+        w_kv, b, heads, w_q, b_q, scale, shift = layer
+        q_idx, refresh = split_heads(heads)
+        x = apply_norm(x_win[:, 0], scale, shift, kind="layernorm", eps=NORM_EPS)  # [B, D]
+        win = jax.lax.dynamic_update_slice(win, x[:, None], (0, cur, 0))
+        q, win, k, v = ga.gathered_window_qkv_update(
+            None, None, None, win, w_q, w_kv, q_idx, refresh, jnp.int32(cur), slots, k, v, b_q, b,
+            norm_kind="layernorm", norm_eps=NORM_EPS, **kernel_blocks)
+        return win, k, v, q + q_prev
+
     def qkv_fused(x_win, state, layer):
         win, k, v, q_prev = state
         w_kv, b, heads, w_q, b_q, scale, shift = layer
@@ -592,7 +605,7 @@ def window_kv_microbench(heads_counts: Sequence[int] = WINDOW_KV_HEADS, *,
 
     appliers = dict(pallas=pallas_window_kv, xla=xla_window_kv, dense=dense_window_kv)
     updaters = dict(pallas_update=pallas_update, pallas_scatter=pallas_scatter, xla_update=xla_update)
-    qkv_updaters = dict(qkv_unfused=qkv_unfused, qkv_fused=qkv_fused)
+    qkv_updaters = dict(qkv_unfused=qkv_unfused, qkv_normed=qkv_normed, qkv_fused=qkv_fused)
     with_q = any(m in qkv_updaters for m in methods)
     if with_q and min(heads_counts) <= n_refresh:
         raise ValueError(f"the qkv methods need Ka > {n_refresh} (the refreshed groups) at KV={KV}, W={W}; "

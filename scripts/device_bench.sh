@@ -7,7 +7,7 @@
 #      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it),
 #      the MLP top-K per MLP_TOPK_BLOCK neurons (0: one per layer)
 #   2b. KERNELS=1 (before the bench): pallas_kernels.microbench at OPT-6.7B, heads 0.5 (Ka = 18): the
-#      lazy step's attention inputs unfused and fused over the window tile sweep, and the up kernel
+#      lazy step's attention inputs unfused, fused after XLA's norm, and fused over the window tile sweep, and the up kernel
 #      with and without the norm inside, at MLP density 0.25 ($OUT/kernels/kernels.{json,md})
 #   3. PROFILE=1: scripts/profile_decode.py at the first preset and density, lazy KV, FUSED's fused-step setting
 #      (the launch list per token; dense and fixed-index runs beside it)
@@ -23,6 +23,7 @@ KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
 FUSED=${FUSED:-auto}  # bench --fused-step: auto (by model width), on, off (the extras time the other setting either way)
 case "$FUSED" in 1) FUSED=on ;; 0) FUSED=off ;; esac  # the sessions 7-8 spelling in README commands
+FUSED_NORM=${FUSED_NORM:-auto}  # bench --fused-norm: the fused kernel normalises too (on), XLA first (off), by width
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
@@ -30,7 +31,7 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 if [ "${KERNELS:-0}" = 1 ]; then
   python3 -m pallas_kernels.microbench --out "$OUT/kernels" --no-mlp --no-attention --window-kv --window-kv-heads 18 \
-    --window-kv-methods pallas_update qkv_unfused qkv_fused --window-kv-sweep-methods pallas_update qkv_fused \
+    --window-kv-methods pallas_update qkv_unfused qkv_normed qkv_fused --window-kv-sweep-methods pallas_update qkv_fused \
     --sweep --up-norm --densities 0.25 --seconds 240 2>&1 | grep -v "^[WI][0-9]" | tail -60
   rm -f "$OUT/kernels/kernels.jsonl"  # kernels.json holds the same rows
 fi
@@ -38,7 +39,7 @@ for preset in $PRESETS; do
   date
   python3 -m dejavu_jax.bench --preset "$preset" --dtype fp16 --reps 3 --sparse "$SPARSE" --kernels pallas \
     --kv-modes "$KV_MODES" --mlp-topk-block "$MLP_TOPK_BLOCK" --baselines "$BASELINES" \
-    --fused-step "$FUSED" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
+    --fused-step "$FUSED" --fused-norm "$FUSED_NORM" --out "$OUT/bench-$preset" 2>&1 | grep -v "^[WI][0-9]"
 done 2>&1 | tee "$OUT/log.txt"
 if [ "${PROFILE:-0}" = 1 ]; then
   python3 scripts/profile_decode.py --preset "${PRESETS%% *}" --sparse "${SPARSE%%,*}" --kv-mode lazy \

@@ -494,6 +494,28 @@ def test_gathered_window_qkv_update_matches_reference(B, W, D, H, KV, Dh, S, q_i
             np.testing.assert_array_equal(np.asarray(o)[:, g], np.asarray(old)[:, g])
 
 
+@pytest.mark.parametrize("B,W,D,H,KV,Dh,S,q_idx,refresh,cur,bias,rotary,norm,blocks", QKV_UPDATE_CASES)
+def test_gathered_window_qkv_from_a_normed_ring_equals_the_normalising_kernel(B, W, D, H, KV, Dh, S, q_idx,
+                                                                              refresh, cur, bias, rotary,
+                                                                              norm, blocks):
+    """h None: the kernel reads this token's normed row from the ring (written by the caller) and gives
+    the q and caches the normalising kernel gives, the ring untouched; the reference agrees."""
+    args = _qkv_update_inputs(B, W, D, H, KV, Dh, S, q_idx, refresh, cur, bias, rotary, norm, jnp.float32)
+    kw = dict(norm_kind=norm, norm_eps=1e-5)
+    fused = ga.gathered_window_qkv_update(*args, interpret=INTERPRET, **kw, **blocks)
+    ring = fused[1]  # row cur = norm(h), as the caller's XLA norm and ring write leave it
+    normed = (None, None, None, ring, *args[4:])
+    out = ga.gathered_window_qkv_update(*normed, interpret=INTERPRET, **kw, **blocks)
+    ref = ga.gathered_window_qkv_update_reference(*normed, **kw)
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(ring))
+    for o, f, r in zip(out, fused, ref):
+        assert o.shape == f.shape == r.shape
+        np.testing.assert_allclose(np.asarray(o), np.asarray(f), rtol=1e-6, atol=1e-6)
+        assert rel_err(o, r) < TOL[jnp.float32]
+    with pytest.raises(ValueError, match="no norm weights"):
+        ga.gathered_window_qkv_update(None, args[1], None, *args[3:], interpret=INTERPRET, **kw)
+
+
 def test_gathered_window_qkv_update_reads_only_the_named_heads():
     """NaN weights of unselected query heads and unnamed KV groups never reach q or the caches."""
     args = list(_qkv_update_inputs(1, 4, 40, 6, 3, 16, 6, [4, 1], [0], 1, True, False, "layernorm",

@@ -20,12 +20,13 @@ KV_METHODS = tuple(m for m in mb.WINDOW_KV_METHODS if not m.startswith("qkv"))
 
 def test_window_kv_microbench_rows():
     rows = mb.window_kv_microbench((1, 3), S=12, methods=KV_METHODS, **TINY_WINDOW)
-    rows += mb.window_kv_microbench((2, 3), S=12, methods=("qkv_unfused", "qkv_fused"), **TINY_WINDOW)
+    qkv_methods = ("qkv_unfused", "qkv_normed", "qkv_fused")
+    rows += mb.window_kv_microbench((2, 3), S=12, methods=qkv_methods, **TINY_WINDOW)
     assert [(r["Ka"], r["method"]) for r in rows] == (
-        [(ka, m) for ka in (1, 3) for m in KV_METHODS] + [(ka, m) for ka in (2, 3) for m in ("qkv_unfused", "qkv_fused")])
+        [(ka, m) for ka in (1, 3) for m in KV_METHODS] + [(ka, m) for ka in (2, 3) for m in qkv_methods])
     for r in rows:
         assert r["op"] == "window_kv" and (r["KV"], r["Dh"], r["D"], r["W"]) == (4, 16, 64, 4)
-        updates = r["method"] in ("pallas_update", "pallas_scatter", "xla_update", "qkv_unfused", "qkv_fused")
+        updates = r["method"] in ("pallas_update", "pallas_scatter", "xla_update") or r["method"].startswith("qkv")
         assert r.get("S") == (12 if updates else None)
         heads = 4 if r["method"] == "dense" else r["Ka"]
         queries = r["Ka"] - 1 if r["method"].startswith("qkv") else 0  # ceil(KV / W) = 1 group refreshed
@@ -42,8 +43,9 @@ def test_window_kv_microbench_rows():
 
 
 def test_qkv_microbench_methods_compute_the_same_step(monkeypatch):
-    """The two qkv rows time the same computation: run once from the same state, the unfused ops
-    and the fused kernel give the same ring, caches and queries."""
+    """The three qkv rows time the same computation: run once from the same state, the unfused ops,
+    the kernel reading the XLA-normed ring and the normalising kernel give the same ring, caches and
+    queries."""
     import numpy as np
 
     captured = {}
@@ -53,9 +55,10 @@ def test_qkv_microbench_methods_compute_the_same_step(monkeypatch):
         return dict(time_us=1.0)
 
     monkeypatch.setattr(mb, "time_per_update", capture)  # one application instead of timing
-    mb.window_kv_microbench((3,), S=12, methods=("qkv_unfused", "qkv_fused"), **TINY_WINDOW)
-    for a, b in zip(captured["qkv_unfused"], captured["qkv_fused"]):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3)
+    mb.window_kv_microbench((3,), S=12, methods=("qkv_unfused", "qkv_normed", "qkv_fused"), **TINY_WINDOW)
+    for other in ("qkv_normed", "qkv_fused"):
+        for a, b in zip(captured["qkv_unfused"], captured[other]):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3)
 
 
 def test_chain_update_threads_each_layers_state_in_place():

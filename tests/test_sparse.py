@@ -377,12 +377,15 @@ def test_lazy_kv_equals_exact(tiny, backend):
     np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend,mlp_norm_in_up", [("xla", False), ("pallas", False), ("pallas", True)])
-def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_norm_in_up):
+@pytest.mark.parametrize("backend,mlp_norm_in_up,fused_norm", [
+    ("xla", False, True), ("pallas", False, True), ("pallas", True, True), ("xla", False, False),
+    ("pallas", False, False)])
+def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_norm_in_up, fused_norm):
     """With Ops.fused_step a pre-norm model's gathered lazy-KV step takes its attention inputs from
     one op (`gathered_window_qkv_update`: norm, ring write, Q, window K/V) and must not call the
     separate Q projection or window update; without it, it must not call the fused op. Both decode
-    alike, also when the fused run normalises the MLP input inside the up kernel (Ops.mlp_norm_in_up)."""
+    alike, also when the fused run normalises the MLP input inside the up kernel (Ops.mlp_norm_in_up)
+    and when XLA normalises and writes the ring before the one op (Ops.fused_norm False)."""
     cfg, params = tiny
     prompt, _ = tokens_for(cfg, B=1, T=5)
     L, n = cfg.num_layers, 6
@@ -393,8 +396,16 @@ def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_no
     def unused(*args, **kwargs):
         raise AssertionError("the fused step called a separate op")
 
-    fused_ops = dataclasses.replace(get_ops(backend, fused_step=True, mlp_norm_in_up=mlp_norm_in_up),
+    fused_ops = dataclasses.replace(get_ops(backend, fused_step=True, mlp_norm_in_up=mlp_norm_in_up,
+                                            fused_norm=fused_norm),
                                     gathered_head_proj=unused, gathered_window_kv_update=unused)
+    qkv = fused_ops.gathered_window_qkv_update
+
+    def qkv_checked(h, *args, **kwargs):  # fused_norm: the op gets the residual, else the normed ring
+        assert (h is not None) == fused_norm, f"Ops.fused_norm={fused_norm}: the op got h={h}"
+        return qkv(h, *args, **kwargs)
+
+    fused_ops = dataclasses.replace(fused_ops, gathered_window_qkv_update=qkv_checked)
     if mlp_norm_in_up:  # the up kernel must get the norm (and the residual) rather than a normed input
         up = fused_ops.gathered_up
 
@@ -423,6 +434,13 @@ def test_fused_step_follows_the_model_width_by_default():
     assert not fused_step_enabled(get_ops("pallas", fused_step=False), 768)
     assert not fused_step_enabled(get_ops("xla"), 768) and fused_step_enabled(get_ops("xla", fused_step=True), 768)
     assert not fused_step_enabled(object(), 768)  # ops without the field (e.g. a caller's own) never fuse
+    # The fused launch normalises by the same width rule unless told (Ops.fused_norm).
+    from pallas_kernels import fused_norm_enabled
+
+    assert auto.fused_norm is None
+    assert fused_norm_enabled(auto, FUSED_STEP_MAX_D_MODEL) and not fused_norm_enabled(auto, 5120)
+    assert not fused_norm_enabled(get_ops("pallas", fused_norm=False), 768)
+    assert fused_norm_enabled(get_ops("pallas", fused_norm=True), 7168)
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
