@@ -54,12 +54,11 @@ from dejavu_jax.generate import Generator, decode_compiler_options
 from dejavu_jax.sparse import (
     LAZY_WINDOW,
     MLP_TOPK_BLOCK,
-    fuses_attention_norm,
     init_sparse_cache,
     refresh_groups,
     step_fuses_attention_inputs,
 )
-from pallas_kernels import FUSED_STEP_MAX_D_MODEL
+from pallas_kernels import fused_norm_enabled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,14 +319,14 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
 
 SERIAL_SCHEDULING = "XLA's default graph scheduling (kernels chained)"
 FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
-FUSED_NORM_CHOICES = FUSED_STEP_CHOICES  # --fused-norm -> pallas_kernels.Ops.fused_norm
+FUSED_NORM_CHOICES = {"on": True, "off": False}  # --fused-norm -> pallas_kernels.Ops.fused_norm
 
 
 def _step_label(fused: bool, norm_inside: bool) -> str:
     """How a row's batch-1 lazy-KV step takes its attention inputs (pallas_kernels.Ops.fused_step/fused_norm)."""
     if not fused:
         return "unfused step"
-    return "fused step" if norm_inside else "fused step, attention norm in XLA"
+    return "fused step, attention norm inside" if norm_inside else "fused step"
 
 
 class _Variant(NamedTuple):
@@ -346,13 +345,13 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
                 mlp_topk_block: int = 0, fused_step: bool | None = None,
-                fused_norm: bool | None = None) -> list[dict]:
+                fused_norm: bool = False) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
     layer); with extras, the first point also runs the other setting for comparison. fused_step:
-    the gathered kernels' fused launches (`pallas_kernels.Ops.fused_step`; None: by model width,
-    `pallas_kernels.fused_step_enabled`) and fused_norm whether that launch normalises too
+    the batch-1 lazy-KV step's attention inputs from one launch (`pallas_kernels.Ops.fused_step`;
+    None: the backend's default) and fused_norm whether that launch normalises too
     (`pallas_kernels.Ops.fused_norm`); extras time the other settings too (all three steps).
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
@@ -378,7 +377,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             block = mlp_topk_block
             base = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
             fused = step_fuses_attention_inputs(cfg, kv_mode, ops)
-            norm_inside = fuses_attention_norm(cfg, ops)
+            norm_inside = fused_norm_enabled(ops)
             main = base + (f", {_step_label(True, norm_inside)}" if fused else "")
             variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:
@@ -396,11 +395,10 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     variants.append(_Variant("predictor+lookahead, [D, r] predictor layout", transpose=False,
                                              mlp_topk_block=block))
                     if cfg.pre_norm and backend == "pallas":  # the other settings of the fused launches
-                        other_norm = fuses_attention_norm(cfg, dataclasses.replace(ops, fused_step=True))
                         if fused:  # the fused step with the norm on the other side, and the unfused step
                             others = [(True, not norm_inside), (False, norm_inside)]
                         else:  # the fused step both ways
-                            others = [(True, other_norm), (True, not other_norm)]
+                            others = [(True, norm_inside), (True, not norm_inside)]
                         for f, n in others:
                             variants.append(_Variant(f"{base}, {_step_label(f, n)}", mlp_topk_block=block,
                                                      ops_changes={"fused_step": f, "fused_norm": n}))
@@ -753,15 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the predictors rank MLP neurons per block of B rows, each keeping its share of K (0: one "
                          "top-K per layer); the extras also time the other setting")
     sp.add_argument("--fused-step", choices=FUSED_STEP_CHOICES, default="auto",
-                    help="the batch-1 lazy-KV decode step takes its attention inputs (norm, window ring "
-                         "write, Q, window K/V) from one kernel instead of five: auto (default) where the "
-                         f"model is at most {FUSED_STEP_MAX_D_MODEL} wide (faster there on an H200, slower at "
-                         "OPT-13B and 30B), on, off; the extras also time the other setting, and the MLP norm "
-                         "inside the up kernel")
-    sp.add_argument("--fused-norm", choices=FUSED_NORM_CHOICES, default="auto",
-                    help="with the fused step, its kernel also computes the attention norm and writes the window "
-                         "ring (on), or XLA does that first and the kernel only reads the ring (off); auto "
-                         f"(default): inside where the model is at most {FUSED_STEP_MAX_D_MODEL} wide")
+                    help="the batch-1 lazy-KV decode step takes its attention inputs (Q and the window K/V, "
+                         "written into the cache) from one kernel instead of two: auto (default: on for the "
+                         "Pallas kernels), on, off; the extras also time the other settings")
+    sp.add_argument("--fused-norm", choices=FUSED_NORM_CHOICES, default="off",
+                    help="that kernel also computes the attention norm and writes the window ring (on), or XLA "
+                         "does both first and the kernel only reads the ring (off, default: faster on an H200 "
+                         "at every OPT width measured)")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the extra variants (no lookahead, no predictor, other kernel and layout settings "
                          "at the first density point; on a GPU, dense and sparse under XLA's default graph "

@@ -250,10 +250,10 @@ class Ops(Protocol):
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
     gathered_window_qkv_update: Callable  # the same with the attention norm and Q
-    fused_step: bool | None  # the lazy KV step uses it (None: by model width; pallas_kernels.Ops)
+    fused_step: bool  # the lazy KV step takes Q and the window K/V from one op (pallas_kernels.Ops)
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
-    fused_norm: bool | None  # the fused step's launch normalises too (None: by model width)
+    fused_norm: bool  # the fused step's op normalises too
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,10 +412,11 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
     """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v))."""
     ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h, ops=ops)
     head_sel = selector.heads(ctx) if selector is not None else None
-    from dejavu_jax.sparse import fuses_attention_inputs, fuses_attention_norm
+    from dejavu_jax.sparse import fuses_attention_inputs
+    from pallas_kernels import fused_norm_enabled
 
     fused = fuses_attention_inputs(cfg, layer_cache, head_sel, ops)
-    norm_inside = fused and fuses_attention_norm(cfg, ops)
+    norm_inside = fused and fused_norm_enabled(ops)
     x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
                                     head_sel, ops, record, fused_inputs=fused, norm_inside=norm_inside)

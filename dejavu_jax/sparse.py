@@ -60,8 +60,7 @@ import numpy as np
 
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
-from pallas_kernels import (fused_norm_enabled, fused_step_enabled, gathered_window_kv_update_reference,
-                            topk_rows_reference)
+from pallas_kernels import fused_step_enabled, gathered_window_kv_update_reference, topk_rows_reference
 from pallas_kernels.gather_attention import first_occurrences
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
@@ -889,9 +888,9 @@ def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
 
 def step_fuses_attention_inputs(cfg: ModelConfig, kv_mode: str, ops) -> bool:
     """Whether a gathered decode step with this KV mode takes its attention inputs from one op
-    (`lazy_attention_inputs`): a pre-norm model, the lazy KV cache, and ops that fuse at this model
-    width (`pallas_kernels.fused_step_enabled`; the tensor-parallel ops do not)."""
-    return cfg.pre_norm and kv_mode == "lazy" and fused_step_enabled(ops, cfg.hidden_size)
+    (`lazy_attention_inputs`): a pre-norm model, the lazy KV cache, and ops that fuse
+    (`pallas_kernels.fused_step_enabled`; the tensor-parallel ops do not)."""
+    return cfg.pre_norm and kv_mode == "lazy" and fused_step_enabled(ops)
 
 
 def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None, ops) -> bool:
@@ -899,11 +898,6 @@ def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None,
     heads are gathered (a decode step)."""
     kv_mode = "lazy" if layer_cache is not None and len(layer_cache) == 5 else "exact"
     return sel is not None and sel.idx is not None and step_fuses_attention_inputs(cfg, kv_mode, ops)
-
-
-def fuses_attention_norm(cfg: ModelConfig, ops) -> bool:
-    """Whether a fused step's one launch also normalises (`pallas_kernels.fused_norm_enabled`)."""
-    return fused_norm_enabled(ops, cfg.hidden_size)
 
 
 def lazy_attention_inputs(lp: Params, cfg: ModelConfig, h: jax.Array, layer_cache, sel: Selection, ops, *,

@@ -51,20 +51,18 @@ class Ops:
     top-K selections (select_topk.py: from scores, and from a predictor's code, scores included, for
     one site or both).
 
-    fused_step: the batch-1 lazy-KV decode step takes its attention inputs from one launch
-    (gathered_window_qkv_update: the attention norm, the ring write, Q and the window K/V) instead of
-    five. None (the Pallas default): where the model width is at most FUSED_STEP_MAX_D_MODEL
-    (`fused_step_enabled`). On the H200 the fused kernel beat the launches it replaces at D 2560
-    and 4096 (16.6 against 18.2 us at OPT-2.7B shapes; end to end 1.538 against 1.572 ms/token at
-    OPT-2.7B, 2.223 against 2.314 at 6.7B) and lost at 5120 and 7168 (48.6 against 34.7 us at
-    OPT-13B, 65.8 against 52.4 at 30B, no tile of the sweep closing it; end to end 4.298 against
-    3.638 and 7.494 against 6.679) (pallas_kernels/NOTES.md, sessions 7-9). `python -m
-    dejavu_jax.bench` times both settings.
-    fused_norm: the fused step's launch also computes the attention norm and writes the ring (one
-    launch in all); False: XLA normalises and writes ring row cur first (two small fusions) and the
-    launch only reads the ring (`gathered_window_qkv_update` with h None), which keeps the norm's
-    extra loads out of its loop over D. None (default): inside where the model width is at most
-    FUSED_STEP_MAX_D_MODEL (`fused_norm_enabled`).
+    fused_step: the batch-1 lazy-KV decode step takes its attention inputs (Q of the selected heads
+    and the window K/V of their groups, written into the cache) from one launch of
+    gathered_window_qkv_update instead of two (gathered_head_proj, gathered_window_kv_update).
+    On by default for the Pallas kernels (`get_ops`).
+    fused_norm: that launch also computes the attention norm and writes the window ring. Off by
+    default: XLA normalises and writes ring row cur first (two small fusions) and the launch only
+    reads the ring (gathered_window_qkv_update with h None), which keeps the norm's loads out of its
+    loop over D. On the H200 (session 10, pallas_kernels/NOTES.md) the attention inputs of one layer
+    took, five launches / norm inside / norm in XLA: 18.4 / 16.6 / 14.7 us at OPT-2.7B shapes,
+    27.8 / 25.1 / 21.3 at 6.7B, 34.6 / 48.5 / 29.4 at 13B, 52.1 / 65.1 / 46.9 at 30B; end to end
+    at 6.7B 2.316 / 2.267 / 2.146 ms/token, at 13B 3.663 against 3.566 (unfused / norm in XLA), at
+    30B 6.619 against 6.477. `python -m dejavu_jax.bench` times all three.
     mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
     of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
     at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.
@@ -84,36 +82,28 @@ class Ops:
     code_topk_pair: Callable
     gathered_window_kv_update: Callable
     gathered_window_qkv_update: Callable
-    fused_step: bool | None = False
+    fused_step: bool = False
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
-    fused_norm: bool | None = None
+    fused_norm: bool = False
 
 
-# The widest model whose batch-1 lazy-KV step fuses its attention inputs by default (Ops.fused_step).
-FUSED_STEP_MAX_D_MODEL = 4096
+def fused_step_enabled(ops) -> bool:
+    """Whether `ops` (an Ops, or any object with a fused_step attribute) fuse the attention inputs."""
+    return bool(getattr(ops, "fused_step", False))
 
 
-def fused_step_enabled(ops, d_model: int) -> bool:
-    """Whether `ops` (an Ops, or any object with a fused_step attribute) fuse the attention inputs of
-    a model `d_model` wide: their fused_step, or for None whether d_model <= FUSED_STEP_MAX_D_MODEL."""
-    fused = getattr(ops, "fused_step", False)
-    return d_model <= FUSED_STEP_MAX_D_MODEL if fused is None else bool(fused)
-
-
-def fused_norm_enabled(ops, d_model: int) -> bool:
-    """Whether the fused step of `ops` also normalises inside its launch (Ops.fused_norm; None: by width,
-    as fused_step_enabled's rule); ops without the field do."""
-    fused = getattr(ops, "fused_norm", True)
-    return d_model <= FUSED_STEP_MAX_D_MODEL if fused is None else bool(fused)
+def fused_norm_enabled(ops) -> bool:
+    """Whether the fused step of `ops` also normalises inside its launch (ops without the field do)."""
+    return bool(getattr(ops, "fused_norm", True))
 
 
 def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
-            mlp_norm_in_up: bool = False, fused_norm: bool | None = None) -> Ops:
+            mlp_norm_in_up: bool = False, fused_norm: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
 
-    fused_step None: the Pallas kernels fuse by model width (`fused_step_enabled`); the XLA
-    references do not fuse (their fused op exists as the kernel's oracle)."""
+    fused_step None: the backend's default, on for the Pallas kernels, off for the XLA references
+    (their fused op exists as the kernel's oracle)."""
     if backend == "xla":
         fused_step = bool(fused_step)
         return Ops(backend, gathered_up_reference, gathered_down_reference,
@@ -127,12 +117,13 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
                gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
+        fused_step = True if fused_step is None else bool(fused_step)
         return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
 __all__ = [
-    "BACKENDS", "FUSED_STEP_MAX_D_MODEL", "Ops", "fused_norm_enabled", "fused_step_enabled", "get_ops",
+    "BACKENDS", "Ops", "fused_norm_enabled", "fused_step_enabled", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",

@@ -287,8 +287,18 @@ def default_window_kv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int)
     return WindowKVBlocks(block_m=block_m, block_n=block_n, block_d=block_d)
 
 
-def default_window_qkv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int) -> WindowKVBlocks:
-    """The window K/V kernel's tiles, with twice the head rows per program up to D = 5120.
+def default_window_qkv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int, *,
+                              normalise: bool = True) -> WindowKVBlocks:
+    """The fused attention-input kernel's tiles: the window K/V kernel's tiles with twice the head rows
+    per program up to D = 5120; past D = 4096 with the ring already normed (normalise False), the
+    window K/V kernel's with block_d 128 over 4 stages instead.
+
+    Without the norm (session 10 sweeps on the H200, results/qkv-normed-h200/): at OPT-13B the
+    [32, 128] tile over 4 stages took 29.4 us against 39.2 at [32, 256] and 39.7 at [64, 256], at
+    OPT-30B 46.9 against 54.9 and 55.9; at OPT-6.7B [64, 256] 21.3, [32, 256] 21.6, [32, 128] x 4
+    21.6; at OPT-2.7B [32, 256] 14.5, [64, 256] 14.6.
+
+    With the norm inside:
 
     Every program of the fused kernel computes this token's norm statistics itself, so fewer, larger
     programs pay: at OPT-6.7B with Ka = 18 on the H200 (session 8 sweep, results/kernels-h200-session8/)
@@ -299,6 +309,9 @@ def default_window_qkv_blocks(rows: int, n_sel: int, head_dim: int, d_model: int
     so wider models keep the window kernel's tiles.
     """
     kv = default_window_kv_blocks(rows, n_sel, head_dim, d_model)
+    if not normalise:
+        if d_model > 4096:
+            return dataclasses.replace(kv, block_n=min(kv.block_n, 32), block_d=128, num_stages=4)
     if d_model > 5120:
         return kv
     return dataclasses.replace(kv, block_n=min(2 * kv.block_n, max(pow2_ceil(head_dim), MIN_DOT)))
@@ -858,7 +871,8 @@ def gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx
         raise ValueError(f"{norm_kind} takes {'no ' if norm_kind == 'rmsnorm' else ''}norm bias")
     parts = 1 if rotary is None else 2
     cfg = dataclasses.replace(default_window_qkv_blocks(batch * window, q_idx.shape[0] + refresh.shape[0],
-                                                        w_kv.shape[2] // parts, d_model), **blocks)
+                                                        w_kv.shape[2] // parts, d_model, normalise=h is not None),
+                              **blocks)
     return _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_idx, refresh, cur,
                                        slots, k_cache, v_cache, b_q, b_kv, rotary, norm_kind=norm_kind,
                                        norm_eps=float(norm_eps), blocks=cfg, interpret=interpret)

@@ -21,9 +21,9 @@ SPARSE=${SPARSE:-0.25:0.5,0.1:0.5}
 MLP_TOPK_BLOCK=${MLP_TOPK_BLOCK:-0}
 KV_MODES=${KV_MODES:-lazy,exact}
 BASELINES=${BASELINES:-eager,static-compile}  # "copy": only the cudaMemcpy bandwidth of the floor
-FUSED=${FUSED:-auto}  # bench --fused-step: auto (by model width), on, off (the extras time the other setting either way)
+FUSED=${FUSED:-auto}  # bench --fused-step: auto (the backend's default: on for Pallas), on, off (the extras time the others)
 case "$FUSED" in 1) FUSED=on ;; 0) FUSED=off ;; esac  # the sessions 7-8 spelling in README commands
-FUSED_NORM=${FUSED_NORM:-auto}  # bench --fused-norm: the fused kernel normalises too (on), XLA first (off), by width
+FUSED_NORM=${FUSED_NORM:-off}  # bench --fused-norm: the fused kernel normalises too (on), or XLA first (off)
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \

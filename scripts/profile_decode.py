@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--fused-step", choices=bench.FUSED_STEP_CHOICES, default="auto",
                    help="the sparse runs take the lazy step's attention inputs from one launch "
-                        "(pallas_kernels.Ops.fused_step; auto: by model width)")
+                        "(pallas_kernels.Ops.fused_step; auto: the backend's default)")
     p.add_argument("--dense-kernels", action="store_true",
                    help="also profile dense decode through the gathered kernels (every row selected)")
     p.add_argument("--top", type=int, default=25, help="kernels listed per profile")

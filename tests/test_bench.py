@@ -69,16 +69,16 @@ def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
     sparse = [r for r in json.loads((out / "bench.json").read_text())["rows"] if "mlp_density" in r]
     assert all("error" not in r for r in sparse)
     by_variant = {r["variant"]: r for r in sparse}
-    # --fused-step auto: a model this narrow (D <= FUSED_STEP_MAX_D_MODEL) fuses its attention inputs
-    # (Ops.fused_step: the interpreted fused kernels end to end) in the main rows; the unfused step,
-    # the fused one with the norm outside its kernel and the MLP norm inside the up kernel run as extras.
+    # --fused-step auto: the Pallas kernels fuse the attention inputs (Ops.fused_step: the interpreted
+    # fused kernel end to end, after XLA's norm) in the main rows; the unfused step, the fused one with
+    # the norm inside its kernel and the MLP norm inside the up kernel run as extras.
     main = "predictor+lookahead, MLP top-K per 16 rows, fused step"
     assert [r["variant"] for r in sparse if r["main"]] == [main]
     assert by_variant["predictor+lookahead, one MLP top-K per layer"]["mlp_topk_block"] == 0
     assert by_variant["predictor, no lookahead"]["mlp_topk_block"] == 16
     assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, unfused step"]["main"]
-    # ... and the fused step with XLA's norm and ring write before its kernel (Ops.fused_norm off).
-    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, fused step, attention norm in XLA"]["main"]
+    # ... and the fused step with the norm and ring write inside its kernel (Ops.fused_norm on).
+    assert not by_variant["predictor+lookahead, MLP top-K per 16 rows, fused step, attention norm inside"]["main"]
     assert not by_variant[f"{main}, MLP norm inside the up kernel"]["main"]
     # Ops.topk_pair off (heads and MLP blocks ranked in separate launches), beside the default.
     assert not by_variant[f"{main}, top-K of heads and MLP in two launches"]["main"]
