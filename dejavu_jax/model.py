@@ -249,7 +249,7 @@ class Ops(Protocol):
     gathered_out_proj: Callable
     sparse_decode_attention: Callable
     gathered_window_kv_update: Callable  # lazy KV mode: selected heads' window K/V into the cache
-    gathered_window_qkv_update: Callable  # the same with the attention norm and Q
+    gathered_window_qkv_update: Callable  # the same with Q (and, with fused_norm, the attention norm)
     fused_step: bool  # the lazy KV step takes Q and the window K/V from one op (pallas_kernels.Ops)
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up

@@ -47,7 +47,7 @@ BACKENDS = ("xla", "pallas")
 class Ops:
     """The gathered ops of one backend (gather_mlp.py, gather_attention.py; gathered_window_kv_update
     is the lazy KV mode's window recompute, written into the cache, and gathered_window_qkv_update
-    the same with the attention norm, the window ring write and the Q projection in one op) and its
+    the same with the Q projection in one op, optionally the attention norm and ring write too) and its
     top-K selections (select_topk.py: from scores, and from a predictor's code, scores included, for
     one site or both).
 
