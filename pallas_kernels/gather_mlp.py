@@ -400,22 +400,16 @@ def _add_norm_epilogue(acc, refs, ep: AddNorm, *, cols, d_model, batch, block_d,
         for c in range(n_chunks):
             cc = c * block_d + jnp.arange(block_d, dtype=jnp.int32)
             chunks.append((cc, cc < d_model if (c + 1) * block_d > d_model else None))
-        # Every load is issued before any result is used, so that they are in flight together (this
-        # program's tail is the launch's). Plain loads see the atomics' sums: they went to L2, and no
-        # program of this launch has the buffer's lines in its L1.
         bias = [f32(_load_cols(bias_ref.at[cc], ok)) for cc, ok in chunks] if bias_ref is not None else None
         for b in range(batch):
-            sums = [plgpu.load(acc_ref.at[full_index(cc, b), cc]) for cc, _ in chunks]
-            res = [f32(_load_cols(res_ref.at[full_index(cc, b), cc], ok)) for cc, ok in chunks]
-            if ep.norm_kind:
-                scale = [f32(_load_cols(ns_ref.at[cc], ok)) for cc, ok in chunks]
-                shift = [f32(_load_cols(nb_ref.at[cc], ok)) for cc, ok in chunks] if nb_ref is not None else None
             hs, total, squares = [], 0.0, 0.0
             for c, (cc, ok) in enumerate(chunks):
-                y = rounded(sums[c])
+                # Volatile: from L2, where the atomics landed, never a stale L1 line (the lowering
+                # of cache_modifier=".cg" in jax 0.10-0.11 rejects every value).
+                y = rounded(plgpu.load(acc_ref.at[full_index(cc, b), cc], volatile=True))
                 if bias is not None:
                     y = rounded(y + bias[c])
-                h = rounded(res[c] + y)
+                h = rounded(f32(_load_cols(res_ref.at[full_index(cc, b), cc], ok)) + y)
                 plgpu.store(h_ref.at[full_index(cc, b), cc], h.astype(h_ref.dtype))
                 hs.append(h)
                 if ep.norm_kind:
@@ -424,9 +418,9 @@ def _add_norm_epilogue(acc, refs, ep: AddNorm, *, cols, d_model, batch, block_d,
                 continue
             mean, rstd = norm_mean_rstd(total, squares, d_model, kind=ep.norm_kind, eps=ep.norm_eps)
             for c, (cc, ok) in enumerate(chunks):
-                x = (hs[c] - mean) * rstd * scale[c]
-                if shift is not None:
-                    x = x + shift[c]
+                x = (hs[c] - mean) * rstd * f32(_load_cols(ns_ref.at[cc], ok))
+                if nb_ref is not None:
+                    x = x + f32(_load_cols(nb_ref.at[cc], ok))
                 plgpu.store(x_ref.at[full_index(cc, b), cc], x.astype(x_ref.dtype))
 
 
