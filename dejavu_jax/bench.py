@@ -58,7 +58,7 @@ from dejavu_jax.sparse import (
     refresh_groups,
     step_fuses_attention_inputs,
 )
-from pallas_kernels import add_norm_enabled, fused_norm_enabled
+from pallas_kernels import fused_norm_enabled
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,12 +320,6 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
 SERIAL_SCHEDULING = "XLA's default graph scheduling (kernels chained)"
 FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
 FUSED_NORM_CHOICES = {"on": True, "off": False}  # --fused-norm -> pallas_kernels.Ops.fused_norm
-ADD_NORM_CHOICES = {"on": True, "off": False}  # --add-norm -> pallas_kernels.Ops.add_norm
-
-
-def _add_norm_label(on: bool) -> str:
-    """Where a row's gathered step adds the residual and applies the norms (pallas_kernels.Ops.add_norm)."""
-    return "residual adds and norms in the projections" if on else "residual adds and norms in XLA"
 
 
 def _step_label(fused: bool, norm_inside: bool) -> str:
@@ -351,7 +345,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
                 mlp_topk_block: int = 0, fused_step: bool | None = None,
-                fused_norm: bool = False, add_norm: bool = True) -> list[dict]:
+                fused_norm: bool = False) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
@@ -359,8 +353,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     the batch-1 lazy-KV step's attention inputs from one launch (`pallas_kernels.Ops.fused_step`;
     None: the backend's default) and fused_norm whether that launch normalises too
     (`pallas_kernels.Ops.fused_norm`); extras time the other settings too (all three steps).
-    add_norm: the Pallas out and down projections add the residual and apply the next norm in their
-    own launches (`pallas_kernels.Ops.add_norm`; labelled only when off); extras time the other setting.
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -378,8 +370,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     for i, (mlp_d, head_d) in enumerate(densities):
         combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
         for j, (backend, kv_mode) in enumerate(combos):
-            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm,
-                          add_norm=add_norm if backend == "pallas" else None)
+            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
@@ -388,9 +379,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             fused = step_fuses_attention_inputs(cfg, kv_mode, ops)
             norm_inside = fused_norm_enabled(ops)
             main = base + (f", {_step_label(True, norm_inside)}" if fused else "")
-            adds_in_kernels = add_norm_enabled(ops)
-            if backend == "pallas" and cfg.pre_norm and not adds_in_kernels:
-                main += f", {_add_norm_label(False)}"
             variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:
                 if block:
@@ -416,9 +404,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                                      ops_changes={"fused_step": f, "fused_norm": n}))
                         variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
                                                  ops_changes={"mlp_norm_in_up": True}))
-                        variants.append(_Variant(f"{base}, {_step_label(fused, norm_inside)}, "
-                                                 f"{_add_norm_label(not adds_in_kernels)}", mlp_topk_block=block,
-                                                 ops_changes={"add_norm": not adds_in_kernels}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
                                                  mlp_topk_block=block, ops_changes={"topk_pair": False}))
@@ -773,10 +758,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="that kernel also computes the attention norm and writes the window ring (on), or XLA "
                          "does both first and the kernel only reads the ring (off, default: faster on an H200 "
                          "at every OPT width measured)")
-    sp.add_argument("--add-norm", choices=ADD_NORM_CHOICES, default="on",
-                    help="the Pallas out and down projections add the residual and apply the next norm in their "
-                         "own kernels (on, default), or leave the partial sums, adds and norms to XLA (off); the "
-                         "extras also time the other setting")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the extra variants (no lookahead, no predictor, other kernel and layout settings "
                          "at the first density point; on a GPU, dense and sparse under XLA's default graph "
@@ -925,8 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
                              mlp_topk_block=args.mlp_topk_block,
                              fused_step=FUSED_STEP_CHOICES[args.fused_step],
-                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm],
-                             add_norm=ADD_NORM_CHOICES[args.add_norm])
+                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm])
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -254,7 +254,6 @@ class Ops(Protocol):
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
     fused_norm: bool  # the fused step's op normalises too
-    add_norm: bool  # gathered out/down projections take the residual and the next norm (their `residual`)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,17 +261,6 @@ class Ops(Protocol):
 # --------------------------------------------------------------------------------------------
 def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return apply_norm(x, p["scale"], p.get("bias"), kind=cfg.norm, eps=cfg.norm_eps)
-
-
-def norm_arg(p: Params | None, cfg: ModelConfig):
-    """A norm's parameters as the kernels take them: (kind, eps, scale, bias or None); None for None."""
-    return None if p is None else (cfg.norm, cfg.norm_eps, p["scale"], p.get("bias"))
-
-
-def add_then_norm(residual: jax.Array, y: jax.Array, then_norm: Params | None, cfg: ModelConfig):
-    """(residual + y, then_norm(residual + y) or None): a block half's end, in XLA."""
-    h = residual + y
-    return h, (norm(then_norm, h, cfg) if then_norm is not None else None)
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -308,23 +296,17 @@ def mlp_activations(lp: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: Ops | None,
-        record: dict | None = None, *, norm_inside: bool = False, residual: jax.Array | None = None,
-        then_norm: Params | None = None):
+        record: dict | None = None, *, norm_inside: bool = False) -> jax.Array:
     """x [B, T, D] (normed; with norm_inside the residual, which the gathered up projection normalises
-    with lp["mlp_norm"] itself) -> y [B, T, D]; with residual [B, T, D], the block's end instead:
-    (h, x_next) = (residual + y, then_norm(h) or None), which the gathered path computes in the down
-    projection's launch (`Ops.add_norm`)."""
+    with lp["mlp_norm"] itself) -> [B, T, D]."""
     if sel is not None and sel.idx is not None:
         B, T, D = x.shape
-        norm_args = {}
+        norm_arg = {}
         if norm_inside:
-            norm_args["norm"] = norm_arg(lp["mlp_norm"], cfg)
+            p = lp["mlp_norm"]
+            norm_arg["norm"] = (cfg.norm, cfg.norm_eps, p["scale"], p.get("bias"))
         a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation,
-                            **norm_args)
-        if residual is not None:
-            h, x_next = ops.gathered_down(a, lp["down"], sel.idx, residual=residual.reshape(B * T, D),
-                                          bias=lp.get("down_bias"), norm=norm_arg(then_norm, cfg))
-            return h.reshape(B, T, D), (None if x_next is None else x_next.reshape(B, T, D))
+                            **norm_arg)
         y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)
     else:
         a = mlp_activations(lp, cfg, x)  # [B, T, F]
@@ -334,7 +316,7 @@ def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: 
         y = jnp.einsum("btf,fd->btd", a, lp["down"])
     if "down_bias" in lp:
         y = y + lp["down_bias"]
-    return y if residual is None else add_then_norm(residual, y, then_norm, cfg)
+    return y
 
 
 def _project_heads(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
@@ -360,15 +342,13 @@ def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Arra
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
               key_valid: jax.Array, query_slot: jax.Array, key_slot: jax.Array, sel: Selection | None,
               ops: Ops | None, record: dict | None = None, *, fused_inputs: bool = False,
-              norm_inside: bool = False, residual: jax.Array | None = None, then_norm: Params | None = None):
+              norm_inside: bool = False):
     """Self-attention over the cache (or over the chunk itself when layer_cache is None).
 
     x [B, T, D] normed input (with fused_inputs and norm_inside: the residual, which the lazy KV
     mode's fused op normalises, `sparse.lazy_attention_inputs`); positions [B, T]; layer_cache (k, v, index) with
     k/v [B, KV, S, Dh]; key_valid [B, S]; query_slot [T] and key_slot [S] are absolute slots for the
-    causal mask. Returns (out [B, T, D], (k, v) updated); with residual [B, T, D] (the block input),
-    ((h, x_mlp), (k, v) updated) with h = residual + out and x_mlp = then_norm(h) or None, which the
-    gathered path computes in the out projection's launch (`Ops.add_norm`).
+    causal mask. Returns (out [B, T, D], (k, v) updated).
     """
     B, T, D = x.shape
     H, KV, Dh, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.kv_group_size
@@ -405,10 +385,6 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
         o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
-        if residual is not None:
-            h, x_mlp = ops.gathered_out_proj(o, lp["out"], sel.idx, residual=residual[:, 0], bias=lp.get("out_bias"),
-                                             norm=norm_arg(then_norm, cfg))
-            return (h[:, None], None if x_mlp is None else x_mlp[:, None]), new_cache
         out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
     else:
         q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]
@@ -427,43 +403,24 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         out = jnp.einsum("btnh,nhd->btd", o, lp["out"])
     if "out_bias" in lp:
         out = out + lp["out_bias"]
-    if residual is not None:
-        return add_then_norm(residual, out, then_norm, cfg), new_cache
     return out, new_cache
 
 
 def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | None, positions: jax.Array,
           layer_cache, key_valid, query_slot, key_slot, *, layer: int, selector: Selector | None,
-          ops: Ops | None, record: dict | None = None, normed: jax.Array | None = None,
-          next_norm: Params | None = None):
-    """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v), x_next).
-
-    normed: this layer's attention norm of h, where the layer before computed it (else None);
-    next_norm: the next layer's attention norm, which the block applies to its output when its ops
-    end block halves in their own launches (`Ops.add_norm`), returned as x_next (else None)."""
+          ops: Ops | None, record: dict | None = None):
+    """One decoder layer. h [B, T, D] residual stream -> ([B, T, D], updated (k, v))."""
     ctx = SelectContext(layer=layer, params=lp, prev_input=prev_input, block_input=h, ops=ops)
     head_sel = selector.heads(ctx) if selector is not None else None
     from dejavu_jax.sparse import fuses_attention_inputs
-    from pallas_kernels import add_norm_enabled, fused_norm_enabled
+    from pallas_kernels import fused_norm_enabled
 
     fused = fuses_attention_inputs(cfg, layer_cache, head_sel, ops)
     norm_inside = fused and fused_norm_enabled(ops)
-    add_norm = cfg.pre_norm and add_norm_enabled(ops)
-    x = h
-    if cfg.pre_norm and not norm_inside:
-        x = normed if normed is not None else norm(lp["attn_norm"], h, cfg)
-    # A gathered MLP step may normalise inside the up projection (saves the norm's two launches).
-    mlp_norm_in_up = cfg.pre_norm and getattr(ops, "mlp_norm_in_up", False)
-    attn_args = dict(fused_inputs=fused, norm_inside=norm_inside)
-    if add_norm:
-        attn_args.update(residual=h, then_norm=None if mlp_norm_in_up else lp["mlp_norm"])
+    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
-                                    head_sel, ops, record, **attn_args)
-    x_mlp = None
-    if add_norm:
-        h, x_mlp = attn_out
-    else:
-        h = h + attn_out
+                                    head_sel, ops, record, fused_inputs=fused, norm_inside=norm_inside)
+    h = h + attn_out
     if not cfg.pre_norm:
         h = norm(lp["attn_norm"], h, cfg)
     if selector is not None:
@@ -471,18 +428,14 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
         neuron_sel = selector.neurons(ctx)
     else:
         neuron_sel = None
-    norm_inside = mlp_norm_in_up and neuron_sel is not None and neuron_sel.idx is not None
-    x = h
-    if cfg.pre_norm and not norm_inside:
-        x = x_mlp if x_mlp is not None else norm(lp["mlp_norm"], h, cfg)
-    if add_norm:
-        h, x_next = mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside, residual=h,
-                        then_norm=next_norm)
-    else:
-        h, x_next = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside), None
+    # A gathered MLP step may normalise inside the up projection (saves the norm's two launches).
+    norm_inside = (cfg.pre_norm and neuron_sel is not None and neuron_sel.idx is not None
+                   and getattr(ops, "mlp_norm_in_up", False))
+    x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
+    h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside)
     if not cfg.pre_norm:
         h = norm(lp["mlp_norm"], h, cfg)
-    return h, new_cache, x_next
+    return h, new_cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,23 +489,14 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
         from dejavu_jax.sparse import ring_write
 
         win_pos = ring_write(cache.win_pos, positions, cache.index)
-    prev_input, normed = None, None
-    # Each block applies the next one's attention norm in its last launch where its ops allow
-    # (Ops.add_norm), unless the fused attention-input op normalises by itself.
-    from pallas_kernels import add_norm_enabled, fused_norm_enabled, fused_step_enabled
-
-    carry_norm = (cfg.pre_norm and add_norm_enabled(ops)
-                  and not (fused_step_enabled(ops) and fused_norm_enabled(ops)))
-    layers = params["layers"]
-    for layer, lp in enumerate(layers):
+    prev_input = None
+    for layer, lp in enumerate(params["layers"]):
         rec = {"input": h} if record is not None else None
         layer_cache = None if cache is None else (cache.k[layer], cache.v[layer], cache.index)
         if lazy:
             layer_cache = layer_cache + (cache.win_x[layer], win_pos)
-        next_norm = layers[layer + 1]["attn_norm"] if carry_norm and layer + 1 < len(layers) else None
-        h_next, kv, normed = block(lp, cfg, h, prev_input, positions, layer_cache, key_valid, query_slot,
-                                   key_slot, layer=layer, selector=selector, ops=ops, record=rec, normed=normed,
-                                   next_norm=next_norm)
+        h_next, kv = block(lp, cfg, h, prev_input, positions, layer_cache, key_valid, query_slot, key_slot,
+                           layer=layer, selector=selector, ops=ops, record=rec)
         prev_input, h = h, h_next
         if record is not None:
             record.append(rec)

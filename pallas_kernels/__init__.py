@@ -69,11 +69,6 @@ class Ops:
     topk_pair: a layer's heads and MLP blocks are ranked in one launch (code_topk_pair) where both
     fit its programs. On by default: in the H200 profile of session 7 the pair took 4.7 us per layer
     against 2.0 + 4.6 for the two launches it replaces (bench extras time it off).
-    add_norm: the gathered out and down projections end their block half in their own launch: they
-    take the residual, add their bias and it, and apply the next norm (gathered_out_proj /
-    gathered_down with `residual`), instead of leaving the partial-sum reduction, the residual add
-    and the norm to three or four small XLA launches after them. On by default for the Pallas
-    kernels.
     """
 
     backend: str
@@ -91,12 +86,6 @@ class Ops:
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
     fused_norm: bool = False
-    add_norm: bool = False
-
-
-def add_norm_enabled(ops) -> bool:
-    """Whether the gathered out/down projections of `ops` take the residual and the next norm."""
-    return bool(getattr(ops, "add_norm", False))
 
 
 def fused_step_enabled(ops) -> bool:
@@ -110,19 +99,18 @@ def fused_norm_enabled(ops) -> bool:
 
 
 def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
-            mlp_norm_in_up: bool = False, fused_norm: bool = False, add_norm: bool | None = None) -> Ops:
+            mlp_norm_in_up: bool = False, fused_norm: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
 
-    fused_step, add_norm None: the backend's default, on for the Pallas kernels, off for the XLA
-    references (their fused ops exist as the kernels' oracles)."""
+    fused_step None: the backend's default, on for the Pallas kernels, off for the XLA references
+    (their fused op exists as the kernel's oracle)."""
     if backend == "xla":
         fused_step = bool(fused_step)
         return Ops(backend, gathered_up_reference, gathered_down_reference,
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
                    code_topk_pair_reference, gathered_window_kv_update_reference,
-                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm,
-                   bool(add_norm))
+                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
@@ -130,13 +118,12 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         fused_step = True if fused_step is None else bool(fused_step)
-        add_norm = True if add_norm is None else bool(add_norm)
-        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm, add_norm)
+        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
 __all__ = [
-    "BACKENDS", "Ops", "add_norm_enabled", "fused_norm_enabled", "fused_step_enabled", "get_ops",
+    "BACKENDS", "Ops", "fused_norm_enabled", "fused_step_enabled", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",

@@ -32,8 +32,6 @@ from pallas_kernels._common import (
 from pallas_kernels.gather_mlp import (
     DOWN_BLOCK_KEYS,
     UP_BLOCK_KEYS,
-    add_norm_args,
-    add_norm_reference,
     default_down_blocks,
     default_up_blocks,
     gather_rows_matvec,
@@ -84,39 +82,30 @@ def gathered_head_proj_reference(x, w, idx, b=None):
     return out.astype(x.dtype)
 
 
-def gathered_out_proj(o, w_out, idx, *, residual=None, bias=None, norm=None, interpret=False, **blocks):
+def gathered_out_proj(o, w_out, idx, *, interpret=False, **blocks):
     """Mix the selected heads' attention outputs back to the model width.
 
     o [B, Kh, Dh]; w_out [H, Dh, D] (out = sum_h o_h @ w_out[h]); idx [Kh].
-    Returns [B, D] in o.dtype, fp32 sums; with residual [B, D], (h, x) as gathered_down's: the
-    attention half ends in this launch (bias [D], then the residual add and the MLP's norm).
+    Returns [B, D] in o.dtype, fp32 sums.
     """
     check_block_keys(blocks, DOWN_BLOCK_KEYS, "gathered_out_proj")
     _, head_dim, d_model = w_out.shape
     batch, n_sel, _ = o.shape
     cfg = dataclasses.replace(default_down_blocks(n_sel * head_dim, d_model, batch), **blocks)
-    ep, *extra = add_norm_args(residual, bias, norm, d_model, batch)
-    return _gathered_out_proj(o, w_out, idx, *extra, blocks=cfg, interpret=interpret, epilogue=ep)
+    return _gathered_out_proj(o, w_out, idx, blocks=cfg, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "epilogue"))
-def _gathered_out_proj(o, w_out, idx, residual, bias, norm_scale, norm_bias, *, blocks, interpret, epilogue):
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def _gathered_out_proj(o, w_out, idx, *, blocks, interpret):
     n_heads, head_dim, d_model = w_out.shape
     batch, n_sel, _ = o.shape
     return gather_rows_reduce(
         o.reshape(batch, n_sel * head_dim), w_out.reshape(n_heads * head_dim, d_model), idx,
-        residual, bias, norm_scale, norm_bias, rows_per_idx=head_dim, blocks=blocks, interpret=interpret,
-        epilogue=epilogue)
-
-
-def gathered_out_proj_reference(o, w_out, idx, *, residual=None, bias=None, norm=None):
-    add_norm_args(residual, bias, norm, w_out.shape[2], o.shape[0])
-    out = _gathered_out_proj_reference(o, w_out, idx)
-    return out if residual is None else add_norm_reference(out, residual, bias, norm)
+        rows_per_idx=head_dim, blocks=blocks, interpret=interpret)
 
 
 @jax.jit
-def _gathered_out_proj_reference(o, w_out, idx):
+def gathered_out_proj_reference(o, w_out, idx):
     w_sel = jnp.take(w_out, idx, axis=0)  # [Kh, Dh, D]
     out = jnp.einsum("BKH,KHD->BD", o, w_sel, preferred_element_type=jnp.float32)
     return out.astype(o.dtype)

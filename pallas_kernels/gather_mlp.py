@@ -288,11 +288,10 @@ def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
 
 
 def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model, batch,
-                 steps_per_split, combine, block_e, block_d, interpret, epilogue=None):
+                 steps_per_split, combine, block_e, block_d, interpret):
     # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref: [B, D] in a's dtype (combine None),
     # [B, Dp] fp32 ("atomic": the zeroed input buffer aliased to it comes first in refs) or
     # [splits, B, Dp] fp32 ("partials"); Dp pads D to whole column blocks, so no store mask.
-    # combine "add_norm" (epilogue set): see _add_norm_epilogue for its refs.
     o_ref = refs[-1]
     cols = pl.program_id(0) * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
     c_ok = cols < d_model
@@ -317,10 +316,6 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
         acc = step(0, zeros)
     else:
         acc = jax.lax.fori_loop(0, steps_per_split, step, zeros)
-    if combine == "add_norm":
-        _add_norm_epilogue(acc, refs, epilogue, cols=cols, d_model=d_model, batch=batch, block_d=block_d,
-                           out_dtype=a_ref.dtype, interpret=interpret)
-        return
     if combine == "atomic_last":
         acc_ref, count_ref, y_ref = refs[-3:]
         for b in range(batch):
@@ -348,91 +343,9 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
             plgpu.store(o_ref.at[full_index(cols, b), cols], acc[b].astype(o_ref.dtype), mask=c_ok)
 
 
-@dataclasses.dataclass(frozen=True)
-class AddNorm:
-    """What gather_rows_reduce's last program does with the finished sums y [B, D] (static part):
-    h = residual + (y + bias), and x = norm(h) when norm_kind is set."""
-
-    has_bias: bool
-    norm_kind: str | None
-    norm_eps: float
-    has_norm_bias: bool
-
-
-def _add_norm_epilogue(acc, refs, ep: AddNorm, *, cols, d_model, batch, block_d, out_dtype, interpret):
-    """combine "add_norm": every program adds its fp32 sums into a zeroed [B, Dp] buffer with atomics;
-    the last program of the grid (an atomic counter) reads the whole row back from L2 and finishes
-    the block half: bias, residual add, and the next norm, stored as h [B, Dp] and x [B, Dp].
-
-    This is the decode step's chain partial-sum reduction -> residual add -> norm statistics ->
-    normalise (three or four small XLA launches, each a dependent step of the chain) folded into the
-    launch that produces the sums.
-    refs: residual [B, D], bias [D] (has_bias), norm scale [D] and bias [D] (norm_kind, has_norm_bias),
-    the zeroed buffers aliased to the outputs (ignored), then the outputs acc [B, Dp] fp32,
-    count [1] int32, h [B, Dp], and x [B, Dp] (norm_kind).
-    """
-    refs = list(refs)
-    res_ref = refs.pop(0)
-    bias_ref = refs.pop(0) if ep.has_bias else None
-    ns_ref = refs.pop(0) if ep.norm_kind else None
-    nb_ref = refs.pop(0) if ep.has_norm_bias else None
-    x_ref = refs.pop() if ep.norm_kind else None
-    acc_ref, count_ref, h_ref = refs[-3:]
-    for b in range(batch):
-        plgpu.atomic_add(acc_ref, (full_index(cols, b), cols), acc[b])
-    if not interpret:  # (the interpreter runs programs one at a time and has no barrier)
-        # Every thread's adds are issued before the counter's acq_rel atomic releases them.
-        plgpu.debug_barrier()
-    done = plgpu.atomic_add(count_ref, (jnp.int32(0),), jnp.int32(1))
-    n_programs = pl.num_programs(0) * pl.num_programs(1)
-
-    @pl.when(done == n_programs - 1)
-    def _():  # every program's sums are in acc_ref
-        n_chunks = cdiv(d_model, block_d)
-
-        def f32(v):
-            return v.astype(jnp.float32)
-
-        def rounded(v):  # the reference's rounding to the model dtype after each op
-            return f32(v.astype(out_dtype))
-
-        chunks = []
-        for c in range(n_chunks):
-            cc = c * block_d + jnp.arange(block_d, dtype=jnp.int32)
-            chunks.append((cc, cc < d_model if (c + 1) * block_d > d_model else None))
-        bias = [f32(_load_cols(bias_ref.at[cc], ok)) for cc, ok in chunks] if bias_ref is not None else None
-        for b in range(batch):
-            hs, total, squares = [], 0.0, 0.0
-            for c, (cc, ok) in enumerate(chunks):
-                # Volatile: from L2, where the atomics landed, never a stale L1 line (the lowering
-                # of cache_modifier=".cg" in jax 0.10-0.11 rejects every value).
-                y = rounded(plgpu.load(acc_ref.at[full_index(cc, b), cc], volatile=True))
-                if bias is not None:
-                    y = rounded(y + bias[c])
-                h = rounded(f32(_load_cols(res_ref.at[full_index(cc, b), cc], ok)) + y)
-                plgpu.store(h_ref.at[full_index(cc, b), cc], h.astype(h_ref.dtype))
-                hs.append(h)
-                if ep.norm_kind:
-                    total, squares = total + jnp.sum(h), squares + jnp.sum(h * h)
-            if not ep.norm_kind:
-                continue
-            mean, rstd = norm_mean_rstd(total, squares, d_model, kind=ep.norm_kind, eps=ep.norm_eps)
-            for c, (cc, ok) in enumerate(chunks):
-                x = (hs[c] - mean) * rstd * f32(_load_cols(ns_ref.at[cc], ok))
-                if nb_ref is not None:
-                    x = x + f32(_load_cols(nb_ref.at[cc], ok))
-                plgpu.store(x_ref.at[full_index(cc, b), cc], x.astype(x_ref.dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("rows_per_idx", "blocks", "interpret", "epilogue"))
-def gather_rows_reduce(a, w, idx, residual=None, bias=None, norm_scale=None, norm_bias=None, *,
-                       rows_per_idx: int, blocks: DownBlocks, interpret: bool, epilogue: AddNorm | None = None):
-    """y[b] = sum_{k,r} a[b, k*R + r] * w[idx[k]*R + r] for a [B, K*R], w [F*R, D] -> [B, D].
-
-    With epilogue (AddNorm): residual [B, D], bias [D] or None, norm_scale / norm_bias [D] or None;
-    returns (h, x) = (residual + (y + bias), norm(h) or None), all in one launch (`_add_norm_epilogue`);
-    blocks.combine is then ignored.
-    """
+@functools.partial(jax.jit, static_argnames=("rows_per_idx", "blocks", "interpret"))
+def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, interpret: bool):
+    """y[b] = sum_{k,r} a[b, k*R + r] * w[idx[k]*R + r] for a [B, K*R], w [F*R, D] -> [B, D]."""
     batch, n_entries = a.shape
     d_model = w.shape[1]
     check_pow2(block_e=blocks.block_e, block_d=blocks.block_d)
@@ -443,30 +356,24 @@ def gather_rows_reduce(a, w, idx, residual=None, bias=None, norm_scale=None, nor
     k_splits = cdiv(steps, steps_per_split)  # drop splits that would own no rows
     if blocks.combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {blocks.combine!r}")
-    combine = "add_norm" if epilogue is not None else (blocks.combine if k_splits > 1 else None)
+    combine = blocks.combine if k_splits > 1 else None
     kernel = functools.partial(
         _down_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, d_model=d_model,
         batch=batch, steps_per_split=steps_per_split, combine=combine, block_e=blocks.block_e,
-        block_d=block_d, interpret=interpret, epilogue=epilogue)
+        block_d=block_d, interpret=interpret)
     n_dblocks = cdiv(d_model, block_d)
     padded = n_dblocks * block_d
     acc_shape = jax.ShapeDtypeStruct((batch, padded), jnp.float32)
-    count_shape = jax.ShapeDtypeStruct((1 if combine == "add_norm" else n_dblocks,), jnp.int32)
-    row_shape = jax.ShapeDtypeStruct((batch, padded), a.dtype if residual is None else residual.dtype)
+    count_shape = jax.ShapeDtypeStruct((n_dblocks,), jnp.int32)
     out_shape = {
         None: jax.ShapeDtypeStruct((batch, d_model), a.dtype),
         "atomic": acc_shape,
         "partials": jax.ShapeDtypeStruct((k_splits, batch, padded), jnp.float32),
         "atomic_last": (acc_shape, count_shape, jax.ShapeDtypeStruct((batch, d_model), a.dtype)),
-        "add_norm": (acc_shape, count_shape, row_shape) + ((row_shape,) if epilogue and epilogue.norm_kind else ()),
     }[combine]
-    operands = (a, idx.astype(jnp.int32), w)
-    if combine == "add_norm":
-        operands += tuple(v for v in (residual, bias, norm_scale, norm_bias) if v is not None)
-    # Atomic partial sums (and the counters) live in zeroed buffers passed in as inputs and aliased
-    # to outputs.
-    n_in = len(operands)
-    aliases = {"atomic": {3: 0}, "atomic_last": {3: 0, 4: 1}, "add_norm": {n_in: 0, n_in + 1: 1}}.get(combine, {})
+    # Atomic partial sums (and the per-block counters) live in zeroed buffers passed in as inputs
+    # and aliased to outputs.
+    aliases = {"atomic": {3: 0}, "atomic_last": {3: 0, 4: 1}}.get(combine, {})
     call = pl.pallas_call(
         kernel,
         grid=(n_dblocks, k_splits),
@@ -477,11 +384,7 @@ def gather_rows_reduce(a, w, idx, residual=None, bias=None, norm_scale=None, nor
         interpret=interpret,
         name="gather_rows_reduce",
     )
-    if combine == "add_norm":
-        zeros = (jnp.zeros(acc_shape.shape, jnp.float32), jnp.zeros(count_shape.shape, jnp.int32))
-        out = call(*operands, *zeros)
-        h = out[2][:, :d_model]
-        return h, (out[3][:, :d_model] if epilogue.norm_kind else None)
+    operands = (a, idx.astype(jnp.int32), w)
     if combine == "atomic":
         acc = call(*operands, jnp.zeros(out_shape.shape, jnp.float32))  # [B, Dp] fp32
         return acc[:, :d_model].astype(a.dtype)
@@ -493,59 +396,21 @@ def gather_rows_reduce(a, w, idx, residual=None, bias=None, norm_scale=None, nor
     return call(*operands)
 
 
-def add_norm_args(residual, bias, norm, d_model: int, batch: int):
-    """Check gathered_down's / gathered_out_proj's residual, bias and norm arguments; returns
-    (AddNorm or None, residual, bias, norm scale, norm bias)."""
-    if residual is None:
-        if bias is not None or norm is not None:
-            raise ValueError("bias and norm are the residual epilogue's: pass residual too")
-        return None, None, None, None, None
-    if residual.shape != (batch, d_model):
-        raise ValueError(f"residual must be [B, D] = [{batch}, {d_model}], got {residual.shape}")
-    if bias is not None and bias.shape != (d_model,):
-        raise ValueError(f"bias must be [{d_model}], got {bias.shape}")
-    kind, eps, scale, nbias = _check_norm(norm, d_model)
-    ep = AddNorm(has_bias=bias is not None, norm_kind=kind, norm_eps=eps, has_norm_bias=nbias is not None)
-    return ep, residual, bias, scale, nbias
-
-
-def add_norm_reference(y, residual, bias=None, norm=None):
-    """The residual epilogue in XLA, with the model's roundings: h = residual + (y + bias) in the
-    model dtype, x = apply_norm(h) (None without norm). y [B, D] in the model dtype."""
-    if bias is not None:
-        y = y + bias
-    h = residual + y.astype(residual.dtype)
-    kind, eps, scale, nbias = _check_norm(norm, residual.shape[-1])
-    return h, (apply_norm(h, scale, nbias, kind=kind, eps=eps) if kind else None)
-
-
-def gathered_down(a, w_down, idx, *, residual=None, bias=None, norm=None, interpret=False, **blocks):
+def gathered_down(a, w_down, idx, *, interpret=False, **blocks):
     """Selected neurons' MLP down projection from the transposed weight.
 
     a [B, K] activations of the selected neurons; w_down [F, D] (row f = neuron f's output
     weights); idx [K]. Returns y [B, D] = sum_k a[b, k] * w_down[idx[k]] in a.dtype, fp32 sums.
-    residual [B, D] (optional): the block half ends in this launch, which returns
-    (h, x) = (residual + (y + bias), norm(h)) instead (`add_norm_reference`); bias [D] or None; norm
-    None (x is None) or (kind, eps, scale, bias) as gathered_up's.
     """
     check_block_keys(blocks, DOWN_BLOCK_KEYS, "gathered_down")
     cfg = dataclasses.replace(default_down_blocks(idx.shape[0], w_down.shape[1], a.shape[0]),
                               **blocks)
-    ep, *extra = add_norm_args(residual, bias, norm, w_down.shape[1], a.shape[0])
-    return gather_rows_reduce(a, w_down, idx, *extra, rows_per_idx=1, blocks=cfg, interpret=interpret,
-                              epilogue=ep)
-
-
-def gathered_down_reference(a, w_down, idx, *, residual=None, bias=None, norm=None):
-    """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot (and, with
-    residual, `add_norm_reference`)."""
-    add_norm_args(residual, bias, norm, w_down.shape[1], a.shape[0])
-    y = _gathered_down_reference(a, w_down, idx)
-    return y if residual is None else add_norm_reference(y, residual, bias, norm)
+    return gather_rows_reduce(a, w_down, idx, rows_per_idx=1, blocks=cfg, interpret=interpret)
 
 
 @jax.jit
-def _gathered_down_reference(a, w_down, idx):
+def gathered_down_reference(a, w_down, idx):
+    """XLA reference: jnp.take of the selected rows, then an fp32-accumulated dot."""
     w_sel = jnp.take(w_down, idx, axis=0)  # [K, D]
     y = jnp.einsum("BK,KD->BD", a, w_sel, preferred_element_type=jnp.float32)
     return y.astype(a.dtype)

@@ -301,33 +301,11 @@ def mlp_appliers(up_blocks: dict | None = None, down_blocks: dict | None = None)
         kind, eps, scale, shift = layernorm(x)
         return gm.gathered_up(apply_norm(x, scale, shift, kind=kind, eps=eps), w_up, idx, b_up, **up_blocks)
 
-    def pallas_add_norm(x, layer):  # the block half's end in the down launch: (x + y + bias, norm(.))
-        w_up, b_up, w_down, idx = layer
-        a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
-        kind, eps, scale, shift = norm = layernorm(x)
-        return gm.gathered_down(a, w_down, idx, residual=x, bias=shift, norm=norm, **down_blocks)
-
-    def pallas_xla_add_norm(x, layer):  # the same end in XLA: partial-sum reduction, add, norm
-        w_up, b_up, w_down, idx = layer
-        a = gm.gathered_up(x, w_up, idx, b_up, **up_blocks)
-        norm = layernorm(x)
-        return gm.add_norm_reference(gm.gathered_down(a, w_down, idx, **down_blocks), x, norm[3], norm)
-
     return dict(pallas=pallas_mlp, pallas_atomic_last=pallas_atomic_last_mlp, xla=xla_mlp, dense=dense_mlp, pallas_up=pallas_up,
-                pallas_down=pallas_down, pallas_up_norm=pallas_up_norm, pallas_up_xla_norm=pallas_up_xla_norm,
-                pallas_add_norm=pallas_add_norm, pallas_xla_add_norm=pallas_xla_add_norm)
+                pallas_down=pallas_down, pallas_up_norm=pallas_up_norm, pallas_up_xla_norm=pallas_up_xla_norm)
 
 
 UP_METHODS = ("pallas_up", "pallas_up_norm", "pallas_up_xla_norm")  # the up kernel alone (up_blocks)
-# The MLP with the block half's end (bias, residual add, the next LayerNorm): in the down launch, or in XLA.
-ADD_NORM_METHODS = ("pallas_add_norm", "pallas_xla_add_norm")
-# down_blocks of the in-launch end: fewer splits mean fewer atomics into the [B, D] sums.
-ADD_NORM_SWEEP = (
-    dict(block_e=32, block_d=512), dict(block_e=32, block_d=512, k_splits=16),
-    dict(block_e=32, block_d=512, k_splits=32), dict(block_e=64, block_d=512, k_splits=16),
-    dict(block_e=16, block_d=1024, k_splits=16), dict(block_e=64, block_d=256, k_splits=16),
-    dict(block_e=32, block_d=256, k_splits=8),
-)
 
 
 def _mlp_bytes(case: MlpCase, method: str) -> int:
@@ -817,14 +795,6 @@ def to_markdown(rows: list[dict], device: str) -> str:
             lines.append(f"| {r['method']} | {r['density']} | {blocks or 'default'} | "
                          f"{r['time_us']} | {r.get('kernel_us', '')} | {r['x_floor']} | "
                          f"{r['gbs']} | {r.get('kernels', '')} |")
-    ends = [r for r in rows if r["op"] == "mlp" and r["method"] in ADD_NORM_METHODS]
-    if ends:
-        lines += ["\n## MLP up+down ending in bias + residual add + LayerNorm: in the down kernel or in XLA\n",
-                  "| density | K | method | down blocks | us | kernel us | x floor | kernels (us) |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(ends, key=lambda r: (r["density"], r["method"], r["time_us"])):
-            lines.append(f"| {r['density']} | {r['K']} | {r['method']} | {r['down_blocks'] or 'default'} |"
-                         f" {r['time_us']} | {r.get('kernel_us', '')} | {r['x_floor']} | {r.get('kernels', '')} |")
     batch4 = [r for r in rows if r["op"] == "mlp_batch4"]
     if batch4:
         lines += ["\n## MLP up+down at batch 4 (same selected rows for the 4 rows)\n",
@@ -899,10 +869,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--up-norm", action="store_true",
                    help="also time the up projection with the MLP's LayerNorm inside the kernel (gathered_up's "
                         "norm) against the XLA norm before it (with --sweep: both over UP_SWEEP)")
-    p.add_argument("--add-norm", action="store_true",
-                   help="also time the MLP ending in the residual add and the next LayerNorm, inside the down "
-                        "kernel (gathered_down's residual) against XLA after it (with --sweep: the former over "
-                        "ADD_NORM_SWEEP)")
     p.add_argument("--batch4", action="store_true", help="also time the MLP at batch 4")
     p.add_argument("--quick", action="store_true", help="fewer trials (smoke run)")
     p.add_argument("--mlp-shape", type=int, nargs=2, metavar=("D", "F"),
@@ -948,16 +914,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows += window_kv_sweep(args.window_kv_heads, methods=args.window_kv_sweep_methods, **window_kw)
         log(json.dumps(dict(best_window_kv_blocks={m: best_window_kv_blocks(rows, m)
                                                    for m in args.window_kv_sweep_methods})))
-    if args.add_norm:
-        rows += kernel_microbench(shapes, densities=args.densities, methods=ADD_NORM_METHODS, n_trials=trials,
-                                  **common)
-    if args.add_norm and args.sweep:
-        for blocks in ADD_NORM_SWEEP:
-            new = kernel_microbench(shapes, densities=args.densities, methods=ADD_NORM_METHODS[:1], n_trials=trials,
-                                    down_blocks=blocks, **common)
-            rows += [dict(r, sweep=True) for r in new]
-        log(json.dumps(dict(best_add_norm_blocks=_least_total_config(
-            [r for r in rows if r["method"] == ADD_NORM_METHODS[0] and r.get("sweep")], "down_blocks", "density"))))
     if args.up_norm:
         rows += kernel_microbench(shapes, densities=args.densities, methods=UP_METHODS, n_trials=trials, **common)
     if args.sweep and args.no_mlp and args.up_norm:  # the norm's two up variants only

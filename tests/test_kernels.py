@@ -182,71 +182,6 @@ def test_gathered_down_all_rows_is_dense(k_splits, combine):
     assert rel_err(out, dense) < TOL[jnp.float32]
 
 
-ADD_NORM_CASES = [
-    # B, D, F, K, norm kind (None: residual add only), bias, blocks
-    (1, 96, 64, 20, "layernorm", True, dict(block_e=4, block_d=32, k_splits=3)),
-    (2, 100, 64, 30, "rmsnorm", False, dict(block_e=8, block_d=32, k_splits=2)),  # D not a block multiple
-    (1, 300, 96, 37, "layernorm", False, {}),  # default tiles
-    (1, 48, 40, 17, None, True, dict(block_e=4, block_d=16, k_splits=5)),
-    (3, 64, 32, 32, "layernorm", True, dict(k_splits=1)),  # one split: still the counter's last program
-]
-
-
-def _add_norm_inputs(seed, B, D, kind, bias, dtype):
-    ks = keys(seed, 4)
-    residual = normal(ks[0], (B, D), dtype, 3.0)
-    b = normal(ks[1], (D,), dtype) if bias else None
-    norm = None
-    if kind is not None:
-        scale = normal(ks[2], (D,), dtype, 0.2) + 1.0
-        norm = (kind, 1e-5, scale, normal(ks[3], (D,), dtype, 0.1) if kind == "layernorm" else None)
-    return residual, b, norm
-
-
-@pytest.mark.parametrize("B,D,F,K,kind,bias,blocks,dtype", with_dtypes(ADD_NORM_CASES, (0, 1)))
-def test_gathered_down_add_norm_matches_reference(B, D, F, K, kind, bias, blocks, dtype):
-    """With a residual the down projection ends the block half in its own launch: h = residual +
-    (y + bias) and x = norm(h), as add_norm_reference computes them in XLA after the plain kernel."""
-    ks = keys(D * 7 + K, 3)
-    a, w, idx = normal(ks[0], (B, K), dtype), normal(ks[1], (F, D), dtype, K ** -0.5), pick(ks[2], F, K)
-    residual, b, norm = _add_norm_inputs(D + 1, B, D, kind, bias, dtype)
-    h, x = gm.gathered_down(a, w, idx, residual=residual, bias=b, norm=norm, interpret=INTERPRET, **blocks)
-    h_ref, x_ref = gm.gathered_down_reference(a, w, idx, residual=residual, bias=b, norm=norm)
-    assert h.shape == (B, D) and h.dtype == dtype
-    assert rel_err(h, h_ref) < TOL[dtype]
-    if kind is None:
-        assert x is None and x_ref is None
-    else:
-        assert x.shape == (B, D) and x.dtype == dtype and rel_err(x, x_ref) < TOL[dtype]
-
-
-@pytest.mark.parametrize("B,H,Dh,D,Kh,kind", [(1, 6, 16, 80, 3, "layernorm"), (2, 4, 32, 64, 4, "rmsnorm")])
-def test_gathered_out_proj_add_norm_matches_reference(B, H, Dh, D, Kh, kind):
-    ks = keys(H * 10 + Kh, 3)
-    o, w = normal(ks[0], (B, Kh, Dh), jnp.float32), normal(ks[1], (H, Dh, D), jnp.float32, (Kh * Dh) ** -0.5)
-    idx = pick(ks[2], H, Kh)
-    residual, b, norm = _add_norm_inputs(Dh, B, D, kind, True, jnp.float32)
-    h, x = ga.gathered_out_proj(o, w, idx, residual=residual, bias=b, norm=norm, interpret=INTERPRET,
-                                block_d=32, k_splits=2)
-    h_ref, x_ref = ga.gathered_out_proj_reference(o, w, idx, residual=residual, bias=b, norm=norm)
-    assert rel_err(h, h_ref) < TOL[jnp.float32] and rel_err(x, x_ref) < TOL[jnp.float32]
-    # the plain sums plus the XLA epilogue: the same numbers
-    h2, x2 = gm.add_norm_reference(ga.gathered_out_proj(o, w, idx, interpret=INTERPRET), residual, b, norm)
-    assert rel_err(h, h2) < TOL[jnp.float32] and rel_err(x, x2) < TOL[jnp.float32]
-
-
-def test_add_norm_arguments_are_checked():
-    a, w, idx = jnp.ones((1, 4)), jnp.ones((8, 16)), jnp.arange(4, dtype=jnp.int32)
-    with pytest.raises(ValueError, match="pass residual too"):
-        gm.gathered_down(a, w, idx, bias=jnp.ones(16), interpret=True)
-    with pytest.raises(ValueError, match=r"residual must be \[B, D\] = \[1, 16\]"):
-        gm.gathered_down(a, w, idx, residual=jnp.ones((1, 15)), interpret=True)
-    with pytest.raises(ValueError, match=r"bias must be \[16\]"):
-        gm.gathered_down(a, w, idx, residual=jnp.ones((1, 16)), bias=jnp.ones(8), interpret=True)
-    with pytest.raises(ValueError, match="norm must be"):
-        gm.gathered_down_reference(a, w, idx, residual=jnp.ones((1, 16)), norm=("layernorm", 1e-5, jnp.ones(16), None))
-
-
 def test_mlp_sparse_equals_masked_dense():
     """up -> down over the selected neurons equals the dense MLP with the other neurons zeroed."""
     ks = keys(11, 5)
@@ -786,13 +721,6 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     for blocks in ({}, dict(k_splits=1), dict(k_splits=4, combine="atomic"),
                    dict(k_splits=4, combine="atomic_last")):
         assert _lowers_to_triton(functools.partial(gm.gathered_down, **blocks), a, w_down, idx)
-    def down_add_norm(a, w, idx, residual, scale, *bias):  # the residual epilogue, both norms
-        kind = "layernorm" if bias else "rmsnorm"
-        return gm.gathered_down(a, w, idx, residual=residual, bias=scale,
-                                norm=(kind, 1e-5, scale, *(bias or (None,))))
-
-    for norm_weights in ((spec(576),), (spec(576), spec(576))):
-        assert _lowers_to_triton(down_add_norm, a, w_down, idx, x, *norm_weights)
     w_q = spec(9, 64, 576)
     assert _lowers_to_triton(ga.gathered_head_proj, x, w_q, heads, spec(9, 64))
     assert _lowers_to_triton(ga.gathered_out_proj, spec(1, 5, 64), w_q, heads)
@@ -849,13 +777,6 @@ def test_gpu_mlp_model_size(density, U, activation):
     for blocks in (dict(k_splits=1), dict(combine="atomic"), dict(combine="atomic_last")):
         y1 = gm.gathered_down(a, w_down, idx, **blocks)
         assert rel_err(y1, gm.gathered_down_reference(a, w_down, idx)) < 2e-3
-    # The residual epilogue (atomics, the last program normalises), for several calls in a row: its
-    # zeroed buffers and counter must start fresh each time.
-    residual, b, norm = _add_norm_inputs(31, 1, D, "layernorm" if U == 1 else "rmsnorm", U == 1, jnp.float16)
-    h_ref, x_ref = gm.gathered_down_reference(a, w_down, idx, residual=residual, bias=b, norm=norm)
-    for _ in range(3):
-        h, xn = gm.gathered_down(a, w_down, idx, residual=residual, bias=b, norm=norm)
-        assert rel_err(h, h_ref) < 2e-3 and rel_err(xn, x_ref) < 2e-3
     # The MLP norm inside the up kernel, on a residual with OPT-like outlier columns.
     h = x.astype(jnp.float32) * 4.0 + 1.0
     h = h.at[0, :8].set(300.0).astype(jnp.float16)

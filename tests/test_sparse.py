@@ -435,52 +435,6 @@ def test_fused_step_defaults():
     assert not fused_step_enabled(object()) and fused_norm_enabled(object())
 
 
-@pytest.mark.parametrize("backend,kv_mode,fused_norm", [("xla", "exact", False), ("pallas", "exact", False),
-                                                       ("pallas", "lazy", False), ("pallas", "lazy", True)])
-def test_add_norm_ends_block_halves_in_the_projections(tiny, backend, kv_mode, fused_norm):
-    """With Ops.add_norm a pre-norm model's gathered decode step hands the residual (and the next
-    norm) to the out and down projections, which return (h, x); every layer's attention then reads
-    the norm the layer before computed, except where the fused op normalises by itself (fused_norm),
-    which gets no next norm. It decodes as the step that leaves the adds and norms to XLA."""
-    cfg, params = tiny
-    prompt, _ = tokens_for(cfg, B=1, T=5)
-    L, n = cfg.num_layers, 6
-    sel = PredictorSelector(random_predictors(cfg, seed=5), (cfg.ffn_size // 2,) * L, (2,) * L, cfg.ffn_size,
-                            cfg.num_heads, True, True)
-    calls = {"out": [], "down": []}
-
-    def checked(name, fn):
-        def call(*args, residual=None, norm=None, **kwargs):
-            calls[name].append((residual is not None, norm is not None))
-            return fn(*args, residual=residual, norm=norm, **kwargs)
-        return call
-
-    base = get_ops(backend, add_norm=True, fused_norm=fused_norm)
-    ops = dataclasses.replace(base, gathered_out_proj=checked("out", base.gathered_out_proj),
-                              gathered_down=checked("down", base.gathered_down))
-    plain = get_ops(backend, add_norm=False, fused_norm=fused_norm)
-
-    def cache():
-        if kv_mode == "exact":
-            return None
-        return init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=4)
-
-    runs = [decode_steps(params, cfg, prompt, n, selector=sel, ops=o, cache=cache()) for o in (ops, plain)]
-    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=1e-5)
-    assert calls["out"] == [(cfg.pre_norm, cfg.pre_norm)] * L  # residual and the MLP norm, every layer
-    if cfg.pre_norm:
-        per_step = calls["down"][:L]  # one decode step: the last layer's next norm is the final one (in XLA)
-        assert per_step == [(True, not fused_norm)] * (L - 1) + [(True, False)]
-
-
-def test_add_norm_defaults():
-    from pallas_kernels import add_norm_enabled
-
-    assert add_norm_enabled(get_ops("pallas")) and not add_norm_enabled(get_ops("pallas", add_norm=False))
-    assert not add_norm_enabled(get_ops("xla")) and add_norm_enabled(get_ops("xla", add_norm=True))
-    assert not add_norm_enabled(object())
-
-
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_lazy_kv_skips_idle_heads(tiny, backend):
     """K/V of heads nobody selected (and the round-robin does not refresh) are not written: the saving."""
@@ -539,9 +493,8 @@ def test_lazy_kv_round_robin_refresh_equals_exact(tiny, backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend (the option is a CUDA-graph setting)")
-@pytest.mark.parametrize("fused_step,fused_norm,add_norm", [(False, False, True), (True, False, True),
-                                                             (True, True, True), (True, False, False)])
-def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step, fused_norm, add_norm):
+@pytest.mark.parametrize("fused_step,fused_norm", [(False, False), (True, False), (True, True)])
+def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step, fused_norm):
     """The decode loop's concurrent CUDA-graph scheduling (generate.DECODE_COMPILER_OPTIONS) orders
     kernels by their buffers only; the Pallas kernels that write the caches in place must still see
     every write before them. Greedy tokens of a sparse lazy-KV run with predictors and lookahead
@@ -556,7 +509,7 @@ def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step, fused_norm, a
     params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float16)
     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=0.25, head_density=0.5, rank=64,
                                     dtype=jnp.float16, mlp_topk_block=128)
-    ops = get_ops("pallas", fused_step=fused_step, fused_norm=fused_norm, add_norm=add_norm)
+    ops = get_ops("pallas", fused_step=fused_step, fused_norm=fused_norm)
     prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 32), 3, cfg.vocab_size)
     runs = []
     for options in (None, {}):
