@@ -404,9 +404,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                                      ops_changes={"fused_step": f, "fused_norm": n}))
                         variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
                                                  ops_changes={"mlp_norm_in_up": True}))
-                    if backend == "pallas":  # Ops.merge_in_out_proj off: the attention's splits merged in XLA
-                        variants.append(_Variant(f"{main}, attention splits merged in XLA", mlp_topk_block=block,
-                                                 ops_changes={"merge_in_out_proj": False}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
                                                  mlp_topk_block=block, ops_changes={"topk_pair": False}))

@@ -254,7 +254,6 @@ class Ops(Protocol):
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
     fused_norm: bool  # the fused step's op normalises too
-    merge_in_out_proj: bool  # the attention's sequence splits are merged inside gathered_out_proj
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,10 +383,8 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
             if cfg.positions == "rope":
                 q = rope(q[:, None], positions, cfg.rope_theta)[:, 0]
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
-        # [B, K, Dh]; GQA: head h reads kv head h // G. With Ops.merge_in_out_proj the result stays
-        # split along the sequence (pallas_kernels.AttentionSplits) and the out projection merges it.
-        merge = {"merge": False} if getattr(ops, "merge_in_out_proj", False) else {}
-        o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale, num_heads=H, **merge)
+        o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
+                                        num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
         out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
     else:
         q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]

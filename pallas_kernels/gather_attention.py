@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,38 +82,16 @@ def gathered_head_proj_reference(x, w, idx, b=None):
     return out.astype(x.dtype)
 
 
-class AttentionSplits(NamedTuple):
-    """sparse_decode_attention's result before its sequence splits are merged (merge=False), which
-    gathered_out_proj merges as it loads it (one launch fewer per layer)."""
-
-    o: jax.Array  # [B, Kh, NS, Dhp] fp32 unnormalised outputs per split (Dhp = pow2_ceil(Dh))
-    ml: jax.Array  # [B, Kh, NS, 2] fp32 running max and sum of each split
-
-
-def merge_attention_splits(splits: AttentionSplits, head_dim: int, dtype) -> jax.Array:
-    """The splits merged in XLA: weights exp(m_s - M), normalised by the merged sum -> [B, Kh, Dh]."""
-    m, l = splits.ml[..., 0], splits.ml[..., 1]  # [B, Kh, NS]
-    w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True))
-    total = jnp.sum(w * l, axis=-1)  # [B, Kh]
-    out = jnp.einsum("BKS,BKSH->BKH", w, splits.o[..., :head_dim])
-    # A row with no valid slot has total 0: return zeros rather than 0/0.
-    out = jnp.where(total[..., None] > 0, out / jnp.maximum(total, 1e-30)[..., None], 0.0)
-    return out.astype(dtype)
-
-
 def gathered_out_proj(o, w_out, idx, *, interpret=False, **blocks):
     """Mix the selected heads' attention outputs back to the model width.
 
-    o [B, Kh, Dh], or sparse_decode_attention's unmerged AttentionSplits (merged in this launch,
-    rounded to w_out's dtype as the merged output is); w_out [H, Dh, D] (out = sum_h o_h @ w_out[h]);
-    idx [Kh]. Returns [B, D] in o's dtype (w_out's for AttentionSplits), fp32 sums.
+    o [B, Kh, Dh]; w_out [H, Dh, D] (out = sum_h o_h @ w_out[h]); idx [Kh].
+    Returns [B, D] in o.dtype, fp32 sums.
     """
     check_block_keys(blocks, DOWN_BLOCK_KEYS, "gathered_out_proj")
     _, head_dim, d_model = w_out.shape
-    batch, n_sel = o.o.shape[:2] if isinstance(o, AttentionSplits) else o.shape[:2]
+    batch, n_sel, _ = o.shape
     cfg = dataclasses.replace(default_down_blocks(n_sel * head_dim, d_model, batch), **blocks)
-    if isinstance(o, AttentionSplits):
-        return _gathered_out_proj_splits(o.o, o.ml, w_out, idx, blocks=cfg, interpret=interpret)
     return _gathered_out_proj(o, w_out, idx, blocks=cfg, interpret=interpret)
 
 
@@ -127,17 +104,8 @@ def _gathered_out_proj(o, w_out, idx, *, blocks, interpret):
         rows_per_idx=head_dim, blocks=blocks, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def _gathered_out_proj_splits(o, ml, w_out, idx, *, blocks, interpret):
-    n_heads, head_dim, d_model = w_out.shape
-    return gather_rows_reduce(o, w_out.reshape(n_heads * head_dim, d_model), idx, ml, rows_per_idx=head_dim,
-                              blocks=blocks, interpret=interpret, out_dtype=w_out.dtype)
-
-
 @jax.jit
 def gathered_out_proj_reference(o, w_out, idx):
-    if isinstance(o, AttentionSplits):
-        o = merge_attention_splits(o, w_out.shape[1], w_out.dtype)
     w_sel = jnp.take(w_out, idx, axis=0)  # [Kh, Dh, D]
     out = jnp.einsum("BKH,KHD->BD", o, w_sel, preferred_element_type=jnp.float32)
     return out.astype(o.dtype)
@@ -198,9 +166,9 @@ def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, o_ref, ml_ref, *, scal
     plgpu.store(ml_ref.at[b, i, split, two], jnp.where(two == 0, m, l))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "group", "blocks", "interpret", "merge"))
+@functools.partial(jax.jit, static_argnames=("scale", "group", "blocks", "interpret"))
 def _sparse_decode_attention(q, k, v, valid, head_idx, *, scale: float, group: int,
-                             blocks: AttnBlocks, interpret: bool, merge: bool = True):
+                             blocks: AttnBlocks, interpret: bool):
     batch, n_sel, head_dim = q.shape
     seq_len = k.shape[2]
     check_pow2(block_s=blocks.block_s)
@@ -221,8 +189,14 @@ def _sparse_decode_attention(q, k, v, valid, head_idx, *, scale: float, group: i
         interpret=interpret,
         name="sparse_decode_attention",
     )(q, head_idx.astype(jnp.int32), k, v, valid.astype(jnp.int8))
-    splits = AttentionSplits(o, ml)
-    return merge_attention_splits(splits, head_dim, q.dtype) if merge else splits
+    # Merge the sequence splits: weights exp(m_s - M), normalised by the merged sum.
+    m, l = ml[..., 0], ml[..., 1]  # [B, Kh, NS]
+    w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True))
+    total = jnp.sum(w * l, axis=-1)  # [B, Kh]
+    out = jnp.einsum("BKS,BKSH->BKH", w, o[..., :head_dim])
+    # A row with no valid slot has total 0: return zeros rather than 0/0.
+    out = jnp.where(total[..., None] > 0, out / jnp.maximum(total, 1e-30)[..., None], 0.0)
+    return out.astype(q.dtype)
 
 
 def _group(num_heads: int | None, n_kv: int) -> int:
@@ -233,22 +207,21 @@ def _group(num_heads: int | None, n_kv: int) -> int:
     return num_heads // n_kv
 
 
-def sparse_decode_attention(q, k, v, valid, head_idx, *, scale, num_heads=None, merge=True, interpret=False,
+def sparse_decode_attention(q, k, v, valid, head_idx, *, scale, num_heads=None, interpret=False,
                             **blocks):
     """One decode step of attention for the selected query heads.
 
     q [B, Kh, Dh] (selected heads' queries); k, v [B, KV, S, Dh] cache; valid [B, S] bool marks the
     slots holding real tokens; head_idx [Kh] query-head ids. num_heads is the model's H for GQA
     (query head h reads kv head h // (H // KV)); None means MHA (H == KV).
-    Returns [B, Kh, Dh] in q.dtype (zeros for a row with no valid slot); merge=False: the
-    AttentionSplits (one fp32 partial result per sequence split), for gathered_out_proj to merge.
+    Returns [B, Kh, Dh] in q.dtype (zeros for a row with no valid slot).
     """
     check_block_keys(blocks, ATTN_BLOCK_KEYS, "sparse_decode_attention")
     batch, n_sel, head_dim = q.shape
     cfg = dataclasses.replace(default_attn_blocks(batch, n_sel, k.shape[2], head_dim), **blocks)
     return _sparse_decode_attention(q, k, v, valid, head_idx, scale=float(scale),
                                     group=_group(num_heads, k.shape[1]), blocks=cfg,
-                                    interpret=interpret, merge=merge)
+                                    interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_heads"))

@@ -287,34 +287,11 @@ def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
                       num_warps=4)
 
 
-def _merged_entries(a_ref, ml_ref, b, e, e_ok, *, rows_per_idx, n_splits, dtype) -> jax.Array:
-    """Entries e = k * R + r of attention outputs merged from their sequence splits, as
-    gather_attention.merge_attention_splits does, rounded to dtype. a_ref [B, K, NS, Rp] fp32;
-    ml_ref [B, K, NS, 2] (max, sum). Returns [BE] fp32 (0 where not e_ok or no valid slot)."""
-    k, r = e // rows_per_idx, e % rows_per_idx  # [BE]
-    s = jnp.arange(pow2_ceil(n_splits), dtype=jnp.int32)
-    ok = e_ok[:, None] & (s < n_splits)[None, :]  # [BE, NSp]
-    kk, ss = jnp.broadcast_to(k[:, None], ok.shape), jnp.broadcast_to(s[None, :], ok.shape)
-    bb = jnp.full(ok.shape, b, jnp.int32)
-    m = plgpu.load(ml_ref.at[bb, kk, ss, jnp.zeros(ok.shape, jnp.int32)], mask=ok, other=-1e30)
-    l = plgpu.load(ml_ref.at[bb, kk, ss, jnp.ones(ok.shape, jnp.int32)], mask=ok, other=0.0)
-    o = plgpu.load(a_ref.at[bb, kk, ss, jnp.broadcast_to(r[:, None], ok.shape)], mask=ok, other=0.0)
-    w = jnp.exp(m - jnp.max(m, axis=1)[:, None])
-    total = jnp.sum(w * l, axis=1)
-    merged = jnp.where(total > 0, jnp.sum(w * o, axis=1) / jnp.maximum(total, 1e-30), 0.0)
-    return merged.astype(dtype).astype(jnp.float32)
-
-
 def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model, batch,
-                 steps_per_split, combine, block_e, block_d, interpret, split_merge=None):
+                 steps_per_split, combine, block_e, block_d, interpret):
     # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref: [B, D] in a's dtype (combine None),
     # [B, Dp] fp32 ("atomic": the zeroed input buffer aliased to it comes first in refs) or
     # [splits, B, Dp] fp32 ("partials"); Dp pads D to whole column blocks, so no store mask.
-    # split_merge (n_splits, dtype): a_ref holds attention splits [B, K, NS, Rp] fp32, merged per
-    # entry with ml_ref [B, K, NS, 2] (the first of refs) as they are loaded.
-    ml_ref = None
-    if split_merge is not None:
-        ml_ref, refs = refs[0], refs[1:]
     o_ref = refs[-1]
     cols = pl.program_id(0) * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
     c_ok = cols < d_model
@@ -330,11 +307,7 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
                        other=0.0).astype(jnp.float32)
         out = []
         for b in range(batch):  # [BE, 1] * [BE, BD] summed over the selected rows
-            if ml_ref is not None:
-                a_b = _merged_entries(a_ref, ml_ref, b, e, e_ok, rows_per_idx=rows_per_idx,
-                                      n_splits=split_merge[0], dtype=split_merge[1])
-            else:
-                a_b = plgpu.load(a_ref.at[full_index(e, b), e], mask=e_ok, other=0.0).astype(jnp.float32)
+            a_b = plgpu.load(a_ref.at[full_index(e, b), e], mask=e_ok, other=0.0).astype(jnp.float32)
             out.append(acc[b] + jnp.sum(a_b[:, None] * w, axis=0))
         return tuple(out)
 
@@ -370,23 +343,10 @@ def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model,
             plgpu.store(o_ref.at[full_index(cols, b), cols], acc[b].astype(o_ref.dtype), mask=c_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("rows_per_idx", "blocks", "interpret", "out_dtype"))
-def gather_rows_reduce(a, w, idx, ml=None, *, rows_per_idx: int, blocks: DownBlocks, interpret: bool,
-                       out_dtype=None):
-    """y[b] = sum_{k,r} a[b, k*R + r] * w[idx[k]*R + r] for a [B, K*R], w [F*R, D] -> [B, D].
-
-    With ml: a is attention outputs per sequence split [B, K, NS, Rp] (fp32) and ml [B, K, NS, 2]
-    their max and sum (gather_attention.AttentionSplits); each entry is merged from its splits as it
-    is loaded and rounded to out_dtype, which is also y's dtype.
-    """
-    split_merge = None
-    if ml is not None:
-        batch, n_idx, n_splits, _ = a.shape
-        n_entries = n_idx * rows_per_idx
-        split_merge = (n_splits, jnp.dtype(out_dtype))
-    else:
-        batch, n_entries = a.shape
-    out_dtype = jnp.dtype(out_dtype or a.dtype)
+@functools.partial(jax.jit, static_argnames=("rows_per_idx", "blocks", "interpret"))
+def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, interpret: bool):
+    """y[b] = sum_{k,r} a[b, k*R + r] * w[idx[k]*R + r] for a [B, K*R], w [F*R, D] -> [B, D]."""
+    batch, n_entries = a.shape
     d_model = w.shape[1]
     check_pow2(block_e=blocks.block_e, block_d=blocks.block_d)
     block_d = min(blocks.block_d, pow2_ceil(d_model))
@@ -400,22 +360,20 @@ def gather_rows_reduce(a, w, idx, ml=None, *, rows_per_idx: int, blocks: DownBlo
     kernel = functools.partial(
         _down_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, d_model=d_model,
         batch=batch, steps_per_split=steps_per_split, combine=combine, block_e=blocks.block_e,
-        block_d=block_d, interpret=interpret, split_merge=split_merge)
+        block_d=block_d, interpret=interpret)
     n_dblocks = cdiv(d_model, block_d)
     padded = n_dblocks * block_d
     acc_shape = jax.ShapeDtypeStruct((batch, padded), jnp.float32)
     count_shape = jax.ShapeDtypeStruct((n_dblocks,), jnp.int32)
     out_shape = {
-        None: jax.ShapeDtypeStruct((batch, d_model), out_dtype),
+        None: jax.ShapeDtypeStruct((batch, d_model), a.dtype),
         "atomic": acc_shape,
         "partials": jax.ShapeDtypeStruct((k_splits, batch, padded), jnp.float32),
-        "atomic_last": (acc_shape, count_shape, jax.ShapeDtypeStruct((batch, d_model), out_dtype)),
+        "atomic_last": (acc_shape, count_shape, jax.ShapeDtypeStruct((batch, d_model), a.dtype)),
     }[combine]
     # Atomic partial sums (and the per-block counters) live in zeroed buffers passed in as inputs
     # and aliased to outputs.
-    operands = (a, idx.astype(jnp.int32), w) + (() if ml is None else (ml,))
-    n_in = len(operands)
-    aliases = {"atomic": {n_in: 0}, "atomic_last": {n_in: 0, n_in + 1: 1}}.get(combine, {})
+    aliases = {"atomic": {3: 0}, "atomic_last": {3: 0, 4: 1}}.get(combine, {})
     call = pl.pallas_call(
         kernel,
         grid=(n_dblocks, k_splits),
@@ -426,14 +384,15 @@ def gather_rows_reduce(a, w, idx, ml=None, *, rows_per_idx: int, blocks: DownBlo
         interpret=interpret,
         name="gather_rows_reduce",
     )
+    operands = (a, idx.astype(jnp.int32), w)
     if combine == "atomic":
         acc = call(*operands, jnp.zeros(out_shape.shape, jnp.float32))  # [B, Dp] fp32
-        return acc[:, :d_model].astype(out_dtype)
+        return acc[:, :d_model].astype(a.dtype)
     if combine == "atomic_last":
         zeros = (jnp.zeros(acc_shape.shape, jnp.float32), jnp.zeros(count_shape.shape, jnp.int32))
         return call(*operands, *zeros)[2]
     if combine == "partials":
-        return call(*operands).sum(axis=0)[:, :d_model].astype(out_dtype)  # [S, B, Dp] -> [B, D]
+        return call(*operands).sum(axis=0)[:, :d_model].astype(a.dtype)  # [S, B, Dp] -> [B, D]
     return call(*operands)
 
 

@@ -82,8 +82,6 @@ def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
     assert not by_variant[f"{main}, MLP norm inside the up kernel"]["main"]
     # Ops.topk_pair off (heads and MLP blocks ranked in separate launches), beside the default.
     assert not by_variant[f"{main}, top-K of heads and MLP in two launches"]["main"]
-    # Ops.merge_in_out_proj off: the attention's sequence splits merged in XLA before the out projection.
-    assert not by_variant[f"{main}, attention splits merged in XLA"]["main"]
     # --fused-step off: the unfused step is the main row and the fused one the extra.
     out_off = tmp_path / "bench-off"
     assert bench_main(["--model", str(tiny_opt_ckpt), "--dtype", "fp32", "--prompt-len", "8", "--new-tokens", "2",

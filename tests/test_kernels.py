@@ -245,37 +245,6 @@ def test_head_proj_all_heads_is_dense():
     assert rel_err(y, np.einsum("BNH,NHD->BD", f64(o), f64(w))) < TOL[jnp.float32]
 
 
-SPLIT_CASES = [
-    # B, H, KV, Dh, S, Kh, attention blocks, dtype
-    (1, 4, 4, 64, 40, 2, dict(block_s=16), jnp.float32),  # 3 splits by default
-    (2, 6, 2, 48, 70, 3, dict(block_s=16, seq_splits=3), jnp.float32),  # GQA, Dh not a power of two, 5 steps in 3
-    (1, 4, 4, 32, 50, 4, dict(block_s=16, seq_splits=1), jnp.bfloat16),  # one split
-]
-
-
-@pytest.mark.parametrize("B,H,KV,Dh,S,Kh,attn_blocks,dtype", SPLIT_CASES)
-def test_out_proj_merges_attention_splits(B, H, KV, Dh, S, Kh, attn_blocks, dtype):
-    """sparse_decode_attention(merge=False) -> gathered_out_proj merges the sequence splits as it loads
-    them: the same as merging first (in XLA) and projecting, also for a row with no valid slot."""
-    ks = keys(S * 10 + Kh, 5)
-    q, w = normal(ks[0], (B, Kh, Dh), dtype), normal(ks[1], (H, Dh, 64), dtype, (Kh * Dh) ** -0.5)
-    k, v = normal(ks[2], (B, KV, S, Dh), dtype), normal(ks[3], (B, KV, S, Dh), dtype)
-    valid = jnp.asarray(ks[4].random((B, S)) < 0.8)
-    if B > 1:
-        valid = valid.at[-1].set(False)
-    idx = pick(ks[4], H, Kh)
-    attn = functools.partial(ga.sparse_decode_attention, q, k, v, valid, idx, scale=Dh ** -0.5, num_heads=H,
-                             interpret=INTERPRET, **attn_blocks)
-    splits, merged = attn(merge=False), attn()
-    assert isinstance(splits, pk.AttentionSplits) and splits.ml.shape[:3] == splits.o.shape[:3]
-    y = ga.gathered_out_proj(splits, w, idx, interpret=INTERPRET, block_e=16, k_splits=2)
-    assert y.dtype == dtype and y.shape == (B, 64)
-    assert rel_err(y, ga.gathered_out_proj(merged, w, idx, interpret=INTERPRET)) < TOL[dtype]
-    assert rel_err(y, ga.gathered_out_proj_reference(splits, w, idx)) < TOL[dtype]
-    if B > 1:
-        assert float(jnp.abs(y[-1].astype(jnp.float32)).max()) == 0.0
-
-
 ATTN_CASES = [
     # B, H, KV, Dh, S, Kh, blocks
     (1, 4, 4, 64, 40, 2, {}),  # MHA, default sequence splits
@@ -755,8 +724,6 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     w_q = spec(9, 64, 576)
     assert _lowers_to_triton(ga.gathered_head_proj, x, w_q, heads, spec(9, 64))
     assert _lowers_to_triton(ga.gathered_out_proj, spec(1, 5, 64), w_q, heads)
-    assert _lowers_to_triton(lambda o, ml, w, i: ga.gathered_out_proj(pk.AttentionSplits(o, ml), w, i),
-                             spec(1, 5, 3, 64, dtype=jnp.float32), spec(1, 5, 3, 2, dtype=jnp.float32), w_q, heads)
     kv = spec(1, 3, 70, 64)
     attn = functools.partial(ga.sparse_decode_attention, scale=0.125, num_heads=9)
     assert _lowers_to_triton(attn, spec(1, 5, 64), kv, kv, spec(1, 70, dtype=jnp.bool_), heads)

@@ -435,36 +435,6 @@ def test_fused_step_defaults():
     assert not fused_step_enabled(object()) and fused_norm_enabled(object())
 
 
-@pytest.mark.parametrize("kv_mode", ["exact", "lazy"])
-def test_attention_splits_merged_in_the_out_projection(tiny, kv_mode):
-    """With Ops.merge_in_out_proj (the Pallas default) the gathered step's attention returns its
-    sequence splits unmerged and gathered_out_proj merges them; it decodes as the step that merges
-    in XLA between the two launches."""
-    from pallas_kernels import AttentionSplits
-
-    cfg, params = tiny
-    prompt, _ = tokens_for(cfg, B=1, T=5)
-    L, n = cfg.num_layers, 4
-    sel = PredictorSelector(random_predictors(cfg, seed=6), (cfg.ffn_size // 2,) * L, (2,) * L, cfg.ffn_size,
-                            cfg.num_heads, True, True)
-    got = []
-    base = get_ops("pallas")
-    assert base.merge_in_out_proj and not get_ops("pallas", merge_in_out_proj=False).merge_in_out_proj
-    assert not get_ops("xla").merge_in_out_proj
-
-    def out_proj(o, *args, **kwargs):
-        got.append(isinstance(o, AttentionSplits))
-        return base.gathered_out_proj(o, *args, **kwargs)
-
-    runs = []
-    for ops in (dataclasses.replace(base, gathered_out_proj=out_proj), get_ops("pallas", merge_in_out_proj=False)):
-        cache = None if kv_mode == "exact" else init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy",
-                                                                   lazy_window=4)
-        runs.append(decode_steps(params, cfg, prompt, n, selector=sel, ops=ops, cache=cache))
-    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=1e-5)
-    assert got == [True] * L
-
-
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_lazy_kv_skips_idle_heads(tiny, backend):
     """K/V of heads nobody selected (and the round-robin does not refresh) are not written: the saving."""
