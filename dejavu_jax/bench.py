@@ -404,11 +404,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                                      ops_changes={"fused_step": f, "fused_norm": n}))
                         variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
                                                  ops_changes={"mlp_norm_in_up": True}))
-                    if backend == "pallas":  # Ops.prefetch_up: the up rows read into L2 ahead of the up kernel
-                        for where, what in (("q", "after Q"), ("q:bulk", "after Q, bulk"),
-                                            ("input", "beside the attention inputs"), ("q:load", "after Q, loads")):
-                            variants.append(_Variant(f"{main}, up rows prefetched to L2 {what}", mlp_topk_block=block,
-                                                     ops_changes={"prefetch_up": where}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
                                                  mlp_topk_block=block, ops_changes={"topk_pair": False}))

@@ -22,7 +22,6 @@ activations (quality evaluation, any number of tokens), or row indices to gather
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -297,13 +296,11 @@ def mlp_activations(lp: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: Ops | None,
-        record: dict | None = None, *, norm_inside: bool = False, after: jax.Array | None = None) -> jax.Array:
+        record: dict | None = None, *, norm_inside: bool = False) -> jax.Array:
     """x [B, T, D] (normed; with norm_inside the residual, which the gathered up projection normalises
     with lp["mlp_norm"] itself) -> [B, T, D]."""
     if sel is not None and sel.idx is not None:
         B, T, D = x.shape
-        if after is not None:  # a prefetch's zeros: the up kernel waits for its reads
-            x = x + after[0].astype(x.dtype)
         norm_arg = {}
         if norm_inside:
             p = lp["mlp_norm"]
@@ -345,7 +342,7 @@ def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Arra
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, layer_cache,
               key_valid: jax.Array, query_slot: jax.Array, key_slot: jax.Array, sel: Selection | None,
               ops: Ops | None, record: dict | None = None, *, fused_inputs: bool = False,
-              norm_inside: bool = False, hooks: dict | None = None):
+              norm_inside: bool = False):
     """Self-attention over the cache (or over the chunk itself when layer_cache is None).
 
     x [B, T, D] normed input (with fused_inputs and norm_inside: the residual, which the lazy KV
@@ -385,8 +382,6 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
             q = ops.gathered_head_proj(x[:, 0], lp["q"], sel.idx, lp.get("q_bias"))  # [B, K, Dh]
             if cfg.positions == "rope":
                 q = rope(q[:, None], positions, cfg.rope_theta)[:, 0]
-        if hooks and "after_q" in hooks:
-            hooks["token"] = hooks.pop("after_q")(q)
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
         o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
@@ -423,38 +418,21 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
     fused = fuses_attention_inputs(cfg, layer_cache, head_sel, ops)
     norm_inside = fused and fused_norm_enabled(ops)
     x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
-    # Ops.prefetch_up: with lookahead the neurons are known before the attention, so a side launch can
-    # read their up rows into L2 while the attention's small kernels leave HBM idle.
-    prefetch = getattr(ops, "prefetch_up", None) if getattr(selector, "lookahead", False) else None
-    neuron_sel, hooks, after, fetch_after_out = None, {}, None, None
-    if prefetch:
-        neuron_sel = selector.neurons(ctx)
-        if neuron_sel is not None and neuron_sel.idx is not None and x.shape[:2] == (1, 1):
-            prefetch, _, mode = prefetch.partition(":")  # "q:bulk": after Q, bulk mode
-            fetch = functools.partial(ops.prefetch_rows, lp["up"], neuron_sel.idx, mode=mode or "line")
-            if prefetch == "input":  # beside the attention-input kernel
-                after = fetch(x)
-            elif prefetch == "q":  # once the queries are out: beside the attention and out projection
-                hooks["after_q"] = fetch
-            else:  # "out": after the out projection
-                fetch_after_out = fetch
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
-                                    head_sel, ops, record, fused_inputs=fused, norm_inside=norm_inside,
-                                    hooks=hooks)
-    after = hooks.get("token", after)
-    if fetch_after_out is not None:
-        after = fetch_after_out(attn_out)
+                                    head_sel, ops, record, fused_inputs=fused, norm_inside=norm_inside)
     h = h + attn_out
     if not cfg.pre_norm:
         h = norm(lp["attn_norm"], h, cfg)
-    if selector is not None and not prefetch:
+    if selector is not None:
         ctx.mlp_input = h
         neuron_sel = selector.neurons(ctx)
+    else:
+        neuron_sel = None
     # A gathered MLP step may normalise inside the up projection (saves the norm's two launches).
     norm_inside = (cfg.pre_norm and neuron_sel is not None and neuron_sel.idx is not None
                    and getattr(ops, "mlp_norm_in_up", False))
     x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
-    h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside, after=after)
+    h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside)
     if not cfg.pre_norm:
         h = norm(lp["mlp_norm"], h, cfg)
     return h, new_cache

@@ -38,8 +38,6 @@ from pallas_kernels.gather_mlp import (
     gathered_down_reference,
     gathered_up,
     gathered_up_reference,
-    prefetch_rows,
-    prefetch_rows_reference,
 )
 
 BACKENDS = ("xla", "pallas")
@@ -88,8 +86,6 @@ class Ops:
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
     fused_norm: bool = False
-    prefetch_rows: Callable = prefetch_rows_reference
-    prefetch_up: str | None = None
 
 
 def fused_step_enabled(ops) -> bool:
@@ -114,16 +110,15 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
                    code_topk_pair_reference, gathered_window_kv_update_reference,
-                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm,
-                   prefetch_rows_reference)
+                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
-               gathered_window_qkv_update, prefetch_rows)
+               gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         fused_step = True if fused_step is None else bool(fused_step)
-        return Ops(backend, *fns[:-1], fused_step, topk_pair, mlp_norm_in_up, fused_norm, fns[-1])
+        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
@@ -135,6 +130,6 @@ __all__ = [
     "gathered_window_kv_update", "gathered_window_kv_update_reference",
     "gathered_window_qkv_update", "gathered_window_qkv_update_reference",
     "sparse_decode_attention", "sparse_decode_attention_reference",
-    "prefetch_rows", "prefetch_rows_reference", "topk_rows", "topk_rows_reference", "code_topk_rows", "code_topk_rows_reference",
+    "topk_rows", "topk_rows_reference", "code_topk_rows", "code_topk_rows_reference",
     "code_topk_pair", "code_topk_pair_reference",
 ]

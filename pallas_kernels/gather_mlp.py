@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._prefetch import l2_prefetch
 from pallas_kernels._common import (
     NORMS,
     TARGET_PROGRAMS,
@@ -415,64 +414,3 @@ def gathered_down_reference(a, w_down, idx):
     w_sel = jnp.take(w_down, idx, axis=0)  # [K, D]
     y = jnp.einsum("BK,KD->BD", a, w_sel, preferred_element_type=jnp.float32)
     return y.astype(a.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# L2 prefetch of selected rows: read them once, ahead of the kernel that needs them.
-# --------------------------------------------------------------------------------------------------
-
-
-def _prefetch_kernel(idx_ref, w_ref, after_ref, o_ref, *, n_entries, d_model, block_e, block_d, mode):
-    # idx_ref [K]; w_ref [F, U*D] (the first D columns are fetched); after_ref: not read (the launch's
-    # dependency only); o_ref [programs] fp32, zeros.
-    del after_ref
-    e = pl.program_id(0) * block_e + jnp.arange(block_e, dtype=jnp.int32)
-    e_ok = e < n_entries
-    row = plgpu.load(idx_ref.at[e], mask=e_ok, other=0)  # padded entries fetch row 0 again
-    if mode == "load":  # loads into registers (evict_last), summed to a zero
-        top = jnp.float32(-jnp.inf)
-        for d0 in range(0, d_model, block_d):
-            cols = d0 + jnp.arange(block_d, dtype=jnp.int32)
-            ok = e_ok[:, None] & (cols < d_model)[None, :] if d0 + block_d > d_model else e_ok[:, None]
-            w = plgpu.load(w_ref.at[row[:, None], cols[None, :]], mask=ok, other=0.0, eviction_policy="evict_last")
-            top = jnp.maximum(top, jnp.max(w.astype(jnp.float32)))
-        o_ref[pl.program_id(0)] = top * 0.0
-        return
-    if mode == "bulk":  # one lane per row: the whole row as one bulk prefetch
-        zeros = l2_prefetch(w_ref.at[row, 0], bulk_bytes=d_model * w_ref.dtype.itemsize)
-    else:  # "line": one lane per 128-byte line
-        per_line = 128 // w_ref.dtype.itemsize
-        cols = jnp.minimum(jnp.arange(pow2_ceil(cdiv(d_model, per_line)), dtype=jnp.int32) * per_line, d_model - 1)
-        zeros = l2_prefetch(w_ref.at[row[:, None], cols[None, :]])
-    o_ref[pl.program_id(0)] = jnp.max(zeros).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnames=("d_model", "block_e", "block_d", "mode", "interpret"))
-def _prefetch_rows(w, idx, after, *, d_model, block_e, block_d, mode, interpret):
-    n = idx.shape[0]
-    grid = cdiv(n, block_e)
-    kernel = functools.partial(_prefetch_kernel, n_entries=n, d_model=d_model, block_e=block_e,
-                               block_d=min(block_d, pow2_ceil(d_model)), mode=mode)
-    return pl.pallas_call(
-        kernel, grid=(grid,), out_shape=jax.ShapeDtypeStruct((grid,), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=4), interpret=interpret, name="prefetch_rows",
-    )(idx.astype(jnp.int32), w, after)
-
-
-def prefetch_rows(w, idx, after, *, block_e: int = 32, block_d: int = 4096, mode: str = "line", interpret=False):
-    """Reads the selected rows w[idx, :D] once so that they sit in L2 for the next kernel over them.
-
-    w [F, D] or [F, U, D] (part 0 read); idx [K]; after: any array, the launch waits for it (so it
-    starts at a chosen point of the step, beside the kernels that leave HBM idle). Returns a [P]
-    fp32 array of zeros that the consumer must add in (that edge orders the reads before it).
-    """
-    check_pow2(block_e=block_e, block_d=block_d)
-    d_model = w.shape[-1]
-    return _prefetch_rows(w.reshape(w.shape[0], -1), idx, after, d_model=d_model, block_e=block_e,
-                          block_d=block_d, mode=mode, interpret=interpret)
-
-
-def prefetch_rows_reference(w, idx, after, *, block_e: int = 32, block_d: int = 4096, mode: str = "line"):
-    """XLA has no L2 prefetch: the same zeros, with no read."""
-    del w, after, block_d, mode
-    return jnp.zeros((cdiv(idx.shape[0], block_e),), jnp.float32)
