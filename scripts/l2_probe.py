@@ -162,7 +162,6 @@ def prefetch_rows(w, idx, after, *, block_e: int = 32, block_d: int = 4096, mode
                           block_d=block_d, mode=mode, interpret=interpret)
 
 
-
 def time_per_application(apply, xs, layers, n_trials):
     """microbench.time_per_application with a data edge from each application to the next (the
     next x adds 0 * the previous output), so the applications stay in order even where the CUDA
@@ -212,7 +211,7 @@ def main():
         idx = jnp.sort(jax.random.choice(keys[13], F, (k,), replace=False)).astype(jnp.int32)
         nbytes = k * D * 2
         up = lambda x, w: gm.gathered_up(x, w[:, None, :], idx)
-        down = lambda x, w: gm.gathered_down(x[:, :k] if k <= D else jnp.tile(x, (1, k // D + 1))[:, :k], w, idx)
+        down = lambda x, w: gm.gathered_down(jnp.tile(x, (1, -(-k // D)))[:, :k], w, idx)  # a [1, K]
         for name, fn in (("up", up), ("down", down)):
             record(dict(density=density, case=f"{name} from HBM (4 copies)"), time_per_application(fn, xs, copies,
                                                                                                    args.trials), nbytes)
@@ -253,7 +252,7 @@ def main():
 
         def pre_dense(x, w):
             s = pre(w[:, None, :], after=x)
-            return dense_up(x + (s[0] * 0).astype(x.dtype), w)
+            return dense_up(x + s[0].astype(x.dtype), w)
         record(dict(density=1.0, case=f"prefetch first {frac} of rows, then dense up einsum"),
                time_per_application(pre_dense, xs, copies, args.trials), F * D * 2)
 
