@@ -85,6 +85,17 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / t / 1e9
 
 
+def write_rows(out_dir, stem: str, title: str, cols: Sequence[str], rows: list[dict], **meta) -> None:
+    """A probe's results: out_dir/stem.json ({**meta, "rows": rows}) and out_dir/stem.md (the title,
+    then a markdown table of the rows by cols; a row without a column leaves its cell empty)."""
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(dict(**meta, rows=rows), f, indent=1)
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def chain(apply: Callable, n_layers: int, reps: int) -> Callable:
     """jit of reps x n_layers applications of apply(x, layer_params) -> y (any shape).
 

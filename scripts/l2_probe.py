@@ -37,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import gather_mlp as gm
 from pallas_kernels._common import cdiv, check_pow2, pow2_ceil
-from pallas_kernels.microbench import _time_calls, copy_bandwidth_gbs
+from pallas_kernels.microbench import _time_calls, copy_bandwidth_gbs, write_rows
 
 D, F = 4096, 16384
 
@@ -257,13 +257,8 @@ def main():
                time_per_application(pre_dense, xs, copies, args.trials), F * D * 2)
 
     device = jax.devices()[0].device_kind
-    (args.out / "l2.json").write_text(json.dumps(dict(device=device, copy_gbs=bw, rows=rows), indent=1))
-    cols = ["density", "case", "time_us", "kernel_us", "floor_us", "kernels"]
-    lines = [f"# L2 prefetch probe, OPT-6.7B MLP (D {D}, F {F}, fp16), {device}, copy {bw:.0f} GB/s", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
-    (args.out / "l2.md").write_text("\n".join(lines) + "\n")
-
+    write_rows(args.out, "l2", f"L2 prefetch probe, OPT-6.7B MLP (D {D}, F {F}, fp16), {device}, copy {bw:.0f} GB/s",
+               ["density", "case", "time_us", "kernel_us", "floor_us", "kernels"], rows, device=device, copy_gbs=bw)
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gather_attention import gathered_window_kv
-from pallas_kernels.microbench import copy_bandwidth_gbs, time_per_application
+from pallas_kernels.microbench import copy_bandwidth_gbs, time_per_application, write_rows
 
 D, M = 4096, 16  # OPT-6.7B width; window rows (the tensor-core dot's minimum)
 
@@ -133,14 +133,10 @@ def main():
             record(dict(rows=rows, method="stream", **cfg, max_err=round(err, 4)), t, nbytes)
             del ws
     device = jax.devices()[0].device_kind
-    (args.out / "stream.json").write_text(json.dumps(dict(device=device, copy_gbs=bw, rows=results), indent=1))
     cols = ["rows", "method", "layout", "block_n", "block_d", "split", "stages", "evict", "time_us", "kernel_us",
             "floor_us", "read_gbs"]
-    lines = [f"# Streaming weight rows through tensor-core dots, x [16, {D}], {device}, copy {bw:.0f} GB/s", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in results]
-    (args.out / "stream.md").write_text("\n".join(lines) + "\n")
-
+    write_rows(args.out, "stream", f"Streaming weight rows through tensor-core dots, x [16, {D}], {device}, copy "
+               f"{bw:.0f} GB/s", cols, results, device=device, copy_gbs=bw)
 
 if __name__ == "__main__":
     main()
