@@ -90,3 +90,56 @@ def norm_mean_rstd(total, squares, d_model: int, *, kind: str, eps: float):
         mean = total / d_model
         return mean, jax.lax.rsqrt(jnp.maximum(squares / d_model - mean * mean, 0.0) + eps)
     return jnp.zeros_like(total), jax.lax.rsqrt(squares / d_model + eps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Programmatic dependent launch (PDL, Hopper and later).
+#
+# XLA launches the decode step's kernels, ours included, with the PDL attribute (jax 0.11,
+# `--xla_gpu_enable_pdl`, on by default): a kernel may then start while its predecessor still runs,
+# and must execute `griddepcontrol.wait` before it reads what the predecessor wrote. XLA's own
+# fusions wait at their start and let their successors launch only when they finish. A kernel that
+# executes `griddepcontrol.launch_dependents` early lets its successor's programs launch during its
+# own tail, so they are resident and past their launch when it ends (pallas_kernels/NOTES.md,
+# session 13). `pdl_entry` is both at a kernel's start: any later read is safe, since every
+# successor waits for this kernel, which waited for its predecessor first.
+# --------------------------------------------------------------------------------------------------
+
+_grid_dependency_p = None
+
+
+def _grid_dependency_primitive():
+    global _grid_dependency_p
+    if _grid_dependency_p is None:
+        from jax._src import core as jax_core
+        from jax._src.lib.mlir import ir
+        from jax._src.lib.triton import dialect as tt_dialect
+        from jax._src.pallas.triton import lowering as triton_lowering
+
+        prim = jax_core.Primitive("grid_dependency_control")
+        prim.def_abstract_eval(lambda *, asm: jax_core.ShapedArray((), jnp.int32))
+        prim.def_impl(lambda *, asm: jnp.int32(0))  # interpret mode: nothing to wait for
+
+        @triton_lowering.register_lowering(prim)
+        def _lower(ctx, *, asm):
+            del ctx
+            # Not pure: the instructions stay in program order before the loads after them.
+            out = tt_dialect.elementwise_inline_asm([ir.IntegerType.get_signless(32)], asm, constraints="=r",
+                                                    pure=False, packed_element=1, args=[])
+            return out[0] if isinstance(out, (list, tuple)) else out
+
+        _grid_dependency_p = prim
+    return _grid_dependency_p
+
+
+def pdl_entry(enabled: bool):
+    """At a kernel's start: `griddepcontrol.launch_dependents` then `griddepcontrol.wait`.
+
+    Returns an int32 zero (a Python 0 when not enabled) that the kernel adds to the program ids it
+    derives every index from, so that no load can be placed before the wait. The signal comes first:
+    a successor that launches on it still waits for this kernel to finish, so it reads nothing early.
+    """
+    if not enabled:
+        return 0
+    prim = _grid_dependency_primitive()
+    return prim.bind(asm="griddepcontrol.launch_dependents; griddepcontrol.wait; mov.u32 $0, 0;")
