@@ -339,7 +339,6 @@ class _Variant(NamedTuple):
     mlp_topk_block: int = 0
     ops_changes: dict = {}  # replaced fields of pallas_kernels.Ops (never mutated)
     decode_options: dict | None = None  # Generator.decode_options
-    ops_kwargs: dict = {}  # other pallas_kernels.get_ops keywords (never mutated): kernels built another way
 
 
 def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]], kernels: list[str], rank: int,
@@ -408,9 +407,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
                                                  mlp_topk_block=block, ops_changes={"topk_pair": False}))
-                if backend == "pallas" and ops.pdl:  # the kernels without their PDL signal and wait
-                    variants.append(_Variant(f"{main}, kernels without PDL entry", mlp_topk_block=block,
-                                             ops_kwargs={"pdl": False}))
             for v in variants:
                 label, fixed, block = v.label, v.fixed, 0 if v.fixed else v.mlp_topk_block
                 if fixed and mesh is not None:
@@ -424,9 +420,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                                     head_density=head_d, rank=rank, dtype=dtype,
                                                     lookahead=v.lookahead, transpose=v.transpose,
                                                     mlp_topk_block=block)
-                base_ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm, **v.ops_kwargs) \
-                    if v.ops_kwargs else ops
-                step_ops, place_cache = dataclasses.replace(base_ops, **v.ops_changes), None
+                step_ops, place_cache = dataclasses.replace(ops, **v.ops_changes), None
                 if batch > 1 or mesh is not None:  # batch policy / tensor parallelism (batch-1 path unchanged)
                     from dejavu_jax.sharding import decode_setup
 

@@ -69,10 +69,6 @@ class Ops:
     topk_pair: a layer's heads and MLP blocks are ranked in one launch (code_topk_pair) where both
     fit its programs. On by default: in the H200 profile of session 7 the pair took 4.7 us per layer
     against 2.0 + 4.6 for the two launches it replaces (bench extras time it off).
-    pdl: every kernel starts with `griddepcontrol.launch_dependents` and `griddepcontrol.wait`
-    (`_common.pdl_entry`), so that under XLA's programmatic dependent launch the next kernel's
-    programs launch during this one's tail. On by default for the Pallas kernels on a GPU
-    (pallas_kernels/NOTES.md, session 13); the interpreter ignores it.
     """
 
     backend: str
@@ -90,7 +86,6 @@ class Ops:
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
     fused_norm: bool = False
-    pdl: bool = False
 
 
 def fused_step_enabled(ops) -> bool:
@@ -104,7 +99,7 @@ def fused_norm_enabled(ops) -> bool:
 
 
 def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
-            mlp_norm_in_up: bool = False, fused_norm: bool = False, pdl: bool = True) -> Ops:
+            mlp_norm_in_up: bool = False, fused_norm: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
 
     fused_step None: the backend's default, on for the Pallas kernels, off for the XLA references
@@ -120,13 +115,10 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
                gathered_window_qkv_update)
-        pdl = bool(pdl) and not on_cpu()
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
-        elif pdl:
-            fns = tuple(functools.partial(f, pdl=True) for f in fns)
         fused_step = True if fused_step is None else bool(fused_step)
-        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm, pdl)
+        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 

@@ -27,7 +27,6 @@ from pallas_kernels._common import (
     check_pow2,
     full_index,
     norm_mean_rstd,
-    pdl_entry,
     pow2_ceil,
 )
 from pallas_kernels.gather_mlp import (
@@ -39,7 +38,7 @@ from pallas_kernels.gather_mlp import (
     gather_rows_reduce,
 )
 
-ATTN_BLOCK_KEYS = ("block_s", "seq_splits", "num_warps", "num_stages", "pdl")
+ATTN_BLOCK_KEYS = ("block_s", "seq_splits", "num_warps", "num_stages")
 # Finite "minus infinity" for masked scores: keeps exp(m_old - m_new) finite when a whole block is
 # masked, where -inf would give exp(-inf + inf) = nan.
 _NEG = -1e30
@@ -123,7 +122,6 @@ class AttnBlocks:
     seq_splits: int  # programs per (batch row, head) along the sequence
     num_warps: int = 4
     num_stages: int | None = None
-    pdl: bool = False  # signal and wait for programmatic dependent launch at the start (_common.pdl_entry)
 
 
 def default_attn_blocks(batch: int, n_sel: int, seq_len: int, head_dim: int) -> AttnBlocks:
@@ -135,11 +133,10 @@ def default_attn_blocks(batch: int, n_sel: int, seq_len: int, head_dim: int) -> 
 
 
 def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, o_ref, ml_ref, *, scale, group, seq_len,
-                 head_dim, block_s, block_dh, steps_per_split, pdl):
+                 head_dim, block_s, block_dh, steps_per_split):
     # q_ref [B, Kh, Dh]; idx_ref [Kh]; k_ref, v_ref [B, KV, S, Dh]; valid_ref [B, S] int8
     # o_ref [B, Kh, NS, Dhp] fp32 unnormalised output; ml_ref [B, Kh, NS, 2] fp32 (max, sum)
-    tok = pdl_entry(pdl)  # every index below derives from it: nothing is read before the wait
-    b, i, split = pl.program_id(0) + tok, pl.program_id(1) + tok, pl.program_id(2) + tok
+    b, i, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_head = idx_ref[i] // group  # GQA: query head h reads kv head h // (H // KV)
     d = jnp.arange(block_dh, dtype=jnp.int32)
     d_ok = d < head_dim
@@ -181,8 +178,7 @@ def _sparse_decode_attention(q, k, v, valid, head_idx, *, scale: float, group: i
     n_splits = cdiv(steps, steps_per_split)
     kernel = functools.partial(
         _attn_kernel, scale=scale, group=group, seq_len=seq_len, head_dim=head_dim,
-        block_s=blocks.block_s, block_dh=block_dh, steps_per_split=steps_per_split,
-        pdl=blocks.pdl and not interpret)
+        block_s=blocks.block_s, block_dh=block_dh, steps_per_split=steps_per_split)
     o, ml = pl.pallas_call(
         kernel,
         grid=(batch, n_sel, n_splits),
@@ -248,7 +244,7 @@ def sparse_decode_attention_reference(q, k, v, valid, head_idx, *, scale, num_he
 # K/V of selected heads over a window of tokens (the lazy KV mode's recompute).
 # --------------------------------------------------------------------------------------------------
 
-WINDOW_KV_BLOCK_KEYS = ("block_m", "block_n", "block_d", "num_warps", "num_stages", "pdl")
+WINDOW_KV_BLOCK_KEYS = ("block_m", "block_n", "block_d", "num_warps", "num_stages")
 # Triton's tensor-core dot needs every dimension of both operands to be at least 16.
 MIN_DOT = 16
 # Programs the window K/V kernel aims for: about one per SM of an H100 (132). Each program streams
@@ -263,7 +259,6 @@ class WindowKVBlocks:
     block_d: int  # model-width columns per loop step
     num_warps: int = 4
     num_stages: int | None = None
-    pdl: bool = False  # as AttnBlocks.pdl
 
 
 def check_window_kv_blocks(blocks: WindowKVBlocks) -> None:
@@ -397,11 +392,10 @@ def _window_kv_tiles(x_ref, w_ref, b_ref, head, *, rows, n_kv, head_dim, parts, 
     return accs, m, m_ok, n, n_ok, head_ok
 
 
-def _window_kv_kernel(x_ref, heads_ref, w_ref, *refs, batch, window, n_sel, has_bias, pdl, **tile):
+def _window_kv_kernel(x_ref, heads_ref, w_ref, *refs, batch, window, n_sel, has_bias, **tile):
     # x_ref, w_ref, b_ref (optional): as _window_kv_tiles; heads_ref [Ka]; o_ref [2*B*Ka*W, Dh]
     b_ref, o_ref = refs if has_bias else (None, *refs)
-    tok = pdl_entry(pdl)  # the head id (every weight row) derives from it; the rest in program order
-    c, a = pl.program_id(0), pl.program_id(1) + tok
+    c, a = pl.program_id(0), pl.program_id(1)
     (acc,), m, m_ok, n, n_ok, _ = _window_kv_tiles(x_ref, w_ref, b_ref, heads_ref[a],
                                                    rows=batch * window, parts=1, **tile)
     # Window row m = b*W + t goes to output row ((c*B + b)*Ka + a)*W + t.
@@ -433,8 +427,7 @@ def _gathered_window_kv(x_win, w_kv, heads, b, *, blocks: WindowKVBlocks, interp
     n_sel = heads.shape[0]
     check_window_kv_blocks(blocks)
     kernel = functools.partial(_window_kv_kernel, batch=batch, window=window, n_sel=n_sel,
-                               has_bias=b is not None, pdl=blocks.pdl and not interpret,
-                               **_window_tile_args(w_kv, blocks))
+                               has_bias=b is not None, **_window_tile_args(w_kv, blocks))
     x, w, *bias = _window_operands(x_win, w_kv, b)
     out = pl.pallas_call(
         kernel,
@@ -533,7 +526,7 @@ def _store_window_kv(vals, k_ref, v_ref, slots_ref, head, head_ok, m, m_ok, n, n
 
 
 def _window_kv_update_kernel(x_ref, heads_ref, slots_ref, w_ref, *refs, batch, window, seq_len,
-                             n_rows, has_bias, rotary, pdl, **tile):
+                             n_rows, has_bias, rotary, **tile):
     # x_ref, w_ref, b_ref (optional): as _window_kv_tiles; heads_ref [Ka]; slots_ref [W] cache slot
     # of window token t; cos_ref, sin_ref [B*W, Dh/2] fp32 (rotary only); then the caches
     # [B*KV*S, Dh], row (b*KV + h)*S + s: inputs k_in, v_in (aliased to the outputs, never read)
@@ -542,7 +535,7 @@ def _window_kv_update_kernel(x_ref, heads_ref, slots_ref, w_ref, *refs, batch, w
     b_ref = refs.pop(0) if has_bias else None
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if rotary else (None, None)
     _, _, k_ref, v_ref = refs
-    head = heads_ref[pl.program_id(1) + pdl_entry(pdl)]  # see _window_kv_kernel
+    head = heads_ref[pl.program_id(1)]
     parts = 2 if rotary else 1  # RoPE pairs column n with n + Dh/2: one program computes both
     accs, m, m_ok, n, n_ok, head_ok = _window_kv_tiles(x_ref, w_ref, b_ref, head, rows=batch * window,
                                                        parts=parts, **tile)
@@ -567,8 +560,7 @@ def _gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b, r
     n_blocks = cdiv(head_dim // parts, blocks.block_n)
     kernel = functools.partial(
         _window_kv_update_kernel, batch=batch, window=window, seq_len=seq_len, n_rows=n_rows,
-        has_bias=b is not None, rotary=rotary is not None, pdl=blocks.pdl and not interpret,
-        **_window_tile_args(w_kv, blocks))
+        has_bias=b is not None, rotary=rotary is not None, **_window_tile_args(w_kv, blocks))
     x, w, *bias = _window_operands(x_win, w_kv, b)
     operands = [x, heads.astype(jnp.int32), slots.astype(jnp.int32), w, *bias]
     if rotary is not None:
@@ -689,7 +681,7 @@ def _row_norm_stats(h_ref, b_row, *, batch, d_model, norm_kind, norm_eps):
 
 
 def _window_qkv_kernel(*refs, batch, window, seq_len, n_rows, n_q, n_refresh, group, n_heads, normalise,
-                       norm_kind, norm_eps, has_norm_bias, has_bias, rotary, pdl, **tile):
+                       norm_kind, norm_eps, has_norm_bias, has_bias, rotary, **tile):
     # normalise: h_ref [B, D] residual; scale_ref (and nb_ref) [D] norm weights. Then win_ref
     # [B*W(+pad), D(+pad)] window ring (normalise: aliased to win_out; else holding this token's
     # normed row already); qidx_ref [Kq]; refresh_ref [r]; cur_ref [1] ring row of this token;
@@ -707,8 +699,7 @@ def _window_qkv_kernel(*refs, batch, window, seq_len, n_rows, n_q, n_refresh, gr
     else:
         _, _, q_ref, k_ref, v_ref = refs
     n_kv, head_dim, d_model, block_d = tile["n_kv"], tile["head_dim"], tile["d_model"], tile["block_d"]
-    tok = pdl_entry(pdl)  # see _window_kv_kernel
-    c, a = pl.program_id(0), pl.program_id(1) + tok  # c: 0 keys, 1 values, 2 queries; a: selection entry
+    c, a = pl.program_id(0), pl.program_id(1)  # c: 0 keys, 1 values, 2 queries; a: selection entry
 
     # Entry a < Kq is query head qidx[a] (its Q, and the K/V of its group qidx[a] // G); entry
     # Kq + i is refreshed group refresh[i] (K/V only). A group named before (GQA heads of one group,
@@ -797,7 +788,7 @@ def _gathered_window_qkv_update(h, norm_scale, norm_bias, x_win, w_q, w_kv, q_id
         _window_qkv_kernel, batch=batch, window=window, seq_len=seq_len, n_rows=n_rows, n_q=n_q,
         n_refresh=n_refresh, group=n_heads // n_kv, n_heads=n_heads, normalise=normalise, norm_kind=norm_kind,
         norm_eps=norm_eps, has_norm_bias=norm_bias is not None, has_bias=has_bias,
-        rotary=rotary is not None, pdl=blocks.pdl and not interpret, **_window_tile_args(w_kv, blocks))
+        rotary=rotary is not None, **_window_tile_args(w_kv, blocks))
     win = x_win.reshape(batch * window, d_model)
     caches = [cache.reshape(n_rows, head_dim) for cache in (k_cache, v_cache)]  # free reshapes
     q_rows, q_cols = batch * n_q, head_dim

@@ -33,14 +33,13 @@ from pallas_kernels._common import (
     check_pow2,
     full_index,
     norm_mean_rstd,
-    pdl_entry,
     pow2_ceil,
     pow2_floor,
 )
 
 ACTIVATIONS = ("relu", "swiglu", "none")
-UP_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages", "pdl")
-DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "combine", "num_warps", "num_stages", "pdl")
+UP_BLOCK_KEYS = ("block_e", "block_d", "num_warps", "num_stages")
+DOWN_BLOCK_KEYS = ("block_e", "block_d", "k_splits", "combine", "num_warps", "num_stages")
 COMBINES = ("atomic", "partials", "atomic_last")
 
 
@@ -71,7 +70,6 @@ class UpBlocks:
     block_d: int  # columns of D loaded per step; block_d >= D loads a whole row block at once
     num_warps: int = 4
     num_stages: int | None = None
-    pdl: bool = False  # signal and wait for programmatic dependent launch at the start (_common.pdl_entry)
 
 
 def default_up_blocks(n_entries: int, d_model: int, n_parts: int, batch: int) -> UpBlocks:
@@ -88,7 +86,7 @@ def default_up_blocks(n_entries: int, d_model: int, n_parts: int, batch: int) ->
 
 
 def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d_model, batch,
-               activation, has_bias, norm_kind, norm_eps, has_norm_bias, block_e, block_d, pdl):
+               activation, has_bias, norm_kind, norm_eps, has_norm_bias, block_e, block_d):
     # x_ref [B, D] (norm_kind: the residual, normalised here); idx_ref [K]; w_ref [F*R, U*D];
     # b_ref [F*R*U] (optional); ns_ref, nb_ref [D] (norm_kind; nb_ref only with has_norm_bias);
     # o_ref [B, K*R]
@@ -97,14 +95,13 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
     ns_ref = refs.pop(0) if norm_kind else None
     nb_ref = refs.pop(0) if has_norm_bias else None
     (o_ref,) = refs
-    tok = pdl_entry(pdl)  # the rows derive from it; the x loads follow it in program order
-    e = (pl.program_id(0) + tok) * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
+    e = pl.program_id(0) * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
     e_ok = e < n_entries
     row = _selected_rows(idx_ref, e, e_ok, rows_per_idx)  # [BE]
 
     chunks = []  # (cols, column mask or None) of each static step over D
     for d0 in range(0, d_model, block_d):  # static: the whole row block is straight-line code
-        cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD] (no token: Triton must see them contiguous)
+        cols = d0 + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
         # Column masks only where the block runs past D (simpler, fully vectorised loads).
         chunks.append((cols, cols < d_model if d0 + block_d > d_model else None))
 
@@ -167,7 +164,7 @@ def gather_rows_matvec(x, w, idx, b=None, norm_scale=None, norm_bias=None, *, ro
         _up_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, n_parts=n_parts,
         d_model=d_model, batch=batch, activation=activation, has_bias=b is not None,
         norm_kind=norm_kind, norm_eps=norm_eps, has_norm_bias=norm_bias is not None,
-        block_e=blocks.block_e, block_d=min(blocks.block_d, pow2_ceil(d_model)), pdl=blocks.pdl and not interpret)
+        block_e=blocks.block_e, block_d=min(blocks.block_d, pow2_ceil(d_model)))
     operands = (x, idx.astype(jnp.int32), w) + tuple(v for v in (b, norm_scale, norm_bias) if v is not None)
     return pl.pallas_call(
         kernel,
@@ -271,7 +268,6 @@ class DownBlocks:
     combine: str = "atomic"
     num_warps: int = 4
     num_stages: int | None = None
-    pdl: bool = False  # as UpBlocks.pdl
 
 
 def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
@@ -292,16 +288,15 @@ def default_down_blocks(n_entries: int, d_model: int, batch: int) -> DownBlocks:
 
 
 def _down_kernel(a_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, d_model, batch,
-                 steps_per_split, combine, block_e, block_d, interpret, pdl):
+                 steps_per_split, combine, block_e, block_d, interpret):
     # a_ref [B, K*R]; idx_ref [K]; w_ref [F*R, D]; o_ref: [B, D] in a's dtype (combine None),
     # [B, Dp] fp32 ("atomic": the zeroed input buffer aliased to it comes first in refs) or
     # [splits, B, Dp] fp32 ("partials"); Dp pads D to whole column blocks, so no store mask.
     o_ref = refs[-1]
-    tok = pdl_entry(pdl)  # every index below derives from it: nothing is read before the wait
-    cols = (pl.program_id(0) + tok) * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
+    cols = pl.program_id(0) * block_d + jnp.arange(block_d, dtype=jnp.int32)  # [BD]
     c_ok = cols < d_model
     full_cols = d_model % block_d == 0  # no column mask needed on the weight loads
-    first = (pl.program_id(1) + tok) * steps_per_split * block_e
+    first = pl.program_id(1) * steps_per_split * block_e
 
     def step(t, acc):
         e = first + t * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
@@ -365,7 +360,7 @@ def gather_rows_reduce(a, w, idx, *, rows_per_idx: int, blocks: DownBlocks, inte
     kernel = functools.partial(
         _down_kernel, n_entries=n_entries, rows_per_idx=rows_per_idx, d_model=d_model,
         batch=batch, steps_per_split=steps_per_split, combine=combine, block_e=blocks.block_e,
-        block_d=block_d, interpret=interpret, pdl=blocks.pdl and not interpret)
+        block_d=block_d, interpret=interpret)
     n_dblocks = cdiv(d_model, block_d)
     padded = n_dblocks * block_d
     acc_shape = jax.ShapeDtypeStruct((batch, padded), jnp.float32)

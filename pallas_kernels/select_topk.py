@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, pdl_entry, pow2_ceil
+from pallas_kernels._common import cdiv, pow2_ceil
 
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
@@ -42,9 +42,9 @@ def order_key(x: jax.Array) -> jax.Array:
     return i ^ ((i >> 31) & jnp.int32(INT32_MAX))
 
 
-def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks, pdl):
+def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks):
     # s_ref [G, N] float32 scores; o_ref [G, K (+ chunk when interpreted)] int32: row g's top-K, ascending.
-    g = pl.program_id(0) + pdl_entry(pdl)  # (_common.pdl_entry) every index derives from it
+    g = pl.program_id(0)
     lane = jnp.arange(chunk, dtype=jnp.int32)
     # The scores are read once and stay in registers (chunk by chunk, statically unrolled): every
     # bisection step is then compares and one block-wide sum, no memory traffic.
@@ -95,11 +95,10 @@ def _topk_kernel(s_ref, o_ref, *, n, k, chunk, n_chunks, pdl):
         n_sel, n_eq = n_sel + jnp.sum(sel_i), n_eq + jnp.sum(eq_i)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk", "num_warps", "interpret", "pdl"))
-def _topk_rows(scores, *, k, chunk, num_warps, interpret, pdl):
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "num_warps", "interpret"))
+def _topk_rows(scores, *, k, chunk, num_warps, interpret):
     groups, n = scores.shape
-    kernel = functools.partial(_topk_kernel, n=n, k=k, chunk=chunk, n_chunks=cdiv(n, chunk),
-                               pdl=pdl and not interpret)
+    kernel = functools.partial(_topk_kernel, n=n, k=k, chunk=chunk, n_chunks=cdiv(n, chunk))
     out = pl.pallas_call(
         kernel,
         grid=(groups,),
@@ -111,14 +110,12 @@ def _topk_rows(scores, *, k, chunk, num_warps, interpret, pdl):
     return out[:, :k] if interpret else out
 
 
-def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = None, num_warps: int | None = None,
-              pdl: bool = False):
+def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = None, num_warps: int | None = None):
     """Ascending indices of the k largest scores of each row. scores [G, N] -> int32 [G, k].
 
     Ties at the boundary go to the lower index (the set `lax.top_k` returns). NaN scores are
     ranked by their bit pattern; feed finite scores. One program per row: G is the number of
-    independent selections (tensor-parallel shards, or 1). pdl: signal and wait for programmatic
-    dependent launch at the kernel's start (`_common.pdl_entry`), as the gathered kernels' blocks do.
+    independent selections (tensor-parallel shards, or 1).
     """
     if scores.ndim != 2:
         raise ValueError(f"topk_rows takes scores [G, N], got shape {scores.shape}")
@@ -129,7 +126,7 @@ def topk_rows(scores, k: int, *, interpret: bool = False, chunk: int | None = No
     if chunk & (chunk - 1):
         raise ValueError(f"chunk={chunk} must be a power of two")
     num_warps = num_warps or max(1, min(MAX_WARPS, chunk // 512))
-    return _topk_rows(scores, k=k, chunk=chunk, num_warps=num_warps, interpret=interpret, pdl=pdl)
+    return _topk_rows(scores, k=k, chunk=chunk, num_warps=num_warps, interpret=interpret)
 
 
 def topk_rows_reference(scores, k: int):
@@ -171,8 +168,8 @@ def _rank_code_block(z_ref, w_ref, o_ref, s, *, start, rank, block_rows, k_block
     plgpu.store(o_ref.at[slot], row, mask=sel)
 
 
-def _code_topk_kernel(z_ref, w_ref, o_ref, *, pdl, **block):
-    _rank_code_block(z_ref, w_ref, o_ref, pl.program_id(0) + pdl_entry(pdl), **block)
+def _code_topk_kernel(z_ref, w_ref, o_ref, **block):
+    _rank_code_block(z_ref, w_ref, o_ref, pl.program_id(0), **block)
 
 
 def _code_block(n: int, rank: int, k: int, blocks: int, start: int) -> dict:
@@ -187,11 +184,11 @@ def _code_topk_out(block: dict, interpret: bool) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((block["n_slots"] + (block["nb"] if interpret else 0),), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "blocks", "start", "num_warps", "interpret", "pdl"))
-def _code_topk_rows(z, w_t, *, k, blocks, start, num_warps, interpret, pdl):
+@functools.partial(jax.jit, static_argnames=("k", "blocks", "start", "num_warps", "interpret"))
+def _code_topk_rows(z, w_t, *, k, blocks, start, num_warps, interpret):
     block = _code_block(*w_t.shape, k, blocks, start)
     out = pl.pallas_call(
-        functools.partial(_code_topk_kernel, pdl=pdl and not interpret, **block),
+        functools.partial(_code_topk_kernel, **block),
         grid=(blocks,),
         out_shape=_code_topk_out(block, interpret),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -227,7 +224,7 @@ def _code_topk_warps(block_rows: int) -> int:
 
 
 def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret: bool = False,
-                   num_warps: int | None = None, pdl: bool = False):
+                   num_warps: int | None = None):
     """Ascending indices of the rows with the best scores w_t @ z[start:start + r], ranked per block of rows.
 
     z [>= start + r] (a predictor's rank-r code at start: both sites' codes come from one matvec,
@@ -238,31 +235,28 @@ def code_topk_rows(z, w_t, k: int, *, blocks: int = 1, start: int = 0, interpret
     per block computes its N/blocks scores (fp32 sums) and ranks them by pairwise compares, so the
     score matvec, the ranking and the compaction are one launch with `blocks` programs in parallel
     (`topk_rows` ranks all N in one program by a sequential search). N / blocks <= MAX_CODE_BLOCK.
-    pdl: as topk_rows.
     """
     block_rows = _check_code_kernel(z, w_t, k, blocks, start)
     num_warps = num_warps or _code_topk_warps(block_rows)
-    return _code_topk_rows(z, w_t, k=k, blocks=blocks, start=start, num_warps=num_warps, interpret=interpret,
-                           pdl=pdl)
+    return _code_topk_rows(z, w_t, k=k, blocks=blocks, start=start, num_warps=num_warps, interpret=interpret)
 
 
-def _code_topk_pair_kernel(z_ref, wh_ref, wm_ref, oh_ref, om_ref, *, heads, mlp, mlp_blocks, pdl):
+def _code_topk_pair_kernel(z_ref, wh_ref, wm_ref, oh_ref, om_ref, *, heads, mlp, mlp_blocks):
     # Programs 0 .. mlp_blocks - 1 rank the MLP blocks, the last one the heads (one block). Each
     # branch is specialized to its own static sizes; programs of one launch run concurrently.
-    s = pl.program_id(0) + pdl_entry(pdl)
+    s = pl.program_id(0)
     pl.when(s < mlp_blocks)(lambda: _rank_code_block(z_ref, wm_ref, om_ref, s, **mlp))
     pl.when(s == mlp_blocks)(lambda: _rank_code_block(z_ref, wh_ref, oh_ref, 0, **heads))
 
 
 @functools.partial(jax.jit, static_argnames=("k_heads", "k_mlp", "mlp_blocks", "mlp_start", "heads_start",
-                                             "num_warps", "interpret", "pdl"))
+                                             "num_warps", "interpret"))
 def _code_topk_pair(z, heads_w_t, mlp_w_t, *, k_heads, k_mlp, mlp_blocks, mlp_start, heads_start, num_warps,
-                    interpret, pdl):
+                    interpret):
     heads = _code_block(*heads_w_t.shape, k_heads, 1, heads_start)
     mlp = _code_block(*mlp_w_t.shape, k_mlp, mlp_blocks, mlp_start)
     heads_idx, mlp_idx = pl.pallas_call(
-        functools.partial(_code_topk_pair_kernel, heads=heads, mlp=mlp, mlp_blocks=mlp_blocks,
-                          pdl=pdl and not interpret),
+        functools.partial(_code_topk_pair_kernel, heads=heads, mlp=mlp, mlp_blocks=mlp_blocks),
         grid=(mlp_blocks + 1,),
         out_shape=(_code_topk_out(heads, interpret), _code_topk_out(mlp, interpret)),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -275,8 +269,7 @@ def _code_topk_pair(z, heads_w_t, mlp_w_t, *, k_heads, k_mlp, mlp_blocks, mlp_st
 
 
 def code_topk_pair(z, heads_w_t, k_heads: int, mlp_w_t, k_mlp: int, *, mlp_blocks: int, mlp_start: int,
-                   heads_start: int = 0, interpret: bool = False, num_warps: int | None = None,
-                   pdl: bool = False):
+                   heads_start: int = 0, interpret: bool = False, num_warps: int | None = None):
     """A layer's two selections from one shared code in one launch: the two `code_topk_rows` calls
 
         code_topk_rows(z, heads_w_t, k_heads, start=heads_start)
@@ -287,13 +280,13 @@ def code_topk_pair(z, heads_w_t, k_heads: int, mlp_w_t, k_mlp: int, *, mlp_block
     them instead of as a 1-program launch of its own (~2 us per layer on the H100, see
     results/profile-opt-6.7b-session5). heads_w_t [H, r_h] and every MLP block have at most
     MAX_CODE_BLOCK rows; num_warps (one for all programs) defaults to what code_topk_rows picks for
-    the MLP blocks, the bulk of the work. pdl: as topk_rows.
+    the MLP blocks, the bulk of the work.
     """
     _check_code_kernel(z, heads_w_t, k_heads, 1, heads_start)
     block_rows = _check_code_kernel(z, mlp_w_t, k_mlp, mlp_blocks, mlp_start)
     return _code_topk_pair(z, heads_w_t, mlp_w_t, k_heads=k_heads, k_mlp=k_mlp, mlp_blocks=mlp_blocks,
                            mlp_start=mlp_start, heads_start=heads_start,
-                           num_warps=num_warps or _code_topk_warps(block_rows), interpret=interpret, pdl=pdl)
+                           num_warps=num_warps or _code_topk_warps(block_rows), interpret=interpret)
 
 
 def code_topk_rows_reference(z, w_t, k: int, *, blocks: int = 1, start: int = 0):

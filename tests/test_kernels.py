@@ -754,44 +754,6 @@ def test_kernels_lower_to_triton_for_odd_shapes():
                                  spec(rh + r, dtype=jnp.float32), spec(h, rh), spec(n, r))
 
 
-def test_pdl_entry_is_in_every_kernel_only_when_asked():
-    """pdl=True puts `griddepcontrol.launch_dependents` and `griddepcontrol.wait` at the start of each
-    kernel (`_common.pdl_entry`; checked in the Triton IR lowered for CUDA on CPU); pdl=False, and
-    get_ops on CPU, leave them out. Interpreted, pdl=True changes nothing."""
-    def spec(*shape, dtype=jnp.float16):
-        return jax.ShapeDtypeStruct(shape, dtype)
-
-    x, idx, heads = spec(1, 576), spec(37, dtype=jnp.int32), spec(5, dtype=jnp.int32)
-    w_q, window_kv, cache, slots = spec(9, 64, 576), spec(2, 3, 64, 576), spec(1, 3, 70, 64), spec(5, dtype=jnp.int32)
-    cases = [
-        (gm.gathered_up, (x, spec(1536, 1, 576), idx)),
-        (gm.gathered_down, (spec(1, 37), spec(1536, 576), idx)),
-        (ga.gathered_head_proj, (x, w_q, heads)),
-        (ga.gathered_out_proj, (spec(1, 5, 64), w_q, heads)),
-        (functools.partial(ga.sparse_decode_attention, scale=0.125, num_heads=9),
-         (spec(1, 5, 64), cache, cache, spec(1, 70, dtype=jnp.bool_), heads)),
-        (ga.gathered_window_kv, (spec(1, 5, 576), window_kv, heads)),
-        (ga.gathered_window_kv_update, (spec(1, 5, 576), window_kv, heads, slots, cache, cache)),
-        (functools.partial(ga.gathered_window_qkv_update, norm_kind="rmsnorm", norm_eps=1e-5),
-         (None, None, None, spec(1, 5, 576), w_q, window_kv, heads, spec(1, dtype=jnp.int32), spec(dtype=jnp.int32),
-          slots, cache, cache)),
-        (functools.partial(st.topk_rows, k=384), (spec(1, 1536, dtype=jnp.float32),)),
-        (functools.partial(st.code_topk_rows, k=384, blocks=12), (spec(64, dtype=jnp.float32), spec(1536, 64))),
-        (lambda z, w_h, w_m, **kw: st.code_topk_pair(z, w_h, 4, w_m, 384, mlp_blocks=12, mlp_start=64, **kw),
-         (spec(128, dtype=jnp.float32), spec(9, 64), spec(1536, 64))),
-    ]
-    for fn, args in cases:
-        for pdl in (True, False):
-            text = jax.jit(functools.partial(fn, pdl=pdl)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            assert ("griddepcontrol.launch_dependents; griddepcontrol.wait" in text) == pdl, (fn, pdl)
-    assert not pk.get_ops("pallas").pdl  # CPU: interpreted, nothing to signal
-    x = jax.random.normal(jax.random.PRNGKey(3), (1, 96), jnp.float32)
-    w_up = jax.random.normal(jax.random.PRNGKey(4), (256, 1, 96), jnp.float32)
-    sel = jnp.arange(0, 256, 5, dtype=jnp.int32)
-    np.testing.assert_array_equal(gm.gathered_up(x, w_up, sel, interpret=True, pdl=True),
-                                  gm.gathered_up(x, w_up, sel, interpret=True))
-
-
 # --------------------------------------------------------------------------------------------------
 # GPU: compiled kernels at model sizes
 # --------------------------------------------------------------------------------------------------
