@@ -132,10 +132,11 @@ def default_attn_blocks(batch: int, n_sel: int, seq_len: int, head_dim: int) -> 
     return AttnBlocks(block_s=block_s, seq_splits=seq_splits)
 
 
-def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, o_ref, ml_ref, *, scale, group, seq_len,
-                 head_dim, block_s, block_dh, steps_per_split):
+def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, *out_refs, scale, group, seq_len,
+                 head_dim, block_s, block_dh, steps_per_split, normalise):
     # q_ref [B, Kh, Dh]; idx_ref [Kh]; k_ref, v_ref [B, KV, S, Dh]; valid_ref [B, S] int8
-    # o_ref [B, Kh, NS, Dhp] fp32 unnormalised output; ml_ref [B, Kh, NS, 2] fp32 (max, sum)
+    # out_refs: o_ref [B, Kh, NS, Dhp] fp32 unnormalised output and ml_ref [B, Kh, NS, 2] fp32
+    # (max, sum); or with normalise (one split) o_ref [B, Kh, Dhp] in q's dtype, the final output.
     b, i, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_head = idx_ref[i] // group  # GQA: query head h reads kv head h // (H // KV)
     d = jnp.arange(block_dh, dtype=jnp.int32)
@@ -161,6 +162,11 @@ def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, o_ref, ml_ref, *, scal
 
     init = (jnp.zeros((block_dh,), jnp.float32), jnp.float32(_NEG), jnp.float32(0.0))
     o, m, l = jax.lax.fori_loop(0, steps_per_split, step, init)
+    if normalise:  # what the merge below does with one split: o / l, zeros for a row with no valid slot
+        (o_ref,) = out_refs
+        plgpu.store(o_ref.at[b, i, d], jnp.where(l > 0, o / jnp.maximum(l, 1e-30), 0.0).astype(o_ref.dtype))
+        return
+    o_ref, ml_ref = out_refs
     plgpu.store(o_ref.at[b, i, split, d], o)
     two = jnp.arange(2, dtype=jnp.int32)
     plgpu.store(ml_ref.at[b, i, split, two], jnp.where(two == 0, m, l))
@@ -176,19 +182,25 @@ def _sparse_decode_attention(q, k, v, valid, head_idx, *, scale: float, group: i
     steps = cdiv(seq_len, blocks.block_s)
     steps_per_split = cdiv(steps, max(min(blocks.seq_splits, steps), 1))
     n_splits = cdiv(steps, steps_per_split)
+    normalise = n_splits == 1  # nothing to merge: the kernel writes the output (one launch fewer)
     kernel = functools.partial(
         _attn_kernel, scale=scale, group=group, seq_len=seq_len, head_dim=head_dim,
-        block_s=blocks.block_s, block_dh=block_dh, steps_per_split=steps_per_split)
-    o, ml = pl.pallas_call(
+        block_s=blocks.block_s, block_dh=block_dh, steps_per_split=steps_per_split, normalise=normalise)
+    out_shape = (jax.ShapeDtypeStruct((batch, n_sel, block_dh), q.dtype),) if normalise else (
+        jax.ShapeDtypeStruct((batch, n_sel, n_splits, block_dh), jnp.float32),
+        jax.ShapeDtypeStruct((batch, n_sel, n_splits, 2), jnp.float32))
+    outs = pl.pallas_call(
         kernel,
         grid=(batch, n_sel, n_splits),
-        out_shape=(jax.ShapeDtypeStruct((batch, n_sel, n_splits, block_dh), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, n_sel, n_splits, 2), jnp.float32)),
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="sparse_decode_attention",
     )(q, head_idx.astype(jnp.int32), k, v, valid.astype(jnp.int8))
+    if normalise:
+        return outs[0][..., :head_dim]
+    o, ml = outs
     # Merge the sequence splits: weights exp(m_s - M), normalised by the merged sum.
     m, l = ml[..., 0], ml[..., 1]  # [B, Kh, NS]
     w = jnp.exp(m - jnp.max(m, axis=-1, keepdims=True))

@@ -286,7 +286,8 @@ def test_sparse_decode_attention_is_dense_softmax_attention():
     assert rel_err(out, np.einsum("bhs,bhsd->bhd", p, v_h)) < 1e-5
 
 
-def test_sparse_decode_attention_row_without_valid_slots_is_zero():
+@pytest.mark.parametrize("blocks", [{}, dict(block_s=16)])  # one split (the kernel normalises), two (XLA merges)
+def test_sparse_decode_attention_row_without_valid_slots_is_zero(blocks):
     ks = keys(19, 3)
     q = normal(ks[0], (2, 2, 8), jnp.float32)
     k, v = normal(ks[1], (2, 2, 20, 8), jnp.float32), normal(ks[2], (2, 2, 20, 8), jnp.float32)
@@ -294,7 +295,7 @@ def test_sparse_decode_attention_row_without_valid_slots_is_zero():
     valid[0, 3] = True
     valid = jnp.asarray(valid)
     idx = jnp.array([1, 0], jnp.int32)
-    out = ga.sparse_decode_attention(q, k, v, valid, idx, scale=1.0, interpret=INTERPRET)
+    out = ga.sparse_decode_attention(q, k, v, valid, idx, scale=1.0, interpret=INTERPRET, **blocks)
     ref = ga.sparse_decode_attention_reference(q, k, v, valid, idx, scale=1.0)
     assert np.all(np.asarray(out[1]) == 0.0)
     np.testing.assert_allclose(out[0], v[0, idx, 3], rtol=1e-6)  # one valid slot: its value row
