@@ -38,6 +38,10 @@ FLAG_SETS = {
     "no-graphs-pdl": "--xla_gpu_enable_command_buffer= --xla_gpu_enable_pdl=false",
 }
 D, F, DENSITY = 4096, 16384, 0.25
+# Where the probe kernels wait: "none": no PDL instruction; "wait" / "wait+launch": after the weight
+# loads are issued (then the signal), before the activation loads; "wait-first" / "launch-first": at
+# the start (wait then signal / signal then wait); "idx-wait": after the index loads; "prefetch-wait":
+# after an L2 prefetch of the weight rows (no registers held), the rows then loaded after the wait.
 MODES = ("none", "wait", "wait+launch", "wait-first", "launch-first", "idx-wait", "prefetch-wait")
 
 
@@ -83,20 +87,16 @@ def build(mode: str):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    gdc = _gdc
-
-    def after_wait():  # the data edge for loads that read the predecessor's output
+    def after_wait():  # the PDL instructions of this mode; their token orders the loads after them
         if mode == "none":
             return 0
         if mode == "launch-first":
-            return gdc("launch") + gdc("wait")
-        tok = gdc("wait")
-        return tok if mode == "wait" else tok + gdc("launch")
+            return _gdc("launch") + _gdc("wait")
+        tok = _gdc("wait")
+        return tok if mode == "wait" else tok + _gdc("launch")
 
-    # Where the wait goes: "wait" / "wait+launch": after the weight loads are issued; "wait-first":
-    # before anything ("launch-first": the signal, then the wait); "idx-wait": after the index loads; "prefetch-wait": after an L2 prefetch of
-    # the weight rows (no registers held), then the weights are loaded from L2 after it.
     early = mode in ("wait-first", "launch-first")
+    tag = mode.replace("-", "_").replace("+", "_")  # kernel names in the profile
 
     def prefetch(w_ref, rows, cols0, width):  # rows [R]; one line (64 fp16) per lane
         from l2_probe import l2_prefetch
@@ -141,7 +141,8 @@ def build(mode: str):
             tok = after_wait()
         acc = jnp.zeros((block_d,), jnp.float32)
         for e, w in zip(es, ws):
-            a = plgpu.load(a_ref.at[jnp.zeros_like(e), e + tok * block_e], mask=e < n, other=0.0).astype(jnp.float32)
+            a = plgpu.load(a_ref.at[jnp.zeros_like(e), e + tok * block_e], mask=e < n, other=0.0)
+            a = a.astype(jnp.float32)
             acc = acc + jnp.sum(a[:, None] * w.astype(jnp.float32), axis=0)
         plgpu.store(o_ref.at[pl.program_id(1) + jnp.zeros_like(cols), jnp.zeros_like(cols), cols], acc)
 
@@ -150,7 +151,7 @@ def build(mode: str):
         n = idx.shape[0]
         return pl.pallas_call(functools.partial(up_kernel, n=n), grid=(n,),
                               out_shape=jax.ShapeDtypeStruct((1, n), x.dtype),
-                              compiler_params=plgpu.CompilerParams(num_warps=4), name="probe_up_" + mode.replace("-", "_").replace("+", "_"))(x, idx, w, b)
+                              compiler_params=plgpu.CompilerParams(num_warps=4), name=f"probe_up_{tag}")(x, idx, w, b)
 
     @jax.jit
     def down(a, w, idx):
@@ -161,12 +162,12 @@ def build(mode: str):
                               grid=(D // block_d, splits),
                               out_shape=jax.ShapeDtypeStruct((splits, 1, D), jnp.float32),
                               compiler_params=plgpu.CompilerParams(num_warps=4),
-                              name="probe_down_" + mode.replace("-", "_").replace("+", "_"))(a, idx, w)
+                              name=f"probe_down_{tag}")(a, idx, w)
 
     return up, down
 
 
-def run_one(name: str, out: Path) -> list[dict]:
+def run_one(name: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -225,7 +226,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one:
-        rows = run_one(args.one, args.out)
+        rows = run_one(args.one)
         with open(args.out / f"rows-{args.one}.json", "w") as f:
             json.dump(rows, f)
         return
