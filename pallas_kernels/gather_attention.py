@@ -132,6 +132,12 @@ def default_attn_blocks(batch: int, n_sel: int, seq_len: int, head_dim: int) -> 
     return AttnBlocks(block_s=block_s, seq_splits=seq_splits)
 
 
+def _normalised(out, total):
+    """Attention output out / total (softmax sum, broadcast against out), zeros where no slot was valid
+    (total 0): the one rule for the kernel's single split, the split merge and the reference."""
+    return jnp.where(total > 0, out / jnp.maximum(total, 1e-30), 0.0)
+
+
 def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, *out_refs, scale, group, seq_len,
                  head_dim, block_s, block_dh, steps_per_split, normalise):
     # q_ref [B, Kh, Dh]; idx_ref [Kh]; k_ref, v_ref [B, KV, S, Dh]; valid_ref [B, S] int8
@@ -164,7 +170,7 @@ def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, *out_refs, scale, grou
     o, m, l = jax.lax.fori_loop(0, steps_per_split, step, init)
     if normalise:  # what the merge below does with one split: o / l, zeros for a row with no valid slot
         (o_ref,) = out_refs
-        plgpu.store(o_ref.at[b, i, d], jnp.where(l > 0, o / jnp.maximum(l, 1e-30), 0.0).astype(o_ref.dtype))
+        plgpu.store(o_ref.at[b, i, d], _normalised(o, l).astype(o_ref.dtype))
         return
     o_ref, ml_ref = out_refs
     plgpu.store(o_ref.at[b, i, split, d], o)
@@ -207,7 +213,7 @@ def _sparse_decode_attention(q, k, v, valid, head_idx, *, scale: float, group: i
     total = jnp.sum(w * l, axis=-1)  # [B, Kh]
     out = jnp.einsum("BKS,BKSH->BKH", w, o[..., :head_dim])
     # A row with no valid slot has total 0: return zeros rather than 0/0.
-    out = jnp.where(total[..., None] > 0, out / jnp.maximum(total, 1e-30)[..., None], 0.0)
+    out = _normalised(out, total[..., None])
     return out.astype(q.dtype)
 
 
@@ -248,7 +254,7 @@ def sparse_decode_attention_reference(q, k, v, valid, head_idx, *, scale, num_he
     p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))  # exp(-inf) = 0 for masked slots
     total = jnp.sum(p, axis=-1, keepdims=True)
     out = jnp.einsum("BKS,BKSH->BKH", p, v_sel.astype(jnp.float32))
-    out = jnp.where(total > 0, out / jnp.maximum(total, 1e-30), 0.0)
+    out = _normalised(out, total)
     return out.astype(q.dtype)
 
 
