@@ -85,6 +85,43 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / t / 1e9
 
 
+def flag_set_probe_main(script: str, doc: str, flag_sets: dict[str, str], run_one: Callable[[str], list[dict]],
+                        stem: str, title: str, cols: Sequence[str], timeout_s: int = 500) -> None:
+    """The command line of a probe that runs once per XLA flag set (scripts/*_probe.py): by default one
+    subprocess of `script` per set (XLA_FLAGS must be set before JAX starts), each running
+    `run_one(name)` with --one NAME; then out/stem.{json,md} over all rows, titled `title, <device>`.
+    A set whose process fails leaves a row with its stderr's tail."""
+    import argparse
+    import subprocess
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--one", choices=sorted(flag_sets), help="run one flag set in this process")
+    p.add_argument("--sets", nargs="+", default=list(flag_sets), choices=sorted(flag_sets))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        (args.out / f"rows-{args.one}.json").write_text(json.dumps(run_one(args.one)))
+        return
+    all_rows = []
+    for name in args.sets:
+        env = dict(os.environ, XLA_FLAGS=flag_sets[name])
+        proc = subprocess.run([sys.executable, script, "--out", str(args.out), "--one", name], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+        sys.stdout.write(proc.stdout[-4000:])
+        sys.stderr.write(proc.stderr[-3000:])
+        rows_path = args.out / f"rows-{name}.json"
+        if rows_path.exists():
+            all_rows += json.loads(rows_path.read_text())
+            rows_path.unlink()
+        else:
+            all_rows.append(dict(flags=name, case="(process failed)", error=proc.stderr[-300:]))
+    device = jax.devices()[0].device_kind
+    write_rows(args.out, stem, f"{title}, {device}", cols, all_rows, device=device, jax=jax.__version__,
+               flag_sets=flag_sets)
+
+
 def write_rows(out_dir, stem: str, title: str, cols: Sequence[str], rows: list[dict], **meta) -> None:
     """A probe's results: out_dir/stem.json ({**meta, "rows": rows}) and out_dir/stem.md (the title,
     then a markdown table of the rows by cols; a row without a column leaves its cell empty)."""

@@ -22,11 +22,8 @@ python scripts/pdl_probe.py --out DIR --one NAME (one flag set, in this process)
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -219,37 +216,10 @@ def run_one(name: str) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--one", choices=sorted(FLAG_SETS), help="run one flag set in this process")
-    p.add_argument("--sets", nargs="+", default=list(FLAG_SETS), choices=sorted(FLAG_SETS))
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.one:
-        rows = run_one(args.one)
-        with open(args.out / f"rows-{args.one}.json", "w") as f:
-            json.dump(rows, f)
-        return
-    all_rows = []
-    for name in args.sets:
-        env = dict(os.environ, XLA_FLAGS=FLAG_SETS[name])
-        proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--one", name], env=env,
-                              capture_output=True, text=True, timeout=400)
-        sys.stdout.write(proc.stdout[-4000:])
-        sys.stderr.write(proc.stderr[-3000:])
-        rows_path = args.out / f"rows-{name}.json"
-        if rows_path.exists():
-            all_rows += json.loads(rows_path.read_text())
-            rows_path.unlink()
-        else:
-            all_rows.append(dict(flags=name, case="(process failed)", error=proc.stderr[-300:]))
-    import jax
-
-    from pallas_kernels.microbench import write_rows
-    device = jax.devices()[0].device_kind
-    write_rows(args.out, "pdl", f"PDL probe, OPT-6.7B MLP at density {DENSITY} (up + down + XLA sum), {device}",
-               ["flags", "case", "time_us", "kernel_us", "floor_us", "max_err", "error", "kernels"], all_rows,
-               device=device, jax=jax.__version__, flag_sets=FLAG_SETS)
+    from pallas_kernels.microbench import flag_set_probe_main
+    flag_set_probe_main(__file__, __doc__, FLAG_SETS, run_one, "pdl",
+                        f"PDL probe, OPT-6.7B MLP at density {DENSITY} (up + down + XLA sum)",
+                        ["flags", "case", "time_us", "kernel_us", "floor_us", "max_err", "error", "kernels"], 400)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,8 @@ python scripts/pipeline_probe.py --out DIR   (one subprocess per XLA flag set)
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,7 +46,6 @@ def up_after(x, w_up, idx, b_up, dep, interpret=False):
     """gathered_up (ReLU, bias) whose launch has `dep` as one more operand, never read: the CUDA
     graph then starts it only after dep's producer has finished."""
     import jax
-    import jax.numpy as jnp
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -134,36 +130,10 @@ def run_one(name: str) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--one", choices=sorted(FLAG_SETS), help="run one flag set in this process")
-    p.add_argument("--sets", nargs="+", default=list(FLAG_SETS), choices=sorted(FLAG_SETS))
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.one:
-        with open(args.out / f"rows-{args.one}.json", "w") as f:
-            json.dump(run_one(args.one), f)
-        return
-    all_rows = []
-    for name in args.sets:
-        env = dict(os.environ, XLA_FLAGS=FLAG_SETS[name])
-        proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--one", name],
-                              env=env, capture_output=True, text=True, timeout=500)
-        sys.stdout.write(proc.stdout[-4000:])
-        sys.stderr.write(proc.stderr[-3000:])
-        rows_path = args.out / f"rows-{name}.json"
-        if rows_path.exists():
-            all_rows += json.loads(rows_path.read_text())
-            rows_path.unlink()
-        else:
-            all_rows.append(dict(flags=name, case="(process failed)", error=proc.stderr[-300:]))
-    import jax
-
-    from pallas_kernels.microbench import write_rows
-    device = jax.devices()[0].device_kind
-    write_rows(args.out, "pipeline", f"Split-neuron MLP pipeline probe, OPT-6.7B MLP at density {DENSITY}, {device}",
-               ["flags", "case", "time_us", "wall_us", "kernel_us", "floor_us", "max_err", "error", "kernels"],
-               all_rows, device=device, jax=jax.__version__, flag_sets=FLAG_SETS)
+    from pallas_kernels.microbench import flag_set_probe_main
+    flag_set_probe_main(__file__, __doc__, FLAG_SETS, run_one, "pipeline",
+                        f"Split-neuron MLP pipeline probe, OPT-6.7B MLP at density {DENSITY}",
+                        ["flags", "case", "time_us", "wall_us", "kernel_us", "floor_us", "max_err", "error", "kernels"])
 
 
 if __name__ == "__main__":
