@@ -178,6 +178,23 @@ def time_per_application(apply, xs, layers, n_trials):
     return _time_calls(jax.jit(run), xs, layers, n_trials)
 
 
+def timed_case(flags: str, case: str, make_fn, xs, layers, ref, floor_us: float) -> dict:
+    """One probe row: fn = make_fn(), its largest difference from `ref` on (xs[0], layers[0]), and
+    time_per_application's numbers over the chain. A case that does not build, compile or run
+    leaves its error in the row instead (a probe records it and goes on). The row is printed."""
+    row = dict(flags=flags, case=case)
+    try:
+        fn = make_fn()
+        err = float(jnp.max(jnp.abs(jax.jit(fn)(xs[0], layers[0]).astype(jnp.float32) - ref.astype(jnp.float32))))
+        t = time_per_application(fn, xs, layers, 10)
+        row.update(time_us=round(t["time_us"], 2), wall_us=round(t["wall_us"], 2),
+                   kernel_us=round(t.get("kernel_us", float("nan")), 2), floor_us=round(floor_us, 2),
+                   max_err=err, kernels=t.get("kernels"))
+    except Exception as e:  # recorded, not fatal
+        row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+    print(json.dumps(row), flush=True)
+    return row
+
 def small_chain(x, n=6):
     """n dependent launches on a [1, D] row (a norm-like reduction each), kept apart by barriers."""
     for _ in range(n):

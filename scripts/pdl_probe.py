@@ -23,7 +23,6 @@ python scripts/pdl_probe.py --out DIR --one NAME (one flag set, in this process)
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -170,7 +169,7 @@ def run_one(name: str) -> list[dict]:
 
     from pallas_kernels import gather_mlp as gm
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from l2_probe import time_per_application  # the chain with a data edge (ordered under CONCURRENT too)
+    from l2_probe import timed_case  # timed over a chain with a data edge (ordered under CONCURRENT too)
     from pallas_kernels.microbench import copy_bandwidth_gbs
 
     bw = copy_bandwidth_gbs()
@@ -182,7 +181,6 @@ def run_one(name: str) -> list[dict]:
                jnp.full((F,), 0.01, jnp.float16)) for i in range(4)]  # 4 x 268 MB: past L2
     xs = [jax.random.normal(kk, (1, D), jnp.float16) for kk in keys[8:12]]
     floor_us = 2 * k * D * 2 / bw / 1e3
-    rows = []
 
     def production(x, layer):
         w_up, w_down, b = layer
@@ -200,19 +198,9 @@ def run_one(name: str) -> list[dict]:
 
     ref = jax.jit(production)(xs[0], layers[0])
     # (Runs 2 and 3 also had the production kernels with the PDL entry of commit 39644ac, since reverted.)
-    cases = [("production kernels", production)]
-    for label, fn in cases + [(f"probe, {m}", probe(m)) for m in MODES]:
-        row = dict(flags=name, case=label)
-        try:
-            err = float(jnp.max(jnp.abs(jax.jit(fn)(xs[0], layers[0]).astype(jnp.float32) - ref.astype(jnp.float32))))
-            t = time_per_application(fn, xs, layers, 10)
-            row.update(time_us=round(t["time_us"], 2), kernel_us=round(t.get("kernel_us", float("nan")), 2),
-                       floor_us=round(floor_us, 2), max_err=err, kernels=t.get("kernels"))
-        except Exception as e:  # a flag set or mode that does not compile or run: recorded, not fatal
-            row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    cases = [("production kernels", lambda: production)]
+    return [timed_case(name, label, make_fn, xs, layers, ref, floor_us)
+            for label, make_fn in cases + [(f"probe, {m}", functools.partial(probe, m)) for m in MODES]]
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ python scripts/pipeline_probe.py --out DIR   (one subprocess per XLA flag set)
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def run_one(name: str) -> list[dict]:
 
     from pallas_kernels import gather_mlp as gm
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from l2_probe import time_per_application  # the chain with a data edge (ordered under CONCURRENT too)
+    from l2_probe import timed_case  # timed over a chain with a data edge (ordered under CONCURRENT too)
     from pallas_kernels.microbench import copy_bandwidth_gbs
 
     interpret = jax.default_backend() == "cpu"  # a smoke run of the cases here; times mean nothing
@@ -112,21 +111,8 @@ def run_one(name: str) -> list[dict]:
         return layer_fn
 
     ref = jax.jit(make((1.0,), False))(xs[0], layers[0]).astype(jnp.float32)
-    rows = []
-    for label, (fractions, dep) in CASES.items():
-        row = dict(flags=name, case=label)
-        try:
-            fn = make(fractions, dep)
-            err = float(jnp.max(jnp.abs(jax.jit(fn)(xs[0], layers[0]).astype(jnp.float32) - ref)))
-            t = time_per_application(fn, xs, layers, 10)
-            row.update(time_us=round(t["time_us"], 2), wall_us=round(t["wall_us"], 2),
-                       kernel_us=round(t.get("kernel_us", float("nan")), 2), floor_us=round(floor_us, 2),
-                       max_err=err, kernels=t.get("kernels"))
-        except Exception as e:  # a case that does not compile or run: recorded, not fatal
-            row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    return [timed_case(name, label, functools.partial(make, fractions, dep), xs, layers, ref, floor_us)
+            for label, (fractions, dep) in CASES.items()]
 
 
 def main() -> None:
