@@ -50,7 +50,7 @@ import numpy as np
 
 from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig, preset
-from dejavu_jax.generate import Generator, decode_compiler_options
+from dejavu_jax.generate import HOST_LOOP_OPTIONS, Generator, decode_compiler_options
 from dejavu_jax.sparse import (
     LAZY_WINDOW,
     MLP_TOPK_BLOCK,
@@ -317,7 +317,10 @@ def predictor_bytes(cfg: ModelConfig, rank: int, itemsize: int, mlp_predictor: s
     return cfg.num_layers * (mlp + D * rank + rank * cfg.num_heads) * itemsize
 
 
-SERIAL_SCHEDULING = "XLA's default graph scheduling (kernels chained)"
+SERIAL_SCHEDULING = "XLA's default CUDA graphs (kernels chained, loop on the host)"
+HOST_LOOP = "decode loop on the host (not captured in the CUDA graph)"
+# The decode loop's XLA options as extras (GPU only): label -> Generator.decode_options
+DECODE_OPTION_EXTRAS = {HOST_LOOP: HOST_LOOP_OPTIONS, SERIAL_SCHEDULING: {}}
 FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
 FUSED_NORM_CHOICES = {"on": True, "off": False}  # --fused-norm -> pallas_kernels.Ops.fused_norm
 
@@ -388,9 +391,9 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                              mlp_topk_block=MLP_TOPK_BLOCK))
                 variants += [_Variant("predictor, no lookahead", lookahead=False, mlp_topk_block=block),
                              _Variant("fixed indices (no predictor)", fixed=True)]
-                if decode_compiler_options():  # a GPU: the same step under XLA's default graph scheduling
-                    variants.append(_Variant(f"{main}, {SERIAL_SCHEDULING}", mlp_topk_block=block,
-                                             decode_options={}))
+                if decode_compiler_options():  # a GPU: the same step without the loop's XLA options
+                    variants += [_Variant(f"{main}, {what}", mlp_topk_block=block, decode_options=options)
+                                 for what, options in DECODE_OPTION_EXTRAS.items()]
                 if batch == 1 and mesh is None:  # the layout and the fused ops only matter to the batch-1 step
                     variants.append(_Variant("predictor+lookahead, [D, r] predictor layout", transpose=False,
                                              mlp_topk_block=block))
@@ -878,15 +881,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeviceMemoryError as e:
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(rows[-1]), flush=True)
-    if not args.no_extras and decode_compiler_options():  # a GPU: what the decode loop's scheduling mode is worth
-        row = {"impl": f"dejavu_jax dense, {SERIAL_SCHEDULING}", "floor_ms_per_token": floor_ms}
-        try:
-            row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                 batch=args.batch, reps=args.reps, place_cache=place_cache, decode_options={}))
-        except Exception as e:  # a failing variant is reported, the others still run
-            row["error"] = error_text(e)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    if not args.no_extras and decode_compiler_options():  # a GPU: what the decode loop's XLA options are worth
+        for what, options in DECODE_OPTION_EXTRAS.items():
+            row = {"impl": f"dejavu_jax dense, {what}", "floor_ms_per_token": floor_ms}
+            try:
+                row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                     batch=args.batch, reps=args.reps, place_cache=place_cache,
+                                     decode_options=options))
+            except Exception as e:  # a failing variant is reported, the others still run
+                row["error"] = error_text(e)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.dense_pallas and mesh is None and args.batch == 1:
         from pallas_kernels import get_ops
 

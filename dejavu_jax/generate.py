@@ -4,7 +4,8 @@
     python -m dejavu_jax.generate --model checkpoints/opt-125m --prompt-file prompts.txt --max-new-tokens 64
 
 The decode loop is a `lax.while_loop` over a donated KV cache: the host launches it once and waits
-once, so there is no host round trip per token. Sampling: greedy (temperature 0), temperature,
+once, so there is no host round trip per token (on a GPU the whole loop is one CUDA graph, see
+DECODE_COMPILER_OPTIONS). Sampling: greedy (temperature 0), temperature,
 top-k, top-p, a seed; rows stop at EOS or after max-new-tokens.
 """
 
@@ -85,14 +86,26 @@ def _combine(dynamic, meta):
     return jax.tree_util.tree_unflatten(treedef, [next(it) if a else s for s, a in zip(static, is_array)])
 
 
-# XLA:GPU runs a jitted program's kernels as CUDA graphs. Its default scheduling mode (LHS) chains
-# every kernel after the one before it; CONCURRENT gives the graph only the edges that buffer
-# reads and writes need, so independent kernels overlap. In a decode step that is what lookahead is
-# for: layer l+1's predictor and top-K depend only on layer l's input, not on its attention or MLP.
-# Measured on an H200 (OPT-6.7B shapes, fp16, MLP 0.25 / heads 0.5, one bench process per setting,
-# results/xla-flags-h200-scheduling/): sparse 2.534 -> 2.333 ms/token, dense 4.019 -> 3.944.
-# Other backends ignore the option.
-DECODE_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+# XLA:GPU runs a jitted program's kernels as CUDA graphs ("command buffers"). Two of its defaults
+# cost the decode loop time, and the loop's jit overrides both (other backends ignore the options):
+# * Scheduling. The default mode (LHS) chains every kernel after the one before it; CONCURRENT gives
+#   the graph only the edges that buffer reads and writes need, so independent kernels overlap. In a
+#   decode step that is what lookahead is for: layer l+1's predictor and top-K depend only on layer
+#   l's input, not on its attention or MLP. Measured on an H200 (OPT-6.7B shapes, fp16, MLP 0.25 /
+#   heads 0.5, results/xla-flags-h200-scheduling/): sparse 2.534 -> 2.333 ms/token, dense 4.019 -> 3.944.
+# * The loop itself. By default a while loop is not captured: the host launches each iteration's
+#   graph after copying the loop predicate back from the device, so every token pays a device-to-host
+#   copy and a host wake-up while the GPU idles. With WHILE and CONDITIONAL among the captured
+#   commands the whole decode loop is one graph whose conditional node tests the predicate on the
+#   device. Measured on an H200 (same shapes, one process per setting, results/while-graph-h200/):
+#   sparse 2.169-2.184 -> 2.100 ms/token, dense 3.957-4.011 -> 3.892. The list is XLA's default
+#   command types plus those two.
+DECODE_COMPILER_OPTIONS = {
+    "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT",
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
+}
+# DECODE_COMPILER_OPTIONS with XLA's default command types: the loop runs on the host (bench extras).
+HOST_LOOP_OPTIONS = {k: v for k, v in DECODE_COMPILER_OPTIONS.items() if k != "xla_gpu_enable_command_buffer"}
 
 
 def decode_compiler_options(options: dict | None = None) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue-7 latency runs on the GPU machine (device tool), from the repo root:
 #   1. the kernels' GPU tests (TESTS=1; TESTS_K narrows the -k filter): top-K, window K/V (and fused Q/K/V), the normalising up
-#      projection, the model-size gpu tests, lazy == exact
+#      projection, the model-size gpu tests, lazy == exact, the decode loop's CUDA-graph options (TESTS_K="scheduling or concurrent")
 #   2. python -m dejavu_jax.bench at each preset of PRESETS: dense, transformers eager and static cache +
 #      torch.compile, and sparse decode (random predictors with lookahead in the loop) at MLP:heads
 #      densities SPARSE, lazy and exact KV (lazy first: the no-lookahead and fixed-index variants use it),
@@ -26,7 +26,7 @@ case "$FUSED" in 1) FUSED=on ;; 0) FUSED=off ;; esac  # the sessions 7-8 spellin
 FUSED_NORM=${FUSED_NORM:-off}  # bench --fused-norm: the fused kernel normalises too (on), or XLA first (off)
 mkdir -p "$OUT"
 if [ "${TESTS:-1}" = 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py \
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_sparse.py tests/test_generate.py \
     -rfE -k "${TESTS_K:-window_kv or qkv or normalises or topk or gpu or lazy}" 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
 fi
 if [ "${KERNELS:-0}" = 1 ]; then

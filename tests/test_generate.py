@@ -86,9 +86,9 @@ def test_sampling_is_seeded_and_stops_at_eos(opt):
 
 def test_decode_loop_scheduling_option(opt, monkeypatch):
     """On a GPU the decode loop compiles with DECODE_COMPILER_OPTIONS (concurrent CUDA-graph
-    scheduling); {} gives XLA's defaults; other backends get none. XLA validates the option's name
-    and value on any backend, so compiling with it here catches a misspelt option; it must not
-    change a token."""
+    scheduling, the while loop captured in the graph); {} gives XLA's defaults; other backends get
+    none. XLA validates the options' names and values on any backend, so compiling with them here
+    catches a misspelt option or command type; they must not change a token."""
     cfg, params = opt
     cfg = cfg.replace(eos_token_id=None)
     assert decode_compiler_options() == (DECODE_COMPILER_OPTIONS if jax.default_backend() == "gpu" else {})

@@ -493,26 +493,33 @@ def test_lazy_kv_round_robin_refresh_equals_exact(tiny, backend):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU backend (the option is a CUDA-graph setting)")
-@pytest.mark.parametrize("fused_step,fused_norm", [(False, False), (True, False), (True, True)])
-def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step, fused_norm):
-    """The decode loop's concurrent CUDA-graph scheduling (generate.DECODE_COMPILER_OPTIONS) orders
-    kernels by their buffers only; the Pallas kernels that write the caches in place must still see
-    every write before them. Greedy tokens of a sparse lazy-KV run with predictors and lookahead
-    equal those under XLA's default (chained) scheduling."""
+@pytest.mark.parametrize("family,fused_step,fused_norm", [("opt", False, False), ("opt", True, False),
+                                                          ("opt", True, True), ("llama", True, False)])
+def test_gpu_concurrent_graph_scheduling_decodes_alike(family, fused_step, fused_norm):
+    """The decode loop's CUDA-graph options (generate.DECODE_COMPILER_OPTIONS): concurrent scheduling
+    orders kernels by their buffers only, and the whole while loop is one graph. The Pallas kernels
+    that write the caches in place must still see every write before them, in every iteration.
+    Greedy tokens of a sparse lazy-KV run with predictors and lookahead equal those with the loop on
+    the host (HOST_LOOP_OPTIONS) and under XLA's defaults (chained kernels, loop on the host). The
+    Llama case adds RoPE inside the fused kernel, GQA and SwiGLU."""
     from dejavu_jax.bench import random_predictor_selector
-    from dejavu_jax.generate import Generator
+    from dejavu_jax.generate import HOST_LOOP_OPTIONS, Generator
 
-    cfg = ModelConfig(vocab_size=512, hidden_size=1024, num_layers=4, num_heads=16, num_kv_heads=16, head_dim=64,
-                      ffn_size=4096, max_positions=256, norm="layernorm", activation="relu", positions="learned",
-                      position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="mid-opt",
-                      eos_token_id=None)
+    shape = dict(vocab_size=512, hidden_size=1024, num_layers=4, num_heads=16, head_dim=64, ffn_size=4096,
+                 max_positions=256, eos_token_id=None)
+    if family == "opt":
+        cfg = ModelConfig(**shape, num_kv_heads=16, norm="layernorm", activation="relu", positions="learned",
+                          position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="mid-opt")
+    else:
+        cfg = ModelConfig(**shape, num_kv_heads=4, norm="rmsnorm", activation="swiglu", positions="rope",
+                          attn_bias=False, mlp_bias=False, tie_embeddings=False, family="llama", name="mid-llama")
     params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float16)
     sel = random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=0.25, head_density=0.5, rank=64,
                                     dtype=jnp.float16, mlp_topk_block=128)
     ops = get_ops("pallas", fused_step=fused_step, fused_norm=fused_norm)
     prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 32), 3, cfg.vocab_size)
     runs = []
-    for options in (None, {}):
+    for options in (None, HOST_LOOP_OPTIONS, {}):
         gen = Generator(cfg, selector=sel, ops=ops, decode_options=options)
         cache = init_sparse_cache(cfg, 1, 96, jnp.float16, kv_mode="lazy")
         logits, cache, pos = gen.prefill(params, prompt, jnp.ones_like(prompt, bool), cache)
@@ -520,6 +527,7 @@ def test_gpu_concurrent_graph_scheduling_decodes_alike(fused_step, fused_norm):
                                   max_new_tokens=48)
         runs.append(np.asarray(tokens))
     np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
 
 
 def test_generate_lazy_kv_equals_exact_on_a_left_padded_batch(tiny):
