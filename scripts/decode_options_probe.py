@@ -69,18 +69,19 @@ def main() -> None:
     points = [tuple(float(v) for v in d.split(":")) for d in args.sparse.split(",") if d]
     sets = [("shipped", dict(DECODE_COMPILER_OPTIONS)), *args.sets, ("shipped again", dict(DECODE_COMPILER_OPTIONS))]
     ops = get_ops("pallas")
+    runs = [("dense", None, None, "exact")]  # (label, selector, ops, KV mode), the same for every set
+    for mlp_d, head_d in points:
+        sel = B.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
+                                          rank=128, dtype=dtype, mlp_topk_block=128)
+        runs.append((f"sparse {mlp_d}:{head_d}", sel, ops, "lazy"))
     rows = []
     for name, options in sets:
-        runs = [("dense", None, None, "exact")]
-        for mlp_d, head_d in points:
-            sel = B.random_predictor_selector(cfg, jax.random.PRNGKey(1), mlp_density=mlp_d, head_density=head_d,
-                                              rank=128, dtype=dtype, mlp_topk_block=128)
-            runs.append((f"sparse {mlp_d}:{head_d}", sel, ops, "lazy"))
         for what, sel, run_ops, kv_mode in runs:
             row = {"set": name, "decode": what}
             try:
-                row.update(B.bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens, selector=sel, ops=run_ops,
-                                       reps=args.reps, kv_mode=kv_mode, decode_options=options))
+                row.update(B.bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                       selector=sel, ops=run_ops, reps=args.reps, kv_mode=kv_mode,
+                                       decode_options=options))
                 row["decode_ms_per_token"] = round(row["decode_ms_per_token"], 4)
                 row["compile_s"] = round(row["compile_s"], 1)
             except Exception as e:  # a set XLA refuses is reported, the others still run
