@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.hf import ConversionError
+from dejavu_jax.cli import HelpFormatter
 
 
 def convert(source: str | None, out: str | Path, *, preset: str | None = None, dtype: str = "fp32",
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Convert a Hugging Face OPT/Llama model (local directory with safetensors or pytorch .bin "
                     "shards, or a hub id when the network allows), a GGUF file, or a random preset into a "
                     "dejavu_jax checkpoint directory. The output appears only when conversion succeeds.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("source", nargs="?", help="HF model directory, hub id (org/name) or .gguf file")
     p.add_argument("out", help="checkpoint directory to create")
     p.add_argument("--preset", help="random weights at a preset's shapes instead of a source "

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dejavu_jax import model as M
+from dejavu_jax.cli import DocHelpFormatter
 from dejavu_jax.config import ModelConfig, preset
 from dejavu_jax.generate import HOST_LOOP_OPTIONS, Generator, decode_compiler_options
 from dejavu_jax.sparse import (
@@ -722,14 +723,14 @@ def parse_densities(text: str) -> list[tuple[float, float]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dejavu_jax.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=DocHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="random weights at a preset's shapes (e.g. opt-6.7b)")
     src.add_argument("--model", help="a checkpoint directory")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="weights, activations and KV cache")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (random ids)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per run")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--batch-select", choices=["union", "per-row"], default="union",
                    help="sparse decode with --batch > 1: one index set for the batch (top-K of the rows' summed "
                         "predictor probabilities) or per-row keep-masks (dense compute)")
@@ -737,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sweep: comma-separated batch sizes (e.g. 1,2,4,8,16,32); times dense and every "
                         "--sparse point at each and writes sweep.json/.md/.png instead of bench.*")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: a mesh over the first N devices")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed runs per row of the table (the median is reported)")
     p.add_argument("--baselines", default="eager,static-compile",
                    help="comma list of transformers variants to time (eager, static-compile), 'copy' for only the "
                         "cudaMemcpy bandwidth of the floor, or 'none'. They run first in their own process, which "

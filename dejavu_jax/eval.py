@@ -54,6 +54,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dejavu_jax import tasks as tasks_lib
+from dejavu_jax.cli import HelpFormatter
 from dejavu_jax.tasks import Answer, Example, Request, Task, TaskError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -526,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dejavu_jax.eval",
         description="Perplexity (WikiText-2, C4) and zero-shot accuracy (lm-eval-harness formats) of a dense "
                     "or sparse dejavu_jax checkpoint. Writes JSON + a markdown table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--model", help="checkpoint directory (python -m convert ...); default: the SmolLM2-135M "
                                    "checkpoint of dejavu_jax.default_model")
     p.add_argument("--tasks", default=ALL_TASKS, help=f"comma-separated tasks or 'all'; valid: {ALL_TASKS}")

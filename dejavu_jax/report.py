@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from dejavu_jax.cli import HelpFormatter
+
 MODES = ("dense", "oracle", "predictor", "threshold")
 PPL_TASKS = ("wikitext2", "c4")
 COLORS = {"oracle": "tab:green", "predictor": "tab:blue", "threshold": "tab:orange", "dense": "black"}
@@ -268,23 +270,24 @@ def sweep(model_dir: str | None, predictors: str | None, modes: Sequence[str], m
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dejavu_jax.report", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    pp = sub.add_parser("plot", help="plot eval JSONs (from dejavu_jax.eval or `report sweep`)")
+    pp = sub.add_parser("plot", formatter_class=HelpFormatter, help="plot eval JSONs (from dejavu_jax.eval or `report sweep`)")
     pp.add_argument("inputs", nargs="+", help="eval JSON files")
     pp.add_argument("--out", default="results/quality_vs_density", help="output path without suffix")
-    pp.add_argument("--title", default="")
-    sp = sub.add_parser("sweep", help="evaluate the density grid for each mode, then plot")
+    pp.add_argument("--title", default="", help="plot title (none if empty)")
+    sp = sub.add_parser("sweep", formatter_class=HelpFormatter, help="evaluate the density grid for each mode, then plot")
     sp.add_argument("--model", help="checkpoint directory (default: embedded SmolLM2-135M)")
     sp.add_argument("--predictors", help="predictors directory (predictor mode; threshold calibration)")
-    sp.add_argument("--modes", default="dense,oracle,predictor,threshold")
-    sp.add_argument("--mlp-densities", default="1.0,0.75,0.5,0.35,0.25")
-    sp.add_argument("--head-densities", default="1.0,0.75,0.5")
+    sp.add_argument("--modes", default="dense,oracle,predictor,threshold", help="comma list of sparsity modes")
+    sp.add_argument("--mlp-densities", default="1.0,0.75,0.5,0.35,0.25",
+                    help="MLP densities of the grid (heads dense)")
+    sp.add_argument("--head-densities", default="1.0,0.75,0.5", help="head densities of the grid (MLP dense)")
     sp.add_argument("--tasks", default="wikitext2", help="eval tasks (see python -m dejavu_jax.eval --help)")
     sp.add_argument("--limit", type=parse_limit, default=8,
                     help="windows per perplexity task / docs per zero-shot task; 'all' for the full sets")
-    sp.add_argument("--context-length", type=int, default=512)
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--context-length", type=int, default=512, help="tokens per window / max request length")
+    sp.add_argument("--batch-size", type=int, default=8, help="max sequences per forward pass")
     sp.add_argument("--max-batch-tokens", type=int, default=16384,
                     help="max padded tokens per forward pass (see python -m dejavu_jax.eval --help)")
     from dejavu_jax.eval import add_jax_args, add_shape_args
@@ -292,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_shape_args(sp)
     sp.add_argument("--data-dir", default=None, help="evaluation data (default: dejavu_jax.eval's, ../shared/data)")
     add_jax_args(sp)
-    sp.add_argument("--dtype", default="float32")
-    sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True)
+    sp.add_argument("--dtype", default="float32", help="compute dtype of the model")
+    sp.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=True,
+                    help="predictor pairing: layer l's selection from layer l-1's input (must match training)")
     sp.add_argument("--out-dir", default="results/sweep", help="eval JSONs and the plot go here (resumable)")
-    sp.add_argument("--no-progress", action="store_true")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

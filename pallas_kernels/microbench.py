@@ -894,13 +894,13 @@ def to_markdown(rows: list[dict], device: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pallas_kernels.microbench", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for kernels.json and kernels.md")
-    p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES), help="MLP densities and head fractions")
     p.add_argument("--sweep", action="store_true", help="also sweep block sizes of each kernel")
     p.add_argument("--seconds", type=float, default=float("inf"),
                    help="stop starting new measurements after this many seconds")
-    p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--no-attention", action="store_true", help="skip the attention rows")
     p.add_argument("--no-mlp", action="store_true", help="skip the MLP rows (and the MLP sweep)")
     p.add_argument("--window-kv", action="store_true",
                    help="also time the lazy KV mode's window K/V kernel (with --sweep: its blocks)")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from dejavu_jax.cli import HelpFormatter
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, forward, positions_from_valid
 from dejavu_jax.sparse import model_fingerprint, params_digest
@@ -223,7 +224,7 @@ def load_collection(directory: str | Path) -> tuple[dict, list[Path]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.collect", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", help="dejavu_jax checkpoint directory (default: the embedded SmolLM2-135M)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="JSON-lines (.gz) documents with a 'text' field; relative paths are from the repo root")

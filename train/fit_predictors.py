@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from dejavu_jax.cli import HelpFormatter
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.sparse import (
     KINDS,
@@ -363,7 +364,7 @@ def write_predictors(out: str | Path, preds: list, pconfig: dict, tables: dict, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.fit_predictors", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="directory written by train.collect")
     p.add_argument("--model", help="checkpoint directory the data was collected from (default: embedded SmolLM2)")
     p.add_argument("--out", help="predictors directory (default: MODEL_DIR/predictors)")
@@ -375,12 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp-predictor", choices=MLP_PREDICTORS, default=None,
                    help="MLP predictor form (default: magnitude for gated MLPs, linear for ReLU)")
     p.add_argument("--lr-mlp", type=float, default=None, help="default 1e-3 (linear), 1e-4 (magnitude)")
-    p.add_argument("--lr-heads", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr-heads", type=float, default=1e-3, help="AdamW learning rate of the head predictors")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per optimizer step")
     p.add_argument("--epochs", type=int, default=20, help="0: the initialisation only (training-free magnitude)")
     p.add_argument("--patience", type=int, default=5, help="epochs without validation-recall gain before stopping")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     return p
 
 
