@@ -17,13 +17,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from dejavu_jax import model as M
+from dejavu_jax.cli import HelpFormatter
 from dejavu_jax.config import ModelConfig
 
 
@@ -119,8 +121,11 @@ def decode_compiler_options(options: dict | None = None) -> dict:
 class Generator:
     """Jitted prefill and decode loop for one model config, selector and sampling setup.
 
-    decode_options: XLA compiler options of the decode loop (None: DECODE_COMPILER_OPTIONS on a GPU;
-    {}: XLA's defaults, e.g. to time what the scheduling mode is worth).
+    decode_options: XLA compiler options of the decode loop (None: DECODE_COMPILER_OPTIONS on a GPU,
+    HOST_LOOP_OPTIONS when streaming; {}: XLA's defaults, e.g. to time what the scheduling mode is worth).
+    on_token: a host function called once per decode step, in order, with that step's tokens
+    (np.ndarray [B] int32, -1 for rows that had already stopped): streaming. It costs a device-to-host
+    copy and a host call per token, so the fast path leaves it None.
     """
 
     cfg: ModelConfig
@@ -128,12 +133,17 @@ class Generator:
     selector: Any = None  # a model.Selector; sparsity applies to decode only (prefill is dense)
     ops: Any = None  # pallas_kernels ops for gathered decode
     decode_options: dict | None = None
+    on_token: Callable[[np.ndarray], None] | None = None
 
     def __post_init__(self):
         self._sel_dynamic, self._sel_meta = _partition(self.selector)
+        options = self.decode_options
+        if options is None and self.on_token is not None:
+            # A host callback cannot run inside a CUDA graph's device-side loop.
+            options = HOST_LOOP_OPTIONS
         self.prefill = jax.jit(self._prefill, donate_argnames=("cache",))
         self.decode = jax.jit(self._decode, static_argnames=("max_new_tokens",), donate_argnames=("cache",),
-                              compiler_options=decode_compiler_options(self.decode_options) or None)
+                              compiler_options=decode_compiler_options(options) or None)
 
     def _prefill(self, params, tokens, valid, cache):
         """tokens/valid [B, T] (left padded) -> (last logits [B, V], cache, next positions [B])."""
@@ -157,6 +167,8 @@ class Generator:
             step, logits, cache, pos, done, out, key = state
             key, sub = jax.random.split(key)
             tok = sample_logits(logits, sub, self.sampling)
+            if self.on_token is not None:
+                io_callback(self.on_token, None, jnp.where(done, -1, tok), ordered=True)
             tok = jnp.where(done, pad, tok)
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
             done = done | (tok == eos)
@@ -208,16 +220,18 @@ def _bucket(n: int, multiple: int = 64) -> int:
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
              sampling: SamplingConfig = SamplingConfig(), selector=None, ops=None, cache_dtype=None,
-             generator: Generator | None = None, kv_mode: str = "exact") -> GenerationResult:
+             generator: Generator | None = None, kv_mode: str = "exact",
+             on_token: Callable[[np.ndarray], None] | None = None) -> GenerationResult:
     """Generate from token-id prompts (batched, left padded). Times compile, prefill and decode.
 
     kv_mode: "exact" (every head's K/V written at each token) or "lazy" (`dejavu_jax.sparse`: a
     gathered decode step computes K/V only for its heads' KV groups, over a window of stored inputs;
-    same tokens, fewer weight bytes read)."""
+    same tokens, fewer weight bytes read). on_token: see `Generator` (ignored when `generator` is given:
+    it has its own)."""
     from dejavu_jax.sparse import init_sparse_cache
 
     validate_prompts(cfg, prompts, max_new_tokens)
-    gen = generator or Generator(cfg, sampling, selector, ops)
+    gen = generator or Generator(cfg, sampling, selector, ops, on_token=on_token)
     B = len(prompts)
     T = _bucket(max(len(p) for p in prompts))  # bucketed so nearby prompt lengths share a compile
     tokens = np.full((B, T), cfg.pad_token_id or 0, np.int32)
@@ -266,6 +280,38 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+class TextStream:
+    """Writes one row's text to `out` as its tokens arrive (a `Generator.on_token`).
+
+    The ids so far are decoded together each time, since a token can be a piece of a character
+    (byte-level BPE) or lose its leading space when decoded alone; new text is written once the
+    decoded string no longer ends in a partial character."""
+
+    def __init__(self, tokenizer, out=None, row: int = 0):
+        self.tokenizer, self.out, self.row = tokenizer, out or sys.stdout, row
+        self.ids: list[int] = []
+        self.written = 0  # characters of the decoded text already written
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        tok = int(tokens[self.row])
+        if tok < 0:  # the row stopped at an earlier step
+            return
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def close(self) -> None:
+        self._write(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[self.written:])
+        self.out.flush()
+        self.written = max(self.written, len(text))
+
+
 def resolve_kernels(kernels: str) -> str:
     """--kernels auto -> "pallas" on a GPU, "xla" elsewhere; "xla" and "pallas" as given."""
     if kernels == "auto":
@@ -276,12 +322,16 @@ def resolve_kernels(kernels: str) -> str:
 def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_new_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig(), dtype=None, chat: bool | None = None,
                   selector_args: dict | None = None, kernels: str = "auto", batch_select: str = "per-row",
-                  kv_mode: str = "exact") -> tuple[list[str], GenerationResult]:
-    """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode."""
+                  kv_mode: str = "exact", stream=None) -> tuple[list[str], GenerationResult]:
+    """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode.
+
+    stream: a text file (e.g. sys.stdout) to write the text to as it is generated; one prompt only."""
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
     from dejavu_jax.default_model import model_dir_or_default
 
+    if stream is not None and len(prompts) != 1:
+        raise ValueError(f"streaming writes one prompt's text as it is generated; got {len(prompts)} prompts")
     model_dir = model_dir_or_default(model_dir)
     if dtype is None:
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -304,8 +354,11 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
 
             selector = wrap_selector(selector, batch_select="union")
         ops = get_ops(resolve_kernels(kernels))
+    streamer = TextStream(tokenizer, stream) if stream is not None else None
     result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops,
-                      kv_mode=kv_mode)
+                      kv_mode=kv_mode, on_token=streamer)
+    if streamer is not None:
+        streamer.close()
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
     return texts, result
 
@@ -333,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dejavu_jax.generate",
         description="Generate text with a dejavu_jax checkpoint, dense or contextually sparse. Without --model "
                     "it uses the embedded SmolLM2-135M-Instruct (converted once and cached).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     src = p.add_argument_group("input")
     src.add_argument("--model", help="checkpoint directory made by `python -m convert` (default: embedded SmolLM2)")
     which = src.add_mutually_exclusive_group(required=True)
@@ -342,14 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap prompts in the tokenizer's chat template (default: when the model has one)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=int, default=64, help="stop each prompt after this many new tokens "
+                   "(or at its end-of-sequence token)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the sampling (the same seed, the same text)")
     r = p.add_argument_group("runtime")
     r.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on GPU")
-    r.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    out_mode = r.add_mutually_exclusive_group()
+    out_mode.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    out_mode.add_argument("--stream", action="store_true",
+                          help="print the text as it is generated (one prompt; a host call per token, so decode "
+                               "is slower than without)")
     sp = p.add_argument_group("contextual sparsity (decode only; prefill is dense)")
     sp.add_argument("--mode", choices=["dense", "oracle", "predictor", "threshold"], default="dense")
     sp.add_argument("--mlp-density", type=float, default=1.0, help="fraction of MLP neurons kept per layer")
@@ -391,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts, result = generate_text(args.model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                                       dtype=parse_dtype(args.dtype) if args.dtype else None, chat=args.chat,
                                       selector_args=selector_args, kernels=args.kernels,
-                                      batch_select=args.batch_select, kv_mode=args.kv_mode)
+                                      batch_select=args.batch_select, kv_mode=args.kv_mode,
+                                      stream=sys.stdout if args.stream else None)
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     stats = {"prompt_tokens": result.prompt_lengths, "new_tokens": result.new_tokens,
@@ -401,10 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"texts": texts, **stats}))
     else:
-        for prompt, text in zip(prompts, texts):
-            if len(prompts) > 1:
-                print(f"### {prompt}")
-            print(text)
+        if not args.stream:  # streamed text is already out
+            for prompt, text in zip(prompts, texts):
+                if len(prompts) > 1:
+                    print(f"### {prompt}")
+                print(text)
         print(f"\n[{result.new_tokens} new tokens | time to first token {result.prefill_s * 1e3:.1f} ms | "
               f"decode {result.decode_tokens_per_s:.1f} tokens/s | compile {result.compile_s:.1f} s | "
               f"{jax.default_backend()}]", file=sys.stderr)

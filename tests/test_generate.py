@@ -84,6 +84,25 @@ def test_sampling_is_seeded_and_stops_at_eos(opt):
     assert stopped.tokens[0] == a[0][: a[0].index(eos) + 1]
 
 
+def test_streaming_reports_every_step_in_order(opt):
+    """on_token sees each decode step's tokens as they are sampled: a batch whose rows stop at
+    different steps gets -1 for a row once it has stopped, and the streamed tokens are the result's."""
+    cfg, params = opt
+    prompts = [[5, 17, 33, 8], [44, 3], [70, 71, 72]]
+    free = generate(params, cfg.replace(eos_token_id=None), prompts, max_new_tokens=12).tokens
+    eos = free[1][4]  # row 1 stops at its 5th token; the others at their own first eos, if any
+    plain = generate(params, cfg.replace(eos_token_id=eos), prompts, max_new_tokens=12)
+    steps = []
+    streamed = generate(params, cfg.replace(eos_token_id=eos), prompts, max_new_tokens=12,
+                        on_token=lambda t: steps.append(np.asarray(t).copy()))
+    assert streamed.tokens == plain.tokens and len(plain.tokens[1]) <= 5
+    steps = np.stack(steps)  # [steps, B]
+    assert len(steps) == max(len(t) for t in plain.tokens)
+    for row, tokens in enumerate(plain.tokens):
+        assert steps[: len(tokens), row].tolist() == tokens
+        assert (steps[len(tokens):, row] == -1).all()
+
+
 def test_decode_loop_scheduling_option(opt, monkeypatch):
     """On a GPU the decode loop compiles with DECODE_COMPILER_OPTIONS (concurrent CUDA-graph
     scheduling, the while loop captured in the graph); {} gives XLA's defaults; other backends get
@@ -126,6 +145,30 @@ def test_cli_generates_text_from_a_checkpoint(tiny_opt_ckpt, tmp_path, capsys, m
     assert generate_main(["--model", str(tiny_opt_ckpt), "--prompt-file", "-", "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert "tokens/s" in captured.err and captured.out.strip()
+
+
+def test_cli_stream_prints_the_same_text(tiny_opt_ckpt, tmp_path, capsys):
+    argv = ["--model", str(tiny_opt_ckpt), "--prompt", "the capital of", "--max-new-tokens", "12"]
+    assert generate_main(argv + ["--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["texts"][0]
+    assert generate_main(argv + ["--stream"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == text + "\n" and "tokens/s" in captured.err
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("hello world\nthe capital of\n")
+    with pytest.raises(SystemExit) as e:
+        generate_main(["--model", str(tiny_opt_ckpt), "--prompt-file", str(prompts), "--stream"])
+    assert e.value.code == 2 and "got 2 prompts" in capsys.readouterr().err
+
+
+def test_cli_help_states_defaults_once():
+    """--help shows each option's default once, and no '(default: None)' where there is nothing to say."""
+    from dejavu_jax.generate import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 64)" in text and "(default: 0.0)" in text
+    assert text.count("(default: embedded SmolLM2)") == 1 and "SmolLM2) (default" not in text
 
 
 @pytest.mark.parametrize("argv,match", [

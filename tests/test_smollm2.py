@@ -72,3 +72,32 @@ def test_tokenizer_from_gguf_in_checkpoint(checkpoint):
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>user\nHi<|im_end|>\n"
                                                                           "<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2
+
+
+@pytest.mark.slow
+def test_streamed_text_never_shows_a_partial_character(checkpoint):
+    """Byte-level BPE splits a multi-byte character over several tokens: the stream holds text back
+    until the character is whole, and what it writes in total is the decoded text."""
+    import io
+
+    import numpy as np
+
+    from dejavu_jax.checkpoint import load_tokenizer
+    from dejavu_jax.generate import TextStream
+
+    tok = load_tokenizer(checkpoint)
+    ids = tok("Coffee ☕ in a café, naïve 日本")["input_ids"]
+    prefixes = [tok.decode(ids[:n]) for n in range(1, len(ids) + 1)]
+    assert any(p.endswith("\ufffd") for p in prefixes)  # the case the stream has to handle is really there
+    out = io.StringIO()
+    stream = TextStream(tok, out, row=1)
+    writes = []
+    for t in ids:
+        before = out.getvalue()
+        stream(np.array([-1, t], np.int32))  # row 0 stopped; row 1 is streamed
+        writes.append(out.getvalue()[len(before):])
+    stream(np.array([-1, -1], np.int32))  # a step after the row stopped writes nothing
+    stream.close()
+    assert "\ufffd" not in out.getvalue()
+    assert out.getvalue() == tok.decode(ids) + "\n"
+    assert sum(1 for w in writes if w) > 1  # written piece by piece, not all at the end

@@ -500,8 +500,9 @@ def test_gpu_concurrent_graph_scheduling_decodes_alike(family, fused_step, fused
     orders kernels by their buffers only, and the whole while loop is one graph. The Pallas kernels
     that write the caches in place must still see every write before them, in every iteration.
     Greedy tokens of a sparse lazy-KV run with predictors and lookahead equal those with the loop on
-    the host (HOST_LOOP_OPTIONS) and under XLA's defaults (chained kernels, loop on the host). The
-    Llama case adds RoPE inside the fused kernel, GQA and SwiGLU."""
+    the host (HOST_LOOP_OPTIONS), under XLA's defaults (chained kernels, loop on the host) and when
+    streamed (a host callback per token, `Generator.on_token`). The Llama case adds RoPE inside the
+    fused kernel, GQA and SwiGLU."""
     from dejavu_jax.bench import random_predictor_selector
     from dejavu_jax.generate import HOST_LOOP_OPTIONS, Generator
 
@@ -518,16 +519,18 @@ def test_gpu_concurrent_graph_scheduling_decodes_alike(family, fused_step, fused
                                     dtype=jnp.float16, mlp_topk_block=128)
     ops = get_ops("pallas", fused_step=fused_step, fused_norm=fused_norm)
     prompt = jax.random.randint(jax.random.PRNGKey(2), (1, 32), 3, cfg.vocab_size)
-    runs = []
-    for options in (None, HOST_LOOP_OPTIONS, {}):
-        gen = Generator(cfg, selector=sel, ops=ops, decode_options=options)
+    runs, streamed = [], []
+    stream = lambda t: streamed.append(np.array(t))  # noqa: E731
+    for options, on_token in ((None, None), (HOST_LOOP_OPTIONS, None), ({}, None), (None, stream)):
+        gen = Generator(cfg, selector=sel, ops=ops, decode_options=options, on_token=on_token)
         cache = init_sparse_cache(cfg, 1, 96, jnp.float16, kv_mode="lazy")
         logits, cache, pos = gen.prefill(params, prompt, jnp.ones_like(prompt, bool), cache)
         tokens, _, _ = gen.decode(params, gen._sel_dynamic, cache, logits, pos, jax.random.PRNGKey(0),
                                   max_new_tokens=48)
         runs.append(np.asarray(tokens))
-    np.testing.assert_array_equal(runs[0], runs[1])
-    np.testing.assert_array_equal(runs[0], runs[2])
+    for run in runs[1:]:
+        np.testing.assert_array_equal(runs[0], run)
+    np.testing.assert_array_equal(np.stack(streamed, axis=1), runs[0])
 
 
 def test_generate_lazy_kv_equals_exact_on_a_left_padded_batch(tiny):
