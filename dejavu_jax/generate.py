@@ -283,9 +283,10 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
 class TextStream:
     """Writes one row's text to `out` as its tokens arrive (a `Generator.on_token`).
 
-    The ids so far are decoded together each time, since a token can be a piece of a character
-    (byte-level BPE) or lose its leading space when decoded alone; new text is written once the
-    decoded string no longer ends in a partial character."""
+    The ids of the current line are decoded together each time, since a token can be a piece of a
+    character (byte-level BPE) or lose its leading space when decoded alone; new text is written once
+    the decoded string no longer ends in a partial character. A finished line starts a new group, so
+    a long answer is not decoded again from its start at every token."""
 
     def __init__(self, tokenizer, out=None, row: int = 0):
         self.tokenizer, self.out, self.row = tokenizer, out or sys.stdout, row
@@ -300,6 +301,8 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
             self._write(text)
+            if text.endswith("\n"):
+                self.ids, self.written = [], 0
 
     def close(self) -> None:
         self._write(self.tokenizer.decode(self.ids, skip_special_tokens=True))

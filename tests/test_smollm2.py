@@ -86,7 +86,7 @@ def test_streamed_text_never_shows_a_partial_character(checkpoint):
     from dejavu_jax.generate import TextStream
 
     tok = load_tokenizer(checkpoint)
-    ids = tok("Coffee ☕ in a café, naïve 日本")["input_ids"]
+    ids = tok("Coffee ☕ in a café,\nnaïve 日本\n\nend")["input_ids"]
     prefixes = [tok.decode(ids[:n]) for n in range(1, len(ids) + 1)]
     assert any(p.endswith("\ufffd") for p in prefixes)  # the case the stream has to handle is really there
     out = io.StringIO()
