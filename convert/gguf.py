@@ -83,9 +83,21 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
     if rope_dims != head_dim:
         raise ConversionError(f"partial RoPE ({arch}.rope.dimension_count={rope_dims} < head_dim={head_dim}) "
                               f"is not supported")
-    scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", "", None) or get("rope.scaling.factor", 1.0) not in (0.0, 1.0):
-        raise ConversionError(f"RoPE scaling {scaling!r} ({arch}.rope.scaling.*) is not supported (plain RoPE only)")
+    # RoPE scaling as per-frequency divisors (ModelConfig.rope_freq_factors): llama.cpp stores Llama
+    # 3.1-style scaling as a rope_freqs tensor of divisors, linear scaling as a factor in the metadata.
+    scaling = get("rope.scaling.type", "none") or "none"
+    factor = float(get("rope.scaling.factor", 0.0) or 1.0)
+    if scaling not in ("none", "linear") or (scaling == "none" and factor != 1.0):
+        raise ConversionError(f"RoPE scaling {scaling!r} ({arch}.rope.scaling.*) is not supported (plain, linear "
+                              f"and Llama 3.1-style rope_freqs only)")
+    factors = np.full(head_dim // 2, factor if scaling == "linear" else 1.0)
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        if int(np.prod(freqs.shape)) != head_dim // 2:
+            raise ConversionError(f"GGUF tensor rope_freqs.weight has {int(np.prod(freqs.shape))} values; RoPE at "
+                                  f"head_dim={head_dim} needs {head_dim // 2}")
+        factors = factors * dequantize_tensor(freqs).reshape(-1)
+    rope_freq_factors = None if np.all(factors == 1.0) else tuple(float(f) for f in factors)
     if get("expert_count", 0):
         raise ConversionError("mixture-of-experts Llama GGUF models are not supported")
     tensor_names = {t.name for t in reader.tensors}
@@ -101,7 +113,7 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         num_kv_heads=kv_heads, head_dim=head_dim, ffn_size=int(get("feed_forward_length")),
         max_positions=int(get("context_length", 2048)), norm="rmsnorm",
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), activation="swiglu", positions="rope",
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_theta=float(get("rope.freq_base", 10000.0)), rope_freq_factors=rope_freq_factors,
         attn_bias="blk.0.attn_q.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         pre_norm=True, final_norm=True, tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=tok_id("bos"), eos_token_id=tok_id("eos"), pad_token_id=tok_id("padding"),
@@ -201,9 +213,8 @@ def plan_tensors(reader, cfg: ModelConfig) -> list[tuple[Any, str, int | None]]:
             entry = top[t.name]
             hf_name = entry[0]
         if entry is None:
-            if t.name == "rope_freqs.weight":
-                raise ConversionError(f"GGUF tensor {t.name}: RoPE frequency factors (Llama 3.1-style rope "
-                                      f"scaling) are not supported")
+            if t.name == "rope_freqs.weight":  # read into the config (config_from_gguf)
+                continue
             raise ConversionError(f"unexpected GGUF tensor {t.name} for a Llama model")
         expected = entry[1]
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ne order -> numpy order

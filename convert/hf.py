@@ -52,17 +52,17 @@ def config_from_hf(hf) -> ModelConfig:
         )
     if model_type == "llama":
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise ConversionError(f"Llama rope scaling {rope_type!r} is not supported (default RoPE only)")
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        if d.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConversionError(f"partial RoPE (partial_rotary_factor={d['partial_rotary_factor']}) is not supported")
         return ModelConfig(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
             ffn_size=d["intermediate_size"], max_positions=d["max_position_embeddings"], norm="rmsnorm",
-            norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", positions="rope", rope_theta=float(theta),
+            norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", positions="rope", rope_theta=theta,
+            rope_freq_factors=rope_freq_factors(rope, head_dim, theta),
             attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
             pre_norm=True, final_norm=True, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
@@ -73,6 +73,30 @@ def config_from_hf(hf) -> ModelConfig:
 
 def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x
+
+
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def rope_freq_factors(rope: dict, head_dim: int, theta: float) -> tuple[float, ...] | None:
+    """A Hugging Face `rope_scaling` / `rope_parameters` dict -> one divisor per rotary frequency
+    (ModelConfig.rope_freq_factors; None for plain RoPE). Both supported kinds leave the attention
+    scale alone (transformers' attention_factor is 1 for them)."""
+    kind = rope.get("rope_type", rope.get("type")) or "default"
+    if kind == "default":
+        return None
+    if kind == "linear":  # positions divided by the factor = every frequency divided by it
+        return (float(rope["factor"]),) * (head_dim // 2)
+    if kind == "llama3":
+        factor, low, high = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        context = float(rope["original_max_position_embeddings"])
+        inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        # Frequencies whose wavelength exceeds context / low are slowed by `factor`, those below
+        # context / high are kept, and in between the two blend linearly in context / wavelength.
+        blend = np.clip((context * inv_freq / (2 * np.pi) - low) / (high - low), 0.0, 1.0)
+        scaled = (1.0 - blend) * inv_freq / factor + blend * inv_freq
+        return tuple(float(f) for f in inv_freq / scaled)
+    raise ConversionError(f"Llama rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class ModelConfig:
     positions: Positions = "learned"
     position_offset: int = 0  # OPT's learned positions start at index 2
     rope_theta: float = 10000.0
+    # RoPE scaling as one divisor per rotary frequency ([Dh/2]; None: plain RoPE): Llama 3.1-3.3's
+    # "llama3" scaling, "linear" scaling, or a GGUF file's rope_freqs tensor (convert/ computes them).
+    rope_freq_factors: tuple[float, ...] | None = None
     attn_bias: bool = False
     mlp_bias: bool = False
     pre_norm: bool = True  # False: OPT-350m's post-LayerNorm blocks
@@ -57,6 +60,12 @@ class ModelConfig:
             raise ValueError(f"unknown activation {self.activation!r}")
         if self.positions not in ("learned", "rope"):
             raise ValueError(f"unknown positions {self.positions!r}")
+        if self.rope_freq_factors is not None:  # a list when read from config.json; a tuple keeps it hashable
+            factors = tuple(float(f) for f in self.rope_freq_factors)
+            object.__setattr__(self, "rope_freq_factors", factors)
+            if self.positions != "rope" or len(factors) != self.head_dim // 2 or min(factors) <= 0:
+                raise ValueError(f"rope_freq_factors must be {self.head_dim // 2} positive divisors of a RoPE "
+                                 f"model's frequencies, got {len(factors)} for positions={self.positions!r}")
 
     # Derived sizes -------------------------------------------------------------------------
     @property

@@ -263,16 +263,19 @@ def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return apply_norm(x, p["scale"], p.get("bias"), kind=cfg.norm, eps=cfg.norm_eps)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles at `positions`. positions [B, T] -> two [B, T, Dh/2] float32."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
+    Dh = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))  # [Dh/2]
+    if cfg.rope_freq_factors is not None:
+        inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Rotary embedding, half-split convention (as Hugging Face Llama). x [B, T, N, Dh]."""
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta)
+    cos, sin = rope_cos_sin(positions, cfg)
     return rotate_half_split(x, cos[:, :, None, :], sin[:, :, None, :])
 
 
@@ -335,7 +338,7 @@ def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Arra
         kv = kv + b[:, None, None]
     k_new, v_new = kv[0], kv[1]
     if cfg.positions == "rope":
-        k_new = rope(k_new, positions, cfg.rope_theta)
+        k_new = rope(k_new, positions, cfg)
     return k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
 
 
@@ -381,7 +384,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         if q is None:
             q = ops.gathered_head_proj(x[:, 0], lp["q"], sel.idx, lp.get("q_bias"))  # [B, K, Dh]
             if cfg.positions == "rope":
-                q = rope(q[:, None], positions, cfg.rope_theta)[:, 0]
+                q = rope(q[:, None], positions, cfg)[:, 0]
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
         o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
@@ -389,7 +392,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
     else:
         q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]
         if cfg.positions == "rope":
-            q = rope(q, positions, cfg.rope_theta)
+            q = rope(q, positions, cfg)
         q = q.reshape(B, T, KV, G, Dh)
         scores = jnp.einsum("btkgh,bksh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * scale
         mask = key_valid[:, None, None, None, :] & (key_slot[None, :] <= query_slot[:, None])[None, None, None]

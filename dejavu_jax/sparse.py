@@ -352,8 +352,10 @@ def scores_from_code(p: Params, z: jax.Array) -> jax.Array:
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
-    """Hash of the architecture (every config field except the free-text name)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k != "name"}
+    """Hash of the architecture (every config field except the free-text name; an unset RoPE scaling
+    is left out, so fingerprints from before that field existed still match)."""
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k != "name" and not (k == "rope_freq_factors" and v is None)}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -883,7 +885,7 @@ def _window_schedule(index: jax.Array, W: int, S: int, KV: int) -> tuple[jax.Arr
 def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
     from dejavu_jax.model import rope_cos_sin
 
-    return rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
+    return rope_cos_sin(win_pos, cfg) if cfg.positions == "rope" else None
 
 
 def step_fuses_attention_inputs(cfg: ModelConfig, kv_mode: str, ops) -> bool:

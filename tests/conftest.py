@@ -19,6 +19,12 @@ TINY_CONFIGS = {
     "llama-mha": dict(kind="llama", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, intermediate_size=48, max_position_embeddings=96,
                       tie_word_embeddings=True),
+    # Llama 3.1-style RoPE scaling; the 4 rotary frequencies (Dh=8) are kept, blended, scaled, scaled.
+    "llama-rope3": dict(kind="llama", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=96,
+                        tie_word_embeddings=True,
+                        rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=64)),
 }
 
 

@@ -45,11 +45,11 @@ def _byte_level_vocab() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0):
+def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0, rope_scaling=None):
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=tie, bos_token_id=256, eos_token_id=257, pad_token_id=257)
+        tie_word_embeddings=tie, bos_token_id=256, eos_token_id=257, pad_token_id=257, rope_scaling=rope_scaling)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a swapped norm would show
@@ -60,11 +60,14 @@ def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0):
 
 
 def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", tokenizer: bool = True,
-                    ffn_override: int | None = None, drop: str | None = None) -> Path:
+                    ffn_override: int | None = None, drop: str | None = None,
+                    rope_freqs: np.ndarray | None = None, rope_scaling: tuple | None = None) -> Path:
     """A llama.cpp-style GGUF of a transformers Llama model (Q/K permuted, ne-order shapes).
 
     quant: a GGMLQuantizationType for the 2-D matrices (norms stay F32, as llama.cpp does); None = F32.
     ffn_override: write a wrong feed_forward_length; drop: leave one tensor out (error tests).
+    rope_freqs: a rope_freqs.weight tensor (Llama 3.1-style scaling); rope_scaling: (RopeScalingType,
+    factor) metadata.
     """
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -79,6 +82,11 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
+    if rope_scaling is not None:
+        w.add_rope_scaling_type(rope_scaling[0])
+        w.add_rope_scaling_factor(rope_scaling[1])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     if tokenizer:
         specials = ["<|im_start|>", "<|im_end|>"]
         merges = ["Ġ t", "h e", "t he", "Ġt he"]
@@ -194,6 +202,54 @@ def test_tiny_gguf_matches_transformers(tmp_path, heads, kv_heads, tie, quant):
     assert tok is not None and tok.chat_template and "<|im_start|>" in tok.chat_template
     assert tok.convert_tokens_to_ids("<|im_end|>") == 257
     assert tok("the the")["input_ids"] == [tok.convert_tokens_to_ids("the"), tok.convert_tokens_to_ids("Ġthe")]
+
+
+def llama_cpp_rope_freqs(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for Llama 3.1-style scaling, per frequency:
+    1 for short wavelengths, `factor` for long ones, a blend between."""
+    context = scaling["original_max_position_embeddings"]
+    low, high, factor = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear"])
+def test_rope_scaled_gguf_matches_transformers(tmp_path, kind):
+    """A Llama 3.1-style GGUF (rope_freqs tensor) and a linearly scaled one (metadata) give the logits
+    of the transformers model with the same rope scaling, at positions past the original context."""
+    if kind == "llama3":
+        scaling = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=64)
+        extra = dict(rope_freqs=llama_cpp_rope_freqs(scaling, 16, 10000.0))
+        assert len(set(extra["rope_freqs"].round(6))) == 4  # kept, two blended, scaled: all three rules
+    else:
+        scaling = dict(rope_type="linear", factor=2.0)
+        extra = dict(rope_scaling=(gguf.RopeScalingType.LINEAR, 2.0))
+    hf = tiny_hf_llama(rope_scaling=scaling)
+    cfg, params, _ = load_gguf(write_tiny_gguf(tmp_path / "r.gguf", hf, tokenizer=False, **extra), progress=False,
+                               tokenizer=False)
+    assert cfg.rope_freq_factors is not None
+    ids = np.random.default_rng(2).integers(0, hf.config.vocab_size, size=(1, 100))
+    ref = torch_logits(hf, ids)
+    assert np.abs(jax_logits(cfg, params, ids) - ref).max() <= 1e-4
+    plain = cfg.replace(rope_freq_factors=None)
+    assert np.abs(jax_logits(plain, params, ids) - ref).max() > 1e-3  # 40x the tolerance: the scaling matters
+
+
+def test_unsupported_rope_scaling_is_named(tmp_path):
+    path = write_tiny_gguf(tmp_path / "y.gguf", tiny_hf_llama(), tokenizer=False,
+                           rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
+    with pytest.raises(ConversionError, match="RoPE scaling 'yarn'"):
+        load_gguf(path, progress=False)
 
 
 def test_missing_and_malformed_files(tmp_path):
