@@ -1,4 +1,4 @@
-"""python -m convert: Hugging Face OPT/Llama directories, hub ids, GGUF files or random presets ->
+"""python -m convert: Hugging Face OPT/Llama/Mistral/Qwen2 directories, hub ids, GGUF files or random presets ->
 a dejavu_jax checkpoint directory (config.json + orbax params/ + tokenizer files).
 
     python -m convert path/to/hf-opt-dir checkpoints/opt-125m
@@ -61,8 +61,8 @@ def convert(source: str | None, out: str | Path, *, preset: str | None = None, d
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m convert",
-        description="Convert a Hugging Face OPT/Llama model (local directory with safetensors or pytorch .bin "
-                    "shards, or a hub id when the network allows), a GGUF file, or a random preset into a "
+        description="Convert a Hugging Face OPT, Llama, Mistral or Qwen2 model (local directory with safetensors "
+                    "or pytorch .bin shards, or a hub id when the network allows), a GGUF file, or a random preset into a "
                     "dejavu_jax checkpoint directory. The output appears only when conversion succeeds.",
         formatter_class=HelpFormatter)
     p.add_argument("source", nargs="?", help="HF model directory, hub id (org/name) or .gguf file")

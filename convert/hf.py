@@ -1,4 +1,4 @@
-"""Hugging Face OPT / Llama directories (safetensors or pytorch .bin shards) -> dejavu_jax params.
+"""Hugging Face OPT / Llama / Mistral / Qwen2 directories (safetensors or pytorch .bin shards) -> dejavu_jax params.
 
 transformers is used for the config only; tensors are read with safetensors (or torch for .bin),
 renamed with one table per family, re-laid out (head-major attention, neuron-major MLP, W2
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, check_params, param_shapes
 
-SUPPORTED = ("opt", "llama")
+SUPPORTED = ("opt", "llama", "mistral", "qwen2")
 
 
 class ConversionError(ValueError):
@@ -50,23 +50,32 @@ def config_from_hf(hf) -> ModelConfig:
             bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"), family="opt", name=d.get("_name_or_path", "") or "",
         )
-    if model_type == "llama":
+    if model_type in ("llama", "mistral", "qwen2"):  # one architecture: RMSNorm, RoPE, GQA, SwiGLU
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             raise ConversionError(f"partial RoPE (partial_rotary_factor={d['partial_rotary_factor']}) is not supported")
+        max_positions = d["max_position_embeddings"]
+        window = d.get("sliding_window")
+        windowed = model_type == "mistral" or d.get("use_sliding_window") or \
+            "sliding_attention" in (d.get("layer_types") or ())
+        if windowed and window and window < max_positions:
+            # Sliding-window attention is full attention while the sequence fits in the window, and
+            # this model only has full attention: its context stops at the window.
+            max_positions = int(window)
         return ModelConfig(
             vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
-            ffn_size=d["intermediate_size"], max_positions=d["max_position_embeddings"], norm="rmsnorm",
+            ffn_size=d["intermediate_size"], max_positions=max_positions, norm="rmsnorm",
             norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", positions="rope", rope_theta=theta,
             rope_freq_factors=rope_freq_factors(rope, head_dim, theta),
-            attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+            # Qwen2 always has q/k/v biases (and no out bias: the converter fills zeros).
+            attn_bias=model_type == "qwen2" or bool(d.get("attention_bias")), mlp_bias=bool(d.get("mlp_bias")),
             pre_norm=True, final_norm=True, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
-            pad_token_id=d.get("pad_token_id"), family="llama", name=d.get("_name_or_path", "") or "",
+            pad_token_id=d.get("pad_token_id"), family=model_type, name=d.get("_name_or_path", "") or "",
         )
     raise ConversionError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
 
@@ -267,6 +276,9 @@ def hf_tensors_to_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarr
             continue
         else:
             raise ConversionError(f"unexpected tensor {name} for a {cfg.family} model")
+    if cfg.family == "qwen2":  # q/k/v have biases, o_proj has none
+        for lp in params["layers"]:
+            lp.setdefault("out_bias", np.zeros(cfg.hidden_size, dtype))
     for (layer, key), seen in stacked_filled.items():
         n = shapes["layers"][layer][key][0 if key in ("kv", "kv_bias") else 1]
         if len(seen) != n:

@@ -25,7 +25,16 @@ TINY_CONFIGS = {
                         tie_word_embeddings=True,
                         rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                           original_max_position_embeddings=64)),
+    # Not in tiny_pair (same architecture as llama-gqa): converted round trips only.
+    # Mistral's sliding window (64) below max_position_embeddings caps our context at 64.
+    "mistral-swa": dict(kind="mistral", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=96, sliding_window=64),
+    # Qwen2: q/k/v biases (randomised: transformers initialises them to zero), no out bias, tied head.
+    "qwen2-bias": dict(kind="qwen2", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=48, max_position_embeddings=96,
+                       tie_word_embeddings=True),
 }
+PAIR_CONFIGS = [name for name, spec in TINY_CONFIGS.items() if spec["kind"] in ("opt", "llama")]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -42,15 +51,22 @@ def full_fp32_matmuls_on_gpu():
 def make_hf_model(name: str, seed: int = 0):
     """A tiny random transformers model (fp32, eval mode) with weights large enough to give varied tokens."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    import transformers
 
     spec = dict(TINY_CONFIGS[name])
     kind = spec.pop("kind")
     torch.manual_seed(seed)
     if kind == "opt":
-        model = OPTForCausalLM(OPTConfig(**spec, init_std=0.2, eos_token_id=2, bos_token_id=2, pad_token_id=1))
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(**spec, init_std=0.2, eos_token_id=2,
+                                                                   bos_token_id=2, pad_token_id=1))
     else:
-        model = LlamaForCausalLM(LlamaConfig(**spec, initializer_range=0.2, eos_token_id=2, bos_token_id=1))
+        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+        config = getattr(transformers, prefix + "Config")(**spec, initializer_range=0.2, eos_token_id=2, bos_token_id=1)
+        model = getattr(transformers, prefix + "ForCausalLM")(config)
+        with torch.no_grad():
+            for tensor_name, tensor in model.named_parameters():
+                if tensor_name.endswith(".bias"):
+                    tensor.normal_(0.0, 0.2)
     return model.eval()
 
 
@@ -64,7 +80,7 @@ def hf_to_jax(model):
     return cfg, jax.tree_util.tree_map(jnp.asarray, params)
 
 
-@pytest.fixture(scope="session", params=list(TINY_CONFIGS))
+@pytest.fixture(scope="session", params=PAIR_CONFIGS)
 def tiny_pair(request):
     """(name, torch model, cfg, params) for each tiny family variant."""
     model = make_hf_model(request.param)

@@ -22,7 +22,8 @@ def _logits(cfg, params, tokens):
 
 
 @pytest.mark.parametrize("name,safe", [("opt-pre", True), ("opt-post", False), ("llama-gqa", True),
-                                       ("llama-mha", False), ("llama-rope3", True)])
+                                       ("llama-mha", False), ("llama-rope3", True), ("mistral-swa", True),
+                                       ("qwen2-bias", False)])
 def test_round_trip_safetensors_and_bin(tmp_path, name, safe):
     hf_dir = tmp_path / "hf"
     model = save_hf_dir(hf_dir, name, safe=safe)
@@ -39,6 +40,10 @@ def test_round_trip_safetensors_and_bin(tmp_path, name, safe):
     np.testing.assert_array_equal(np.asarray(params["layers"][1]["down"]), params2["layers"][1]["down"])
     tok = load_tokenizer(out)
     assert tok is not None and tok.decode(tok("hello world")["input_ids"]) == "hello world"
+    assert cfg.family == model.config.model_type and cfg.max_positions == (64 if name == "mistral-swa" else 96)
+    if name == "qwen2-bias":  # the q/k/v biases arrived; the missing out bias is zeros
+        assert np.abs(np.asarray(params["layers"][0]["kv_bias"])).max() > 0.1
+        assert not np.asarray(params["layers"][0]["out_bias"]).any()
 
 
 def test_random_preset_and_dtype(tmp_path):
