@@ -3,12 +3,13 @@
 Tensors are read and dequantized with the `gguf` package (any type it can dequantize: F32, F16,
 BF16, Q4_0/Q4_1/Q8_0, K-quants, ...), checked against the shapes the metadata implies, renamed to
 Hugging Face Llama names and handed to `convert.hf.hf_tensors_to_params`, so the Llama layout
-rules live in one place.
+rules live in one place. Architectures: "llama" (Llama, Mistral, SmolLM2, ...) and "qwen2" (the same
+with q/k/v biases).
 
 Two GGUF conventions to undo:
   * Shapes are listed in ggml's `ne` order (fastest axis first), i.e. reversed from numpy's. A
     Hugging Face `[out, in]` matrix appears as `ne = [in, out]`; error messages show both.
-  * llama.cpp's converter permutes the rows of Q and K inside each head so that its RoPE can rotate
+  * For "llama" files, llama.cpp's converter permutes the rows of Q and K inside each head so that its RoPE can rotate
     interleaved pairs (0,1), (2,3), ...; our RoPE (like Hugging Face's) rotates the half-split pairs
     (i, i + Dh/2). `unpermute_rows` restores the Hugging Face row order.
 
@@ -29,7 +30,7 @@ from convert.hf import ConversionError, hf_tensors_to_params
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, check_params
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 _MISSING = object()
 
@@ -67,7 +68,7 @@ def metadata(reader, key: str, default: Any = _MISSING) -> Any:
 
 
 def config_from_gguf(reader, name: str = "") -> ModelConfig:
-    """`llama.*` metadata -> ModelConfig. Raises ConversionError for anything we cannot represent."""
+    """`<arch>.*` metadata (llama or qwen2) -> ModelConfig. Raises ConversionError for anything we cannot represent."""
     arch = metadata(reader, "general.architecture", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"unsupported GGUF architecture {arch!r} (general.architecture); "
@@ -99,7 +100,7 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         factors = factors * dequantize_tensor(freqs).reshape(-1)
     rope_freq_factors = None if np.all(factors == 1.0) else tuple(float(f) for f in factors)
     if get("expert_count", 0):
-        raise ConversionError("mixture-of-experts Llama GGUF models are not supported")
+        raise ConversionError("mixture-of-experts GGUF models are not supported")
     tensor_names = {t.name for t in reader.tensors}
     vocab = get("vocab_size", None)
     if vocab is None:  # older files: the vocab size is the token list's length
@@ -117,7 +118,7 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         attn_bias="blk.0.attn_q.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         pre_norm=True, final_norm=True, tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=tok_id("bos"), eos_token_id=tok_id("eos"), pad_token_id=tok_id("padding"),
-        family="llama", name=name or str(metadata(reader, "general.name", "")),
+        family=arch, name=name or str(metadata(reader, "general.name", "")),
     )
 
 
@@ -153,14 +154,17 @@ def _tensor_table(cfg: ModelConfig) -> tuple[dict, dict]:
     """
     D, F, H, KV, Dh, V = (cfg.hidden_size, cfg.ffn_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.vocab_size)
+    # llama.cpp permutes Q/K rows for its "llama" architecture only (Qwen2 files keep Hugging Face's
+    # half-split rotary order).
+    q_heads, k_heads = (H, KV) if cfg.family == "llama" else (None, None)
     top = {
         "token_embd.weight": ("model.embed_tokens.weight", (V, D), None),
         "output_norm.weight": ("model.norm.weight", (D,), None),
         "output.weight": ("lm_head.weight", (V, D), None),
     }
     layer = {
-        "attn_q.weight": ("self_attn.q_proj.weight", (H * Dh, D), H),
-        "attn_k.weight": ("self_attn.k_proj.weight", (KV * Dh, D), KV),
+        "attn_q.weight": ("self_attn.q_proj.weight", (H * Dh, D), q_heads),
+        "attn_k.weight": ("self_attn.k_proj.weight", (KV * Dh, D), k_heads),
         "attn_v.weight": ("self_attn.v_proj.weight", (KV * Dh, D), None),
         "attn_output.weight": ("self_attn.o_proj.weight", (D, H * Dh), None),
         "attn_norm.weight": ("input_layernorm.weight", (D,), None),
@@ -171,11 +175,12 @@ def _tensor_table(cfg: ModelConfig) -> tuple[dict, dict]:
     }
     if cfg.attn_bias:
         layer.update({
-            "attn_q.bias": ("self_attn.q_proj.bias", (H * Dh,), H),
-            "attn_k.bias": ("self_attn.k_proj.bias", (KV * Dh,), KV),
+            "attn_q.bias": ("self_attn.q_proj.bias", (H * Dh,), q_heads),
+            "attn_k.bias": ("self_attn.k_proj.bias", (KV * Dh,), k_heads),
             "attn_v.bias": ("self_attn.v_proj.bias", (KV * Dh,), None),
-            "attn_output.bias": ("self_attn.o_proj.bias", (D,), None),
         })
+        if cfg.family != "qwen2":  # Qwen2 has no out bias (hf_tensors_to_params fills zeros)
+            layer["attn_output.bias"] = ("self_attn.o_proj.bias", (D,), None)
     if cfg.mlp_bias:
         layer.update({
             "ffn_gate.bias": ("mlp.gate_proj.bias", (F,), None),
@@ -215,7 +220,7 @@ def plan_tensors(reader, cfg: ModelConfig) -> list[tuple[Any, str, int | None]]:
         if entry is None:
             if t.name == "rope_freqs.weight":  # read into the config (config_from_gguf)
                 continue
-            raise ConversionError(f"unexpected GGUF tensor {t.name} for a Llama model")
+            raise ConversionError(f"unexpected GGUF tensor {t.name} for a {cfg.family} model")
         expected = entry[1]
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ne order -> numpy order
         if shape != expected:
@@ -270,7 +275,7 @@ def tokenizer_from_gguf(path: str | Path):
 # Entry point
 # --------------------------------------------------------------------------------------------
 def load_gguf(path: str | Path, *, progress: bool = True, tokenizer: bool = True):
-    """Read a Llama GGUF file -> (ModelConfig, float32 numpy params, transformers tokenizer or None).
+    """Read a Llama or Qwen2 GGUF file -> (ModelConfig, float32 numpy params, tokenizer or None).
 
     Every tensor is dequantized to float32 (Q4_1 SmolLM2-135M: ~0.5 GB). The params pass
     `check_params`. Raises ConversionError for missing/malformed files, other architectures, and

@@ -45,24 +45,27 @@ def _byte_level_vocab() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0, rope_scaling=None):
-    cfg = transformers.LlamaConfig(
+def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0, rope_scaling=None, qwen2=False):
+    """A tiny random transformers Llama (or Qwen2: q/k/v biases, randomised so they matter)."""
+    cfg = (transformers.Qwen2Config if qwen2 else transformers.LlamaConfig)(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
         tie_word_embeddings=tie, bos_token_id=256, eos_token_id=257, pad_token_id=257, rope_scaling=rope_scaling)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = (transformers.Qwen2ForCausalLM if qwen2 else transformers.LlamaForCausalLM)(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a swapped norm would show
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     return model
 
 
 def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", tokenizer: bool = True,
                     ffn_override: int | None = None, drop: str | None = None,
                     rope_freqs: np.ndarray | None = None, rope_scaling: tuple | None = None) -> Path:
-    """A llama.cpp-style GGUF of a transformers Llama model (Q/K permuted, ne-order shapes).
+    """A llama.cpp-style GGUF of a transformers Llama (Q/K permuted) or Qwen2 model, ne-order shapes.
 
     quant: a GGMLQuantizationType for the 2-D matrices (norms stay F32, as llama.cpp does); None = F32.
     ffn_override: write a wrong feed_forward_length; drop: leave one tensor out (error tests).
@@ -111,7 +114,8 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
                  "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
                  "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
                  "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-                 "post_attention_layernorm.weight": "ffn_norm.weight"}
+                 "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.bias": "attn_q.bias",
+                 "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias"}
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -123,9 +127,9 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
             name = f"blk.{layer}.{per_layer[suffix]}"
         if name == drop:
             continue
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):
             arr = permute_rows(arr, H)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             arr = permute_rows(arr, KV)
         if quant is not None and arr.ndim == 2:
             w.add_tensor(name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
@@ -162,15 +166,17 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(p, [0, 4, 1, 5, 2, 6, 3, 7])
 
 
-@pytest.mark.parametrize("heads,kv_heads,tie,quant", [(4, 2, True, None), (4, 4, False, None), (4, 1, True, Q8_0),
-                                                     (4, 2, False, Q4_1)],
-                         ids=["gqa-tied-f32", "mha-untied-f32", "mqa-tied-q8_0", "gqa-untied-q4_1"])
-def test_tiny_gguf_matches_transformers(tmp_path, heads, kv_heads, tie, quant):
-    hf = tiny_hf_llama(heads=heads, kv_heads=kv_heads, tie=tie)
-    path = write_tiny_gguf(tmp_path / "tiny.gguf", hf, quant=quant)
+@pytest.mark.parametrize("heads,kv_heads,tie,quant,arch",
+                         [(4, 2, True, None, "llama"), (4, 4, False, None, "llama"), (4, 1, True, Q8_0, "llama"),
+                          (4, 2, False, Q4_1, "llama"), (4, 2, True, None, "qwen2")],
+                         ids=["gqa-tied-f32", "mha-untied-f32", "mqa-tied-q8_0", "gqa-untied-q4_1", "qwen2-f32"])
+def test_tiny_gguf_matches_transformers(tmp_path, heads, kv_heads, tie, quant, arch):
+    hf = tiny_hf_llama(heads=heads, kv_heads=kv_heads, tie=tie, qwen2=arch == "qwen2")
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", hf, quant=quant, arch=arch)
     cfg, params, tok = load_gguf(path, progress=False)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.tie_embeddings) == (heads, kv_heads, tie)
-    assert cfg.family == "llama" and cfg.activation == "swiglu" and cfg.norm == "rmsnorm" and cfg.positions == "rope"
+    assert cfg.attn_bias == (arch == "qwen2")
+    assert cfg.family == arch and cfg.activation == "swiglu" and cfg.norm == "rmsnorm" and cfg.positions == "rope"
     assert cfg.eos_token_id == 257 and cfg.bos_token_id == 256
     M.check_params(params, cfg)
     assert all(a.dtype == np.float32 for a in jax.tree_util.tree_leaves(params))
