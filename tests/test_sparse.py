@@ -135,6 +135,41 @@ def test_gathered_decode_equals_mask_decode(tiny):
     assert float(jnp.max(jnp.abs(gathered - dense))) > 1e-2  # the selection really changed something
 
 
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_rope_with_qkv_bias_sparse_paths(backend):
+    """Qwen2's layout (RoPE, GQA, q/k/v biases, no out bias): the bias is added before the rotation on
+    every gathered path. All heads and neurons gathered == dense; a partial selection gathered ==
+    masked; lazy KV (window 3, heads idling and returning) == exact, with the fused attention inputs."""
+    cfg = TINY["llama"].replace(attn_bias=True, family="qwen2", name="tiny-qwen2")
+    params = scaled_params(cfg)
+    rng = np.random.default_rng(0)
+    for lp in params["layers"]:  # non-zero q/k/v biases; Qwen2's missing out bias converts to zeros
+        lp["q_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["q_bias"].shape), jnp.float32)
+        lp["kv_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["kv_bias"].shape), jnp.float32)
+        lp["out_bias"] = jnp.zeros_like(lp["out_bias"])
+    ops = get_ops(backend)
+    prompt, _ = tokens_for(cfg, B=1, T=5)
+    L, n = cfg.num_layers, 6
+    dense = decode_steps(params, cfg, prompt, n)
+    every = FixedSelector([np.arange(cfg.ffn_size)] * L, [np.arange(cfg.num_heads)] * L, cfg.ffn_size, cfg.num_heads)
+    np.testing.assert_allclose(decode_steps(params, cfg, prompt, n, selector=every, ops=ops), dense,
+                               atol=1e-4, rtol=1e-4)
+    mlp_idx = [np.sort(rng.choice(cfg.ffn_size, cfg.ffn_size // 3, replace=False)) for _ in range(L)]
+    head_idx = [np.sort(rng.choice(cfg.num_heads, 2, replace=False)) for _ in range(L)]
+    gathered = decode_steps(params, cfg, prompt, n, selector=FixedSelector(mlp_idx, head_idx, cfg.ffn_size,
+                                                                          cfg.num_heads), ops=ops)
+    masked = decode_steps(params, cfg, prompt, n, selector=FixedSelector(mlp_idx, head_idx, cfg.ffn_size,
+                                                                        cfg.num_heads, as_mask=True))
+    np.testing.assert_allclose(gathered, masked, atol=1e-4, rtol=1e-4)
+    sel = PredictorSelector(random_predictors(cfg, seed=3), (cfg.ffn_size // 2,) * L, (1,) * L, cfg.ffn_size,
+                            cfg.num_heads, True, True)
+    exact = decode_steps(params, cfg, prompt, n, selector=sel, ops=ops)
+    lazy = decode_steps(params, cfg, prompt, n, selector=sel, ops=get_ops(backend, fused_step=True),
+                        cache=init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode="lazy", lazy_window=3))
+    np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
+    assert float(jnp.max(jnp.abs(exact - dense))) > 1e-2  # the selection really changed something
+
+
 # ------------------------------------------------------------------------------------------
 # Oracle and threshold
 # ------------------------------------------------------------------------------------------
