@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from dejavu_jax.config import ModelConfig
-from pallas_kernels._common import apply_norm, norm_mean_rstd
+from pallas_kernels._common import apply_norm
 from pallas_kernels.gather_attention import rotate_half_split
 
 Params = dict[str, Any]
@@ -167,107 +167,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16, shardings:
 
 
 # --------------------------------------------------------------------------------------------
-# Norms folded into the projections (dense decode)
-# --------------------------------------------------------------------------------------------
-FOLDED_SUMS = {"attn_norm": ("q", "kv"), "mlp_norm": ("up",)}  # norm -> the projections reading it
-
-
-def is_folded(norm_params: Params) -> bool:
-    return "up_sum" in norm_params or "q_sum" in norm_params
-
-
-def fold_norms(params: Params, cfg: ModelConfig) -> Params:
-    """The pre-norms' scale and bias moved into the projections that read them (same function).
-
-    With norm(h) = (h - mean) * rstd * g + beta, a projection W norm(h) + b equals
-    rstd * (W' h - mean * W' 1) + b' with W' = W diag(g) and b' = b + W beta. The dense step then
-    projects the raw residual and applies the statistics in the matmul's epilogue (`PreNorm`): the
-    norm's separate normalise launch leaves the decode step's critical path. Each folded norm keeps
-    an identity scale (and zero bias), so every other path (gathered projections, predictors'
-    included) reads the same values, and gains "<proj>_sum" = W' 1 in float32 for the epilogue.
-    (The predictors normalise their input themselves, without the layer's scale.) Post-norm models
-    (OPT-350m) are returned as they are: their norm's output is the residual stream itself.
-    """
-    if not cfg.pre_norm:
-        return params
-    fold_layer = jax.jit(lambda lp: _fold_layer(lp, cfg))
-    layers = [lp if is_folded(lp["attn_norm"]) else fold_layer(lp) for lp in params["layers"]]
-    return {**params, "layers": layers}
-
-
-def _fold_layer(lp: Params, cfg: ModelConfig) -> Params:
-    lp = dict(lp)
-    for norm_name, projections in FOLDED_SUMS.items():
-        norm_p = lp[norm_name]
-        g = norm_p["scale"].astype(jnp.float32)
-        beta = norm_p.get("bias")
-        folded_norm = {"scale": jnp.ones_like(norm_p["scale"])}
-        if beta is not None:
-            folded_norm["bias"] = jnp.zeros_like(beta)
-        for name in projections:
-            w = lp[name]  # [..., D]
-            w32 = w.astype(jnp.float32)
-            w_folded = (w32 * g).astype(w.dtype)
-            folded_norm[f"{name}_sum"] = w_folded.astype(jnp.float32).sum(-1)  # what the matmul reads
-            if beta is not None:
-                shift = jnp.einsum("...d,d->...", w32, beta.astype(jnp.float32))
-                b = lp.get(f"{name}_bias")
-                lp[f"{name}_bias"] = (shift if b is None else b.astype(jnp.float32) + shift).astype(w.dtype)
-            lp[name] = w_folded
-        lp[norm_name] = folded_norm
-    return lp
-
-
-FOLD_MATMUL_F32 = True  # probe switch: the folded matmul's output in float32 (else in the weights' dtype)
-
-
-class PreNorm(NamedTuple):
-    """A pre-norm's input, not yet normalised, for projections of folded weights (`fold_norms`)."""
-
-    h: jax.Array  # [B, T, D] the residual stream
-    mean: jax.Array  # [B, T] float32 (zero for RMSNorm)
-    rstd: jax.Array  # [B, T] float32
-
-    @property
-    def shape(self):
-        return self.h.shape
-
-    @property
-    def dtype(self):
-        return self.h.dtype
-
-
-def pre_norm_stats(h: jax.Array, cfg: ModelConfig) -> PreNorm:
-    h32 = h.astype(jnp.float32)
-    mean, rstd = norm_mean_rstd(h32.sum(-1), jnp.square(h32).sum(-1), h.shape[-1], kind=cfg.norm, eps=cfg.norm_eps)
-    return PreNorm(h, mean, rstd)
-
-
-def project(x: jax.Array | PreNorm, w: jax.Array, b: jax.Array | None, spec: str,
-            w_sum: jax.Array | None = None) -> jax.Array:
-    """einsum(spec, x, w) (+ b), spec "btd,<w axes ending in d>-><out axes>".
-
-    x a PreNorm: w carries the norm's scale and w_sum = w 1 (`fold_norms`); the matmul reads the
-    raw residual in float32 and the statistics are applied after it, where XLA fuses them into the
-    matmul's epilogue.
-    """
-    if not isinstance(x, PreNorm):
-        y = jnp.einsum(spec, x, w)
-        return y if b is None else y + b
-    w_axes, out_axes = spec.split(",")[1].split("->")
-    y = jnp.einsum(spec, x.h, w, preferred_element_type=jnp.float32 if FOLD_MATMUL_F32 else None).astype(jnp.float32)
-    B, T = x.h.shape[:2]
-    stat_shape = [B if a == "b" else T if a == "t" else 1 for a in out_axes]
-    sum_axes = w_axes[:-1]
-    sum_shape = [w_sum.shape[sum_axes.index(a)] if a in sum_axes else 1 for a in out_axes]
-    y = y - x.mean.reshape(stat_shape) * w_sum.reshape(sum_shape)
-    y = y * x.rstd.reshape(stat_shape)
-    if b is not None:
-        y = y + b.astype(jnp.float32)
-    return y.astype(x.h.dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # KV cache
 # --------------------------------------------------------------------------------------------
 @jax.tree_util.register_dataclass
@@ -389,18 +288,20 @@ def _apply_keep(act: jax.Array, importance: jax.Array, sel: Selection | None) ->
     return jnp.where(keep, act, jnp.zeros((), act.dtype))
 
 
-def mlp_activations(lp: Params, cfg: ModelConfig, x: jax.Array | PreNorm) -> jax.Array:
-    """Dense MLP hidden activations. x [B, T, D] (normed, or a PreNorm of folded params) -> [B, T, F]."""
-    h = project(x, lp["up"], lp.get("up_bias"), "btd,fud->btfu", lp["mlp_norm"].get("up_sum"))
+def mlp_activations(lp: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Dense MLP hidden activations. x [B, T, D] (normed) -> [B, T, F]."""
+    h = jnp.einsum("btd,fud->btfu", x, lp["up"])
+    if "up_bias" in lp:
+        h = h + lp["up_bias"]
     if cfg.activation == "relu":
         return jax.nn.relu(h[..., 0])
     return jax.nn.silu(h[..., 0]) * h[..., 1]
 
 
-def mlp(lp: Params, cfg: ModelConfig, x: jax.Array | PreNorm, sel: Selection | None, ops: Ops | None,
+def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: Ops | None,
         record: dict | None = None, *, norm_inside: bool = False) -> jax.Array:
     """x [B, T, D] (normed; with norm_inside the residual, which the gathered up projection normalises
-    with lp["mlp_norm"] itself; a PreNorm on the dense path of folded params) -> [B, T, D]."""
+    with lp["mlp_norm"] itself) -> [B, T, D]."""
     if sel is not None and sel.idx is not None:
         B, T, D = x.shape
         norm_arg = {}
@@ -421,19 +322,20 @@ def mlp(lp: Params, cfg: ModelConfig, x: jax.Array | PreNorm, sel: Selection | N
     return y
 
 
-def _project_heads(x: jax.Array | PreNorm, w: jax.Array, b: jax.Array | None,
-                   w_sum: jax.Array | None = None) -> jax.Array:
+def _project_heads(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     """x [B, T, D], w [N, Dh, D] -> [B, T, N, Dh]."""
-    return project(x, w, b, "btd,nhd->btnh", w_sum)
+    y = jnp.einsum("btd,nhd->btnh", x, w)
+    return y + b if b is not None else y
 
 
-def kv_project(cfg: ModelConfig, x: jax.Array | PreNorm, positions: jax.Array, w: jax.Array, b: jax.Array | None,
-               w_sum: jax.Array | None = None):
+def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Array, b: jax.Array | None):
     """Keys and values of some KV heads. x [B, T, D]; positions [B, T]; w [2, N, Dh, D]; b [2, N, Dh].
 
     Returns (k, v), each [B, N, T, Dh], k with RoPE applied where the model uses it.
     """
-    kv = project(x, w, None if b is None else b[:, None, None], "btd,ckhd->cbtkh", w_sum)  # [2, B, T, N, Dh]
+    kv = jnp.einsum("btd,ckhd->cbtkh", x, w)  # [2, B, T, N, Dh]
+    if b is not None:
+        kv = kv + b[:, None, None]
     k_new, v_new = kv[0], kv[1]
     if cfg.positions == "rope":
         k_new = rope(k_new, positions, cfg)
@@ -451,7 +353,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
     k/v [B, KV, S, Dh]; key_valid [B, S]; query_slot [T] and key_slot [S] are absolute slots for the
     causal mask. Returns (out [B, T, D], (k, v) updated).
     """
-    B, T, D = x.shape  # x may be a PreNorm (dense path of folded params)
+    B, T, D = x.shape
     H, KV, Dh, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.kv_group_size
     q = None  # the selected heads' queries, when the fused lazy-KV op computes them
     if layer_cache is not None and len(layer_cache) == 5:
@@ -465,8 +367,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
             k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel, ops)
         new_cache = (k_all, v_all, win_x)
     else:
-        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"),
-                                  lp["attn_norm"].get("kv_sum"))  # [B, KV, T, Dh]
+        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))  # [B, KV, T, Dh]
         if layer_cache is None:
             k_all, v_all = k_new, v_new
             new_cache = None
@@ -489,7 +390,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
         out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
     else:
-        q = _project_heads(x, lp["q"], lp.get("q_bias"), lp["attn_norm"].get("q_sum"))  # [B, T, H, Dh]
+        q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]
         if cfg.positions == "rope":
             q = rope(q, positions, cfg)
         q = q.reshape(B, T, KV, G, Dh)
@@ -508,13 +409,6 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
     return out, new_cache
 
 
-def _norm_input(p: Params, h: jax.Array, cfg: ModelConfig, *, gathered: bool) -> jax.Array | PreNorm:
-    """A pre-norm's output, or for a folded norm on the dense path its statistics (`fold_norms`)."""
-    if is_folded(p) and not gathered:
-        return pre_norm_stats(h, cfg)
-    return norm(p, h, cfg)
-
-
 def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | None, positions: jax.Array,
           layer_cache, key_valid, query_slot, key_slot, *, layer: int, selector: Selector | None,
           ops: Ops | None, record: dict | None = None):
@@ -526,11 +420,7 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
 
     fused = fuses_attention_inputs(cfg, layer_cache, head_sel, ops)
     norm_inside = fused and fused_norm_enabled(ops)
-    lazy = layer_cache is not None and len(layer_cache) == 5
-    if cfg.pre_norm and not norm_inside:
-        x = _norm_input(lp["attn_norm"], h, cfg, gathered=lazy or (head_sel is not None and head_sel.idx is not None))
-    else:
-        x = h
+    x = norm(lp["attn_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     attn_out, new_cache = attention(lp, cfg, x, positions, layer_cache, key_valid, query_slot, key_slot,
                                     head_sel, ops, record, fused_inputs=fused, norm_inside=norm_inside)
     h = h + attn_out
@@ -544,10 +434,7 @@ def block(lp: Params, cfg: ModelConfig, h: jax.Array, prev_input: jax.Array | No
     # A gathered MLP step may normalise inside the up projection (saves the norm's two launches).
     norm_inside = (cfg.pre_norm and neuron_sel is not None and neuron_sel.idx is not None
                    and getattr(ops, "mlp_norm_in_up", False))
-    if cfg.pre_norm and not norm_inside:
-        x = _norm_input(lp["mlp_norm"], h, cfg, gathered=neuron_sel is not None and neuron_sel.idx is not None)
-    else:
-        x = h
+    x = norm(lp["mlp_norm"], h, cfg) if cfg.pre_norm and not norm_inside else h
     h = h + mlp(lp, cfg, x, neuron_sel, ops, record, norm_inside=norm_inside)
     if not cfg.pre_norm:
         h = norm(lp["mlp_norm"], h, cfg)
