@@ -323,8 +323,7 @@ HOST_LOOP = "decode loop on the host (not captured in the CUDA graph)"
 # The decode loop's XLA options as extras (GPU only): label -> Generator.decode_options
 DECODE_OPTION_EXTRAS = {HOST_LOOP: HOST_LOOP_OPTIONS, SERIAL_SCHEDULING: {}}
 FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
-ON_OFF = {"on": True, "off": False}
-FUSED_NORM_CHOICES = ON_OFF  # --fused-norm -> pallas_kernels.Ops.fused_norm
+FUSED_NORM_CHOICES = {"on": True, "off": False}  # --fused-norm -> pallas_kernels.Ops.fused_norm
 
 
 def _step_label(fused: bool, norm_inside: bool) -> str:
@@ -350,15 +349,14 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
                 mlp_topk_block: int = 0, fused_step: bool | None = None,
-                fused_norm: bool = False, fused_mlp: bool = False) -> list[dict]:
+                fused_norm: bool = False) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
     layer); with extras, the first point also runs the other setting for comparison. fused_step:
     the batch-1 lazy-KV step's attention inputs from one launch (`pallas_kernels.Ops.fused_step`;
     None: the backend's default) and fused_norm whether that launch normalises too
-    (`pallas_kernels.Ops.fused_norm`); extras time the other settings too (all three steps). fused_mlp:
-    the batch-1 MLP in one launch (`pallas_kernels.Ops.fused_mlp`); extras time the other setting.
+    (`pallas_kernels.Ops.fused_norm`); extras time the other settings too (all three steps).
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -376,7 +374,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     for i, (mlp_d, head_d) in enumerate(densities):
         combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
         for j, (backend, kv_mode) in enumerate(combos):
-            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm, fused_mlp=fused_mlp)
+            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
@@ -384,8 +382,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             base = "predictor+lookahead" + (f", MLP top-K per {block} rows" if block else "")
             fused = step_fuses_attention_inputs(cfg, kv_mode, ops)
             norm_inside = fused_norm_enabled(ops)
-            main = base + (f", {_step_label(True, norm_inside)}" if fused else "") + (
-                ", one-kernel MLP" if fused_mlp and batch == 1 else "")
+            main = base + (f", {_step_label(True, norm_inside)}" if fused else "")
             variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:
                 if block:
@@ -411,10 +408,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                                      ops_changes={"fused_step": f, "fused_norm": n}))
                         variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
                                                  ops_changes={"mlp_norm_in_up": True}))
-                    if backend == "pallas":  # the MLP's up and down projections in one launch or two
-                        variants.append(_Variant(f"{main}, " + ("up and down in two launches" if fused_mlp
-                                                                else "one-kernel MLP"),
-                                                 mlp_topk_block=block, ops_changes={"fused_mlp": not fused_mlp}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
                                                  mlp_topk_block=block, ops_changes={"topk_pair": False}))
@@ -769,10 +762,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="that kernel also computes the attention norm and writes the window ring (on), or XLA "
                          "does both first and the kernel only reads the ring (off, default: faster on an H200 "
                          "at every OPT width measured)")
-    sp.add_argument("--fused-mlp", choices=ON_OFF, default="off",
-                    help="the batch-1 sparse step runs the gathered MLP as one persistent kernel that streams each "
-                         "selected neuron's W1 and W2^T rows together (on), or as the up and down kernels (off, "
-                         "default); also applies to --dense-pallas; the extras time the other setting")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the extra variants (no lookahead, no predictor, other kernel and layout settings "
                          "at the first density point; on a GPU, dense and sparse under XLA's default graph "
@@ -907,13 +896,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dense_pallas and mesh is None and args.batch == 1:
         from pallas_kernels import get_ops
 
-        what = "every row selected" + (", one-kernel MLP" if ON_OFF[args.fused_mlp] else "")
-        row = {"impl": f"dejavu_jax dense, pallas kernels ({what})", "floor_ms_per_token": floor_ms}
+        row = {"impl": "dejavu_jax dense, pallas kernels (every row selected)", "floor_ms_per_token": floor_ms}
         try:
             row.update(bench_jax(cfg, params, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                 selector=all_rows_selector(cfg),
-                                 ops=get_ops("pallas", fused_mlp=ON_OFF[args.fused_mlp]),
-                                 reps=args.reps))
+                                 selector=all_rows_selector(cfg), ops=get_ops("pallas"), reps=args.reps))
         except Exception as e:  # a failing variant is reported, the others still run
             row["error"] = error_text(e)
         print(json.dumps(row), flush=True)
@@ -926,8 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
                              mlp_topk_block=args.mlp_topk_block,
                              fused_step=FUSED_STEP_CHOICES[args.fused_step],
-                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm],
-                             fused_mlp=ON_OFF[args.fused_mlp])
+                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm])
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -253,8 +253,6 @@ class Ops(Protocol):
     fused_step: bool  # the lazy KV step takes Q and the window K/V from one op (pallas_kernels.Ops)
     topk_pair: bool  # rank a layer's heads and MLP blocks in one code_topk_pair launch
     mlp_norm_in_up: bool  # the gathered MLP step passes its norm to gathered_up
-    gathered_mlp: Callable  # up and down projections in one op (fused_mlp)
-    fused_mlp: bool  # the batch-1 gathered MLP step (norm outside) uses gathered_mlp
     fused_norm: bool  # the fused step's op normalises too
 
 
@@ -310,13 +308,9 @@ def mlp(lp: Params, cfg: ModelConfig, x: jax.Array, sel: Selection | None, ops: 
         if norm_inside:
             p = lp["mlp_norm"]
             norm_arg["norm"] = (cfg.norm, cfg.norm_eps, p["scale"], p.get("bias"))
-        if getattr(ops, "fused_mlp", False) and not norm_inside and B * T == 1:
-            y = ops.gathered_mlp(x.reshape(B * T, D), lp["up"], lp["down"], sel.idx, lp.get("up_bias"),
-                                 activation=cfg.activation).reshape(B, T, D)
-        else:
-            a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"),
-                                activation=cfg.activation, **norm_arg)
-            y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)
+        a = ops.gathered_up(x.reshape(B * T, D), lp["up"], sel.idx, lp.get("up_bias"), activation=cfg.activation,
+                            **norm_arg)
+        y = ops.gathered_down(a, lp["down"], sel.idx).reshape(B, T, D)
     else:
         a = mlp_activations(lp, cfg, x)  # [B, T, F]
         if record is not None:

@@ -269,7 +269,6 @@ class ShardedOps:
     fused_step = False
     mlp_norm_in_up = False
     fused_norm = False
-    fused_mlp = False
 
     def _smap(self, fn, in_specs, out_specs):
         from jax import shard_map

@@ -1,7 +1,7 @@
 """Gathered matmuls and top-K selection for sparse decode: Pallas (Triton) kernels, XLA references.
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
-kernels; both expose the same eleven functions with the same signatures, so the model code picks a
+kernels; both expose the same ten functions with the same signatures, so the model code picks a
 backend once.
 """
 from __future__ import annotations
@@ -36,8 +36,6 @@ from pallas_kernels.select_topk import (
 from pallas_kernels.gather_mlp import (
     gathered_down,
     gathered_down_reference,
-    gathered_mlp,
-    gathered_mlp_reference,
     gathered_up,
     gathered_up_reference,
 )
@@ -68,9 +66,6 @@ class Ops:
     mlp_norm_in_up: the batch-1 step normalises the MLP input inside gathered_up (its `norm`) instead
     of in XLA before it. Off: on the H200 (session 8) the up kernel with the norm took 14.5-16.1 us
     at OPT-6.7B density 0.25, against 13.4 for XLA's two norm kernels and the plain up kernel.
-    fused_mlp: the gathered MLP step (batch 1, norm outside) runs gathered_mlp, one persistent
-    launch that streams each selected neuron's W1 and W2^T rows together, instead of gathered_up
-    then gathered_down. Off by default until measured (scripts/fused_mlp_probe.py, bench extras).
     topk_pair: a layer's heads and MLP blocks are ranked in one launch (code_topk_pair) where both
     fit its programs. On by default: in the H200 profile of session 7 the pair took 4.7 us per layer
     against 2.0 + 4.6 for the two launches it replaces (bench extras time it off).
@@ -87,12 +82,10 @@ class Ops:
     code_topk_pair: Callable
     gathered_window_kv_update: Callable
     gathered_window_qkv_update: Callable
-    gathered_mlp: Callable
     fused_step: bool = False
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
     fused_norm: bool = False
-    fused_mlp: bool = False
 
 
 def fused_step_enabled(ops) -> bool:
@@ -106,7 +99,7 @@ def fused_norm_enabled(ops) -> bool:
 
 
 def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
-            mlp_norm_in_up: bool = False, fused_norm: bool = False, fused_mlp: bool = False) -> Ops:
+            mlp_norm_in_up: bool = False, fused_norm: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
 
     fused_step None: the backend's default, on for the Pallas kernels, off for the XLA references
@@ -117,23 +110,22 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
                    gathered_head_proj_reference, gathered_out_proj_reference,
                    sparse_decode_attention_reference, topk_rows_reference, code_topk_rows_reference,
                    code_topk_pair_reference, gathered_window_kv_update_reference,
-                   gathered_window_qkv_update_reference, gathered_mlp_reference, fused_step, topk_pair,
-                   mlp_norm_in_up, fused_norm, fused_mlp)
+                   gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     if backend == "pallas":
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
-               gathered_window_qkv_update, gathered_mlp)
+               gathered_window_qkv_update)
         if on_cpu():
             fns = tuple(functools.partial(f, interpret=True) for f in fns)
         fused_step = True if fused_step is None else bool(fused_step)
-        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm, fused_mlp)
+        return Ops(backend, *fns, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
 __all__ = [
     "BACKENDS", "Ops", "fused_norm_enabled", "fused_step_enabled", "get_ops",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
-    "gathered_mlp", "gathered_mlp_reference", "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
+    "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",
     "gathered_window_kv_update", "gathered_window_kv_update_reference",
     "gathered_window_qkv_update", "gathered_window_qkv_update_reference",

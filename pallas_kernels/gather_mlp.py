@@ -49,15 +49,6 @@ def _load_cols(ref_at, c_ok: jax.Array | None) -> jax.Array:
     return plgpu.load(ref_at) if c_ok is None else plgpu.load(ref_at, mask=c_ok, other=0.0)
 
 
-def _activate(h: list[jax.Array], activation: str) -> jax.Array:
-    """The activation of fp32 pre-activations h (one per weight part: [gate, up] for swiglu)."""
-    if activation == "relu":
-        return jnp.maximum(h[0], 0.0)
-    if activation == "swiglu":
-        return h[0] * jax.nn.sigmoid(h[0]) * h[1]
-    return h[0]
-
-
 def _selected_rows(idx_ref, e: jax.Array, e_ok: jax.Array, rows_per_idx: int) -> jax.Array:
     """Weight row of each selection entry e = k * R + r: idx[k] * R + r. e, e_ok: [BE]."""
     if rows_per_idx == 1:
@@ -146,7 +137,12 @@ def _up_kernel(x_ref, idx_ref, w_ref, *refs, n_entries, rows_per_idx, n_parts, d
                 for u in range(n_parts)]
     for b in range(batch):
         h = [acc[b][u] + bias[u] if has_bias else acc[b][u] for u in range(n_parts)]
-        out = _activate(h, activation)
+        if activation == "relu":
+            out = jnp.maximum(h[0], 0.0)
+        elif activation == "swiglu":
+            out = h[0] * jax.nn.sigmoid(h[0]) * h[1]
+        else:
+            out = h[0]
         plgpu.store(o_ref.at[full_index(e, b), e], out.astype(o_ref.dtype), mask=e_ok)
 
 
@@ -418,125 +414,3 @@ def gathered_down_reference(a, w_down, idx):
     w_sel = jnp.take(w_down, idx, axis=0)  # [K, D]
     y = jnp.einsum("BK,KD->BD", a, w_sel, preferred_element_type=jnp.float32)
     return y.astype(a.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# The whole gathered MLP in one persistent kernel: y[b] = sum_e act(x[b] . W1[row(e)]) * W2^T[row(e)].
-# --------------------------------------------------------------------------------------------------
-MLP_BLOCK_KEYS = ("n_programs", "block_e", "num_warps", "num_stages")
-
-
-@dataclasses.dataclass(frozen=True)
-class MlpBlocks:
-    n_programs: int  # persistent programs; program p owns neuron blocks p, p + P, p + 2P, ...
-    block_e: int  # selected neurons per loop step (a full-width tile of W1 and of W2^T each)
-    num_warps: int = 4
-    num_stages: int | None = None
-
-
-def default_mlp_blocks(n_entries: int, d_model: int, n_parts: int, batch: int) -> MlpBlocks:
-    """TARGET_PROGRAMS programs of 2 neurons per step (one whole row of each matrix per neuron), 8
-    warps past D = 4096 (the [B, D] fp32 sums and the row of x live in registers). Not measured yet
-    (scripts/fused_mlp_probe.py sweeps them)."""
-    del n_parts, batch
-    return MlpBlocks(n_programs=TARGET_PROGRAMS, block_e=2, num_warps=4 if d_model <= 4096 else 8)
-
-
-def _mlp_kernel(x_ref, idx_ref, wu_ref, wd_ref, *refs, n_entries, n_parts, d_model, batch, activation, has_bias,
-                block_e, block_d, n_programs, n_steps):
-    # x_ref [B, D]; idx_ref [K]; wu_ref [F, U*D]; wd_ref [F, D]; b_ref [F*n_parts] (optional);
-    # o_ref [P, B, Dp] fp32: program p's sums over its neurons (Dp: D padded to whole column chunks).
-    b_ref, o_ref = refs if has_bias else (None, refs[0])
-    p = pl.program_id(0)
-    chunks = []  # static column chunks of a row: a whole row per step, in pieces of <= block_d
-    for d0 in range(0, d_model, block_d):
-        cols = d0 + jnp.arange(block_d, dtype=jnp.int32)
-        chunks.append((cols, cols < d_model if d0 + block_d > d_model else None))
-    xs = [[_load_cols(x_ref.at[full_index(cols, b), cols], c_ok).astype(jnp.float32) for cols, c_ok in chunks]
-          for b in range(batch)]
-
-    def step(j, acc):
-        e = (p + j * n_programs) * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
-        e_ok = e < n_entries
-        row = _selected_rows(idx_ref, e, e_ok, 1)
-
-        def tile(ref, col0, cols, c_ok):  # [BE, BD] of rows `row`
-            ok = e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :]
-            return plgpu.load(ref.at[row[:, None], (col0 + cols)[None, :]], mask=ok, other=0.0)
-
-        # A neuron's down row does not depend on its activation (only the multiply does), so both
-        # matrices' rows are requested before anything waits on either.
-        w1 = [[tile(wu_ref, u * d_model, cols, c_ok) for cols, c_ok in chunks] for u in range(n_parts)]
-        w2 = [tile(wd_ref, 0, cols, c_ok) for cols, c_ok in chunks]
-        bias = [plgpu.load(b_ref.at[row * n_parts + u], mask=e_ok, other=0.0).astype(jnp.float32)
-                for u in range(n_parts)] if has_bias else None
-        new = []
-        for b in range(batch):
-            h = [sum(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1) for w, x in zip(w1[u], xs[b]))
-                 for u in range(n_parts)]  # n_parts x [BE]
-            if has_bias:
-                h = [hu + bu for hu, bu in zip(h, bias)]
-            a = _activate(h, activation)
-            # Rounded to the activations' dtype, as gathered_up's [B, K] output is before gathered_down.
-            a = jnp.where(e_ok, a, 0.0).astype(x_ref.dtype).astype(jnp.float32)
-            new.append(tuple(s + jnp.sum(a[:, None] * w.astype(jnp.float32), axis=0) for s, w in zip(acc[b], w2)))
-        return tuple(new)
-
-    zeros = tuple(tuple(jnp.zeros((block_d,), jnp.float32) for _ in chunks) for _ in range(batch))
-    acc = jax.lax.fori_loop(0, n_steps, step, zeros)
-    for b in range(batch):
-        for (cols, _), s in zip(chunks, acc[b]):
-            plgpu.store(o_ref.at[full_index(cols, p), full_index(cols, b), cols], s)
-
-
-@functools.partial(jax.jit, static_argnames=("activation", "blocks", "interpret"))
-def _gathered_mlp(x, w_up, w_down, idx, b_up, *, activation, blocks: MlpBlocks, interpret):
-    batch, d_model = x.shape
-    n_feat, n_u, _ = w_up.shape
-    n_parts = 2 if activation == "swiglu" else 1
-    n_entries = idx.shape[0]
-    check_pow2(block_e=blocks.block_e)
-    block_d = min(pow2_ceil(d_model), 4096)
-    n_blocks = cdiv(n_entries, blocks.block_e)
-    n_programs = max(min(blocks.n_programs, n_blocks), 1)
-    kernel = functools.partial(
-        _mlp_kernel, n_entries=n_entries, n_parts=n_parts, d_model=d_model, batch=batch, activation=activation,
-        has_bias=b_up is not None, block_e=blocks.block_e, block_d=block_d, n_programs=n_programs,
-        n_steps=cdiv(n_blocks, n_programs))
-    operands = (x, idx.astype(jnp.int32), w_up.reshape(n_feat, n_u * d_model), w_down)
-    if b_up is not None:  # the kernel reads bias at row * n_parts + u
-        operands += (b_up[:, :n_parts].reshape(n_feat * n_parts),)
-    padded = cdiv(d_model, block_d) * block_d
-    partials = pl.pallas_call(
-        kernel, grid=(n_programs,),
-        out_shape=jax.ShapeDtypeStruct((n_programs, batch, padded), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=interpret, name="gathered_mlp",
-    )(*operands)
-    # XLA sums the partials; in the decode step that reduction is fused with the residual add.
-    return partials.sum(axis=0)[:, :d_model].astype(x.dtype)
-
-
-def gathered_mlp(x, w_up, w_down, idx, b_up=None, *, activation="relu", interpret=False, **blocks):
-    """The selected neurons' whole MLP in one launch: gathered_down(gathered_up(x, ...), ...).
-
-    x [B, D]; w_up [F, U, D] and b_up [F, U] | None as in gathered_up; w_down [F, D] as in
-    gathered_down; idx [K]. Returns y [B, D] in x.dtype (fp32 sums; the down bias stays with the
-    caller). A persistent grid of P programs: each step of program p loads one full-width tile of
-    W1 rows and one of W2^T rows for block_e of its neurons together, computes their activations from
-    the first and adds the second, scaled, into its [B, D] fp32 sums; XLA adds the P partial sums.
-    """
-    check_block_keys(blocks, MLP_BLOCK_KEYS, "gathered_mlp")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if activation == "swiglu" and w_up.shape[1] != 2:
-        raise ValueError(f"swiglu needs w_up [F, 2, D], got {w_up.shape}")
-    n_parts = 2 if activation == "swiglu" else 1
-    cfg = dataclasses.replace(default_mlp_blocks(idx.shape[0], x.shape[1], n_parts, x.shape[0]), **blocks)
-    return _gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation, blocks=cfg, interpret=interpret)
-
-
-def gathered_mlp_reference(x, w_up, w_down, idx, b_up=None, *, activation="relu"):
-    """XLA reference: the two projections' references composed."""
-    a = gathered_up_reference(x, w_up, idx, b_up, activation=activation)
-    return gathered_down_reference(a, w_down, idx)

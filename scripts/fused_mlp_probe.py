@@ -1,5 +1,8 @@
 """Probe: the gathered MLP as one persistent kernel that streams W1 and W2^T rows together. GPU only.
 
+Measured on the H100 in session 20 (results/fused-mlp-probe-h100/README.md): a tie with the separate
+kernels at densities 0.1 and 0.25 and a loss at 1.0, so the kernel lives here, not in pallas_kernels.
+
 The sparse step's MLP is two gathered kernels (up, then down with split-K fp32 partials) and an XLA
 reduction that adds the partials to the residual. Each kernel pays ~3 us over its bytes (its first
 round trips and its tail; pallas_kernels/NOTES.md). Session 5 measured one kernel for the whole MLP
@@ -18,7 +21,7 @@ kernel is a candidate for the dense step's MLP (XLA's up GEMM, split-K down GEMM
 
 Cases at OPT-6.7B MLP shapes (D 4096, F 16384, fp16, per-block top-K selection as the step makes
 it: round(128 * density) of every 128 rows, sorted), a chain of MLP layers over 4 weight copies in
-rotation (past L2), each layer y = x + bias-free MLP(x):
+rotation (past L2), each layer y = x + MLP(x) (up bias and ReLU, no down bias):
 
 * "separate": the production kernels (gathered_up with bias + ReLU, gathered_down with partials);
 * "xla dense" (density 1.0 only): the dense step's einsums;
@@ -42,7 +45,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import gather_mlp as gm  # noqa: E402
-from pallas_kernels._common import cdiv  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
+
+from pallas_kernels._common import cdiv, check_pow2, full_index, pow2_ceil  # noqa: E402
 
 D, F = 4096, 16384
 DENSITIES = (0.1, 0.25, 0.5, 1.0)
@@ -51,6 +57,61 @@ CONFIGS = (
     (132, 2, 4, None), (132, 4, 8, None), (264, 1, 4, None), (264, 2, 4, None), (264, 2, 8, None),
     (132, 2, 4, 4), (264, 2, 4, 3), (528, 1, 4, None),
 )
+
+
+def _mlp_kernel(x_ref, idx_ref, wu_ref, bu_ref, wd_ref, o_ref, *, n_entries, d_model, block_e, n_programs,
+                n_steps, block_d):
+    # x_ref [1, D]; idx_ref [K]; wu_ref, wd_ref [F, D]; bu_ref [F]; o_ref [P, Dp] fp32: program p's sums.
+    # (Session 20 measured this kernel as pallas_kernels.gather_mlp.gathered_mlp, `git show 99a45f5`,
+    # which also had batch > 1 and SwiGLU; at batch 1 with ReLU it is this code.)
+    p = pl.program_id(0)
+    chunks = []  # static column chunks: a whole row per step, in pieces of <= block_d
+    for d0 in range(0, d_model, block_d):
+        cols = d0 + jnp.arange(block_d, dtype=jnp.int32)
+        chunks.append((cols, cols < d_model if d0 + block_d > d_model else None))
+    xs = [gm._load_cols(x_ref.at[full_index(cols, 0), cols], c_ok).astype(jnp.float32) for cols, c_ok in chunks]
+
+    def step(j, acc):
+        e = (p + j * n_programs) * block_e + jnp.arange(block_e, dtype=jnp.int32)  # [BE]
+        e_ok = e < n_entries
+        row = plgpu.load(idx_ref.at[e], mask=e_ok, other=0)
+
+        def tile(ref, cols, c_ok):
+            ok = e_ok[:, None] if c_ok is None else e_ok[:, None] & c_ok[None, :]
+            return plgpu.load(ref.at[row[:, None], cols[None, :]], mask=ok, other=0.0)
+
+        # Both matrices' rows are requested before anything waits on either.
+        w1 = [tile(wu_ref, cols, c_ok) for cols, c_ok in chunks]
+        w2 = [tile(wd_ref, cols, c_ok) for cols, c_ok in chunks]
+        bias = plgpu.load(bu_ref.at[row], mask=e_ok, other=0.0).astype(jnp.float32)
+        h = sum(jnp.sum(w.astype(jnp.float32) * x[None, :], axis=1) for w, x in zip(w1, xs)) + bias  # [BE]
+        # Rounded to the activations' dtype, as the separate kernels' [1, K] intermediate is.
+        a = jnp.where(e_ok, jnp.maximum(h, 0.0), 0.0).astype(x_ref.dtype).astype(jnp.float32)
+        return tuple(s + jnp.sum(a[:, None] * w.astype(jnp.float32), axis=0) for s, w in zip(acc, w2))
+
+    acc = jax.lax.fori_loop(0, n_steps, step, tuple(jnp.zeros((block_d,), jnp.float32) for _ in chunks))
+    for (cols, _), s in zip(chunks, acc):
+        plgpu.store(o_ref.at[full_index(cols, p), cols], s)
+
+
+@functools.partial(jax.jit, static_argnames=("n_programs", "block_e", "num_warps", "num_stages", "interpret"))
+def gathered_mlp(x, w_up, b_up, w_down, idx, *, n_programs, block_e, num_warps=4, num_stages=None, interpret=False):
+    """y [1, D] = gathered_down(gathered_up(x, ...), ...) with ReLU and the up bias, in one launch plus
+    XLA's sum of the [P, D] fp32 partials. x [1, D]; w_up, w_down [F, D]; b_up [F]; idx [K]."""
+    assert x.shape[0] == 1, "batch 1 only"
+    d_model, n_entries = x.shape[1], idx.shape[0]
+    check_pow2(block_e=block_e)
+    block_d = min(pow2_ceil(d_model), 4096)
+    n_blocks = cdiv(n_entries, block_e)
+    n_programs = min(n_programs, n_blocks)
+    kernel = functools.partial(_mlp_kernel, n_entries=n_entries, d_model=d_model, block_e=block_e,
+                               n_programs=n_programs, n_steps=cdiv(n_blocks, n_programs), block_d=block_d)
+    out = pl.pallas_call(
+        kernel, grid=(n_programs,),
+        out_shape=jax.ShapeDtypeStruct((n_programs, cdiv(d_model, block_d) * block_d), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name="gathered_mlp")(x, idx.astype(jnp.int32), w_up, b_up, w_down)
+    return out.sum(axis=0)[None, :d_model].astype(x.dtype)
 
 
 def separate_layer(x, layer, interpret=False):
@@ -69,7 +130,7 @@ def xla_dense_layer(x, layer):
 
 def persistent_layer(x, layer, *, interpret=False, **cfg):
     w_up, b_up, w_down, idx = layer
-    y = gm.gathered_mlp(x, w_up[:, None, :], w_down, idx, b_up[:, None], interpret=interpret, **cfg)
+    y = gathered_mlp(x, w_up, b_up, w_down, idx, interpret=interpret, **cfg)
     # The partials' sum (inside gathered_mlp) and the residual add are one XLA fusion.
     return (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
 
@@ -103,8 +164,7 @@ def check() -> None:
         x = jax.random.normal(jax.random.fold_in(key, 9), (1, d), jnp.float16)
         ref = gm.gathered_down_reference(gm.gathered_up_reference(x, w_up[:, None, :], idx, b_up[:, None]), w_down,
                                          idx).astype(jnp.float32)
-        got = gm.gathered_mlp(x, w_up[:, None, :], w_down, idx, b_up[:, None], interpret=True, **cfg
-                              ).astype(jnp.float32)
+        got = gathered_mlp(x, w_up, b_up, w_down, idx, interpret=True, **cfg).astype(jnp.float32)
         err = float(jnp.max(jnp.abs(got - ref)))
         print(json.dumps(dict(d=d, f=f, density=density, **cfg, max_err=err)))
         assert err < 2e-2, err

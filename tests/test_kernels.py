@@ -182,40 +182,6 @@ def test_gathered_down_all_rows_is_dense(k_splits, combine):
     assert rel_err(out, dense) < TOL[jnp.float32]
 
 
-MLP_CASES = [
-    # B, D, F, U, K, activation, bias, blocks
-    (1, 300, 96, 1, 37, "relu", True, {}),  # odd D and K: masked columns, a ragged last step
-    (3, 576, 64, 2, 21, "swiglu", False, dict(n_programs=4, block_e=2)),  # batch 3, several steps each
-    (2, 160, 48, 2, 48, "none", True, dict(n_programs=5, block_e=4)),  # K = F, part 0 of U = 2
-    (1, 5000, 40, 1, 9, "relu", True, dict(n_programs=3, block_e=1)),  # D past one 4096-column chunk
-]
-
-
-@pytest.mark.parametrize("B,D,F,U,K,activation,bias,blocks,dtype", with_dtypes(MLP_CASES, (0, 1)))
-def test_gathered_mlp_matches_reference(B, D, F, U, K, activation, bias, blocks, dtype):
-    """The one-launch MLP equals gathered_down(gathered_up(...)), activations rounded alike."""
-    ks = keys(B * 1000 + D + K + 7, 5)
-    x = normal(ks[0], (B, D), dtype)
-    w_up = normal(ks[1], (F, U, D), dtype, D ** -0.5)
-    b_up = normal(ks[2], (F, U), dtype) if bias else None
-    w_down = normal(ks[3], (F, D), dtype, K ** -0.5)
-    idx = pick(ks[4], F, K)
-    out = gm.gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation, interpret=INTERPRET, **blocks)
-    ref = gm.gathered_mlp_reference(x, w_up, w_down, idx, b_up, activation=activation)
-    assert out.dtype == x.dtype and out.shape == (B, D)
-    assert rel_err(out, ref) < TOL[dtype]
-
-
-def test_gathered_mlp_rejects_bad_blocks_and_shapes():
-    x, w_up, w_down, idx = jnp.ones((1, 8)), jnp.ones((4, 1, 8)), jnp.ones((4, 8)), jnp.arange(2)
-    with pytest.raises(TypeError, match="unknown block arguments"):
-        gm.gathered_mlp(x, w_up, w_down, idx, block_d=8)
-    with pytest.raises(ValueError, match="swiglu needs"):
-        gm.gathered_mlp(x, w_up, w_down, idx, activation="swiglu")
-    with pytest.raises(ValueError, match="power of two|powers of two"):
-        gm.gathered_mlp(x, w_up, w_down, idx, block_e=3, interpret=True)
-
-
 def test_mlp_sparse_equals_masked_dense():
     """up -> down over the selected neurons equals the dense MLP with the other neurons zeroed."""
     ks = keys(11, 5)
@@ -756,8 +722,6 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     for blocks in ({}, dict(k_splits=1), dict(k_splits=4, combine="atomic"),
                    dict(k_splits=4, combine="atomic_last")):
         assert _lowers_to_triton(functools.partial(gm.gathered_down, **blocks), a, w_down, idx)
-    for act, w in (("swiglu", w_up), ("relu", spec(1536, 1, 576))):
-        assert _lowers_to_triton(functools.partial(gm.gathered_mlp, activation=act), x, w, w_down, idx)
     w_q = spec(9, 64, 576)
     assert _lowers_to_triton(ga.gathered_head_proj, x, w_q, heads, spec(9, 64))
     assert _lowers_to_triton(ga.gathered_out_proj, spec(1, 5, 64), w_q, heads)
@@ -821,10 +785,6 @@ def test_gpu_mlp_model_size(density, U, activation):
     norm = (kind, 1e-5, normal(ks[0], (D,), jnp.float16), normal(ks[1], (D,), jnp.float16) if U == 1 else None)
     a = gm.gathered_up(h, w_up, idx, b_up, activation=activation, norm=norm)
     assert rel_err(a, gm.gathered_up_reference(h, w_up, idx, b_up, activation=activation, norm=norm)) < 2e-3
-    # The one-launch MLP at its defaults and at a few probe tiles.
-    ref = gm.gathered_mlp_reference(x, w_up, w_down, idx, b_up, activation=activation)
-    for blocks in ({}, dict(n_programs=132, block_e=4, num_warps=8), dict(n_programs=528, block_e=1)):
-        assert rel_err(gm.gathered_mlp(x, w_up, w_down, idx, b_up, activation=activation, **blocks), ref) < 2e-3
 
 
 @gpu

@@ -456,33 +456,6 @@ def test_lazy_kv_fused_attention_inputs_equal_separate_ops(tiny, backend, mlp_no
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_fused_mlp_decodes_like_separate_projections(tiny, backend):
-    """With Ops.fused_mlp the batch-1 gathered MLP runs gathered_mlp and never the separate up and
-    down ops; the decoded logits equal those of the two-launch MLP."""
-    cfg, params = tiny
-    prompt, _ = tokens_for(cfg, B=1, T=5)
-    L, n = cfg.num_layers, 4
-    sel = PredictorSelector(random_predictors(cfg, seed=6), (cfg.ffn_size // 2,) * L, (2,) * L, cfg.ffn_size,
-                            cfg.num_heads, True, True)
-    calls = []
-
-    def unused(*args, **kwargs):
-        raise AssertionError("the one-launch MLP step called a separate projection")
-
-    base = get_ops(backend, fused_mlp=True)
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return base.gathered_mlp(*args, **kwargs)
-
-    fused = dataclasses.replace(base, gathered_up=unused, gathered_down=unused, gathered_mlp=counted)
-    runs = [decode_steps(params, cfg, prompt, n, selector=sel, ops=o) for o in (fused, get_ops(backend))]
-    assert calls, "Ops.fused_mlp: gathered_mlp was never called"
-    assert not get_ops(backend).fused_mlp  # off by default until it is measured faster
-    np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=1e-5)
-
-
 def test_fused_step_defaults():
     """get_ops("pallas") fuses the attention inputs and leaves their norm to XLA (measured fastest at
     every OPT width on the H200, session 10); the XLA references fuse only when asked; ops without
