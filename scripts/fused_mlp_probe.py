@@ -43,11 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from pallas_kernels import gather_mlp as gm  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
+from pallas_kernels import gather_mlp as gm  # noqa: E402
 from pallas_kernels._common import cdiv, check_pow2, full_index, pow2_ceil  # noqa: E402
 
 D, F = 4096, 16384
@@ -167,7 +166,7 @@ def check() -> None:
         got = gathered_mlp(x, w_up, b_up, w_down, idx, interpret=True, **cfg).astype(jnp.float32)
         err = float(jnp.max(jnp.abs(got - ref)))
         print(json.dumps(dict(d=d, f=f, density=density, **cfg, max_err=err)))
-        assert err < 2e-2, err
+        assert err < 2e-3, err
 
 
 def main() -> None:
