@@ -1,4 +1,4 @@
-"""python -m convert: Hugging Face OPT/Llama/Mistral/Qwen2 directories, hub ids, GGUF files or random presets ->
+"""python -m convert: Hugging Face OPT/Llama/Mistral/Qwen2/Qwen3 directories, hub ids, GGUF files or random presets ->
 a dejavu_jax checkpoint directory (config.json + orbax params/ + tokenizer files).
 
     python -m convert path/to/hf-opt-dir checkpoints/opt-125m
@@ -61,9 +61,10 @@ def convert(source: str | None, out: str | Path, *, preset: str | None = None, d
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m convert",
-        description="Convert a Hugging Face OPT, Llama, Mistral or Qwen2 model (local directory with safetensors "
-                    "or pytorch .bin shards, or a hub id when the network allows), a GGUF file, or a random preset into a "
-                    "dejavu_jax checkpoint directory. The output appears only when conversion succeeds.",
+        description="Convert a Hugging Face OPT, Llama, Mistral, Qwen2 or Qwen3 model (local directory with "
+                    "safetensors or pytorch .bin shards, or a hub id when the network allows), a GGUF file, or a "
+                    "random preset into a dejavu_jax checkpoint directory. The output appears only when conversion "
+                    "succeeds.",
         formatter_class=HelpFormatter)
     p.add_argument("source", nargs="?", help="HF model directory, hub id (org/name) or .gguf file")
     p.add_argument("out", help="checkpoint directory to create")

@@ -3,8 +3,8 @@
 Tensors are read and dequantized with the `gguf` package (any type it can dequantize: F32, F16,
 BF16, Q4_0/Q4_1/Q8_0, K-quants, ...), checked against the shapes the metadata implies, renamed to
 Hugging Face Llama names and handed to `convert.hf.hf_tensors_to_params`, so the Llama layout
-rules live in one place. Architectures: "llama" (Llama, Mistral, SmolLM2, ...) and "qwen2" (the same
-with q/k/v biases).
+rules live in one place. Architectures: "llama" (Llama, Mistral, SmolLM2, ...), "qwen2" (the same
+with q/k/v biases) and "qwen3" (per-head q/k norms instead of the biases).
 
 Two GGUF conventions to undo:
   * Shapes are listed in ggml's `ne` order (fastest axis first), i.e. reversed from numpy's. A
@@ -30,7 +30,7 @@ from convert.hf import ConversionError, hf_tensors_to_params
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, check_params
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 _MISSING = object()
 
@@ -68,7 +68,8 @@ def metadata(reader, key: str, default: Any = _MISSING) -> Any:
 
 
 def config_from_gguf(reader, name: str = "") -> ModelConfig:
-    """`<arch>.*` metadata (llama or qwen2) -> ModelConfig. Raises ConversionError for anything we cannot represent."""
+    """`<arch>.*` metadata (llama, qwen2 or qwen3) -> ModelConfig. Raises ConversionError for anything we
+    cannot represent."""
     arch = metadata(reader, "general.architecture", None)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"unsupported GGUF architecture {arch!r} (general.architecture); "
@@ -116,6 +117,7 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), activation="swiglu", positions="rope",
         rope_theta=float(get("rope.freq_base", 10000.0)), rope_freq_factors=rope_freq_factors,
         attn_bias="blk.0.attn_q.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         pre_norm=True, final_norm=True, tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=tok_id("bos"), eos_token_id=tok_id("eos"), pad_token_id=tok_id("padding"),
         family=arch, name=name or str(metadata(reader, "general.name", "")),
@@ -154,8 +156,8 @@ def _tensor_table(cfg: ModelConfig) -> tuple[dict, dict]:
     """
     D, F, H, KV, Dh, V = (cfg.hidden_size, cfg.ffn_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                           cfg.vocab_size)
-    # llama.cpp permutes Q/K rows for its "llama" architecture only (Qwen2 files keep Hugging Face's
-    # half-split rotary order).
+    # llama.cpp permutes Q/K rows for its "llama" architecture only (Qwen2 and Qwen3 files keep Hugging
+    # Face's half-split rotary order).
     q_heads, k_heads = (H, KV) if cfg.family == "llama" else (None, None)
     top = {
         "token_embd.weight": ("model.embed_tokens.weight", (V, D), None),
@@ -181,6 +183,11 @@ def _tensor_table(cfg: ModelConfig) -> tuple[dict, dict]:
         })
         if cfg.family != "qwen2":  # Qwen2 has no out bias (hf_tensors_to_params fills zeros)
             layer["attn_output.bias"] = ("self_attn.o_proj.bias", (D,), None)
+    if cfg.qk_norm:
+        layer.update({
+            "attn_q_norm.weight": ("self_attn.q_norm.weight", (Dh,), None),
+            "attn_k_norm.weight": ("self_attn.k_norm.weight", (Dh,), None),
+        })
     if cfg.mlp_bias:
         layer.update({
             "ffn_gate.bias": ("mlp.gate_proj.bias", (F,), None),

@@ -1,4 +1,5 @@
-"""Hugging Face OPT / Llama / Mistral / Qwen2 directories (safetensors or pytorch .bin shards) -> dejavu_jax params.
+"""Hugging Face OPT / Llama / Mistral / Qwen2 / Qwen3 directories (safetensors or pytorch .bin shards) ->
+dejavu_jax params.
 
 transformers is used for the config only; tensors are read with safetensors (or torch for .bin),
 renamed with one table per family, re-laid out (head-major attention, neuron-major MLP, W2
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, check_params, param_shapes
 
-SUPPORTED = ("opt", "llama", "mistral", "qwen2")
+SUPPORTED = ("opt", "llama", "mistral", "qwen2", "qwen3")
 
 
 class ConversionError(ValueError):
@@ -50,7 +51,7 @@ def config_from_hf(hf) -> ModelConfig:
             bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"), family="opt", name=d.get("_name_or_path", "") or "",
         )
-    if model_type in ("llama", "mistral", "qwen2"):  # one architecture: RMSNorm, RoPE, GQA, SwiGLU
+    if model_type in ("llama", "mistral", "qwen2", "qwen3"):  # one architecture: RMSNorm, RoPE, GQA, SwiGLU
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         heads = d["num_attention_heads"]
@@ -73,6 +74,7 @@ def config_from_hf(hf) -> ModelConfig:
             rope_freq_factors=rope_freq_factors(rope, head_dim, theta),
             # Qwen2 always has q/k/v biases (and no out bias: the converter fills zeros).
             attn_bias=model_type == "qwen2" or bool(d.get("attention_bias")), mlp_bias=bool(d.get("mlp_bias")),
+            qk_norm=model_type == "qwen3",  # Qwen3 normalises every query and key head before RoPE
             pre_norm=True, final_norm=True, tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
             pad_token_id=d.get("pad_token_id"), family=model_type, name=d.get("_name_or_path", "") or "",
@@ -199,6 +201,8 @@ def _llama_rules(cfg: ModelConfig) -> tuple[Rules, Rules]:
         ("self_attn.v_proj.bias", ("kv_bias", 1), lambda b: b.reshape(KV, Dh)),
         ("self_attn.o_proj.weight", ("out",), lambda w: w.T.reshape(H, Dh, -1)),
         ("self_attn.o_proj.bias", ("out_bias",), lambda b: b),
+        ("self_attn.q_norm.weight", ("q_norm", "scale"), lambda w: w),
+        ("self_attn.k_norm.weight", ("k_norm", "scale"), lambda w: w),
         ("input_layernorm.weight", ("attn_norm", "scale"), lambda w: w),
         ("post_attention_layernorm.weight", ("mlp_norm", "scale"), lambda w: w),
         ("mlp.gate_proj.weight", ("up", 0), lambda w: w),

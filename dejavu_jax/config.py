@@ -38,6 +38,7 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] | None = None
     attn_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head (Dh) before RoPE (Qwen3)
     pre_norm: bool = True  # False: OPT-350m's post-LayerNorm blocks
     final_norm: bool = True
     word_embed_dim: int | None = None  # OPT project_in/out width; None means == hidden_size

@@ -60,6 +60,8 @@ def param_shapes(cfg: ModelConfig) -> Params:
         layer.update(q_bias=(H, Dh), kv_bias=(2, KV, Dh), out_bias=(D,))
     if cfg.mlp_bias:
         layer.update(up_bias=(F, cfg.up_rows), down_bias=(D,))
+    if cfg.qk_norm:
+        layer.update(q_norm={"scale": (Dh,)}, k_norm={"scale": (Dh,)})
     shapes: Params = {"embed": (cfg.vocab_size, E), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
     if cfg.positions == "learned":
         shapes["pos_embed"] = (cfg.max_positions + cfg.position_offset, D)
@@ -263,6 +265,12 @@ def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return apply_norm(x, p["scale"], p.get("bias"), kind=cfg.norm, eps=cfg.norm_eps)
 
 
+def head_norm(p: Params | None, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Qwen3's RMSNorm of every query or key head over Dh (p: lp["q_norm"] or lp["k_norm"]); x
+    unchanged for models without it (p None). x [..., Dh]."""
+    return x if p is None else apply_norm(x, p["scale"], kind="rmsnorm", eps=cfg.norm_eps)
+
+
 def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotary angles at `positions`. positions [B, T] -> two [B, T, Dh/2] float32."""
     Dh = cfg.head_dim
@@ -328,15 +336,17 @@ def _project_heads(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array
     return y + b if b is not None else y
 
 
-def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Array, b: jax.Array | None):
-    """Keys and values of some KV heads. x [B, T, D]; positions [B, T]; w [2, N, Dh, D]; b [2, N, Dh].
+def kv_project(cfg: ModelConfig, x: jax.Array, positions: jax.Array, w: jax.Array, b: jax.Array | None,
+               k_norm: Params | None = None):
+    """Keys and values of some KV heads. x [B, T, D]; positions [B, T]; w [2, N, Dh, D]; b [2, N, Dh];
+    k_norm: the layer's key-head norm (Qwen3) or None.
 
-    Returns (k, v), each [B, N, T, Dh], k with RoPE applied where the model uses it.
+    Returns (k, v), each [B, N, T, Dh], k normed and with RoPE applied where the model uses them.
     """
     kv = jnp.einsum("btd,ckhd->cbtkh", x, w)  # [2, B, T, N, Dh]
     if b is not None:
         kv = kv + b[:, None, None]
-    k_new, v_new = kv[0], kv[1]
+    k_new, v_new = head_norm(k_norm, kv[0], cfg), kv[1]
     if cfg.positions == "rope":
         k_new = rope(k_new, positions, cfg)
     return k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)
@@ -367,7 +377,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
             k_all, v_all, win_x = lazy_kv_update(lp, cfg, x, positions, layer_cache, sel, ops)
         new_cache = (k_all, v_all, win_x)
     else:
-        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))  # [B, KV, T, Dh]
+        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"), lp.get("k_norm"))  # [B, KV, T, Dh]
         if layer_cache is None:
             k_all, v_all = k_new, v_new
             new_cache = None
@@ -383,6 +393,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
         assert T == 1, "gathered heads are a decode-only path (one token per row)"
         if q is None:
             q = ops.gathered_head_proj(x[:, 0], lp["q"], sel.idx, lp.get("q_bias"))  # [B, K, Dh]
+            q = head_norm(lp.get("q_norm"), q, cfg)
             if cfg.positions == "rope":
                 q = rope(q[:, None], positions, cfg)[:, 0]
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
@@ -390,7 +401,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
                                         num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
         out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
     else:
-        q = _project_heads(x, lp["q"], lp.get("q_bias"))  # [B, T, H, Dh]
+        q = head_norm(lp.get("q_norm"), _project_heads(x, lp["q"], lp.get("q_bias")), cfg)  # [B, T, H, Dh]
         if cfg.positions == "rope":
             q = rope(q, positions, cfg)
         q = q.reshape(B, T, KV, G, Dh)

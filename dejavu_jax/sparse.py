@@ -61,7 +61,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
 from pallas_kernels import fused_step_enabled, gathered_window_kv_update_reference, topk_rows_reference
-from pallas_kernels.gather_attention import first_occurrences
+from pallas_kernels.gather_attention import first_occurrences, gathered_window_kv_reference, scatter_window_kv
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
@@ -352,10 +352,11 @@ def scores_from_code(p: Params, z: jax.Array) -> jax.Array:
 
 
 def model_fingerprint(cfg: ModelConfig) -> str:
-    """Hash of the architecture (every config field except the free-text name; an unset RoPE scaling
-    is left out, so fingerprints from before that field existed still match)."""
+    """Hash of the architecture (every config field except the free-text name; fields added later are
+    left out at their defaults (no RoPE scaling, no q/k norms), so older fingerprints still match)."""
+    added_later = {"rope_freq_factors": None, "qk_norm": False}
     d = {k: v for k, v in cfg.to_dict().items()
-         if k != "name" and not (k == "rope_freq_factors" and v is None)}
+         if k != "name" and not (k in added_later and v == added_later[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -846,13 +847,13 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     every step of the layer is gathered (as PredictorSelector and FixedSelector do): a mask step
     or a new multi-token chunk in between writes all heads at its own slots only, not the refresh.
     """
-    from dejavu_jax.model import kv_project
+    from dejavu_jax.model import head_norm, kv_project
 
     k_cache, v_cache, index, win_x, win_pos = layer_cache
     T = x.shape[1]
     win_x = ring_write(win_x, x, index)
     if sel is None or sel.idx is None:
-        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"))
+        k_new, v_new = kv_project(cfg, x, positions, lp["kv"], lp.get("kv_bias"), lp.get("k_norm"))
         k_all = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), (0, 0, index, 0))
         v_all = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), (0, 0, index, 0))
         return k_all, v_all, win_x
@@ -866,6 +867,12 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     # XLA reference computes them, then scatters. RoPE (as kv_project) rotates the keys at each
     # window token's position; the angles are the same in every layer.
     rotary = _window_rotary(cfg, win_pos)
+    if "k_norm" in lp:
+        # The window ops rotate the keys as they store them, and Qwen3 normalises each key head before
+        # its rotation: those models take XLA's projection, then the norm, the rotation and the scatter.
+        kv_w = gathered_window_kv_reference(win_x, lp["kv"], heads, lp.get("kv_bias"))  # [2, B, Ka, W, Dh]
+        k_w = head_norm(lp["k_norm"], kv_w[0], cfg)
+        return (*scatter_window_kv(k_w, kv_w[1], heads, slots, k_cache, v_cache, rotary), win_x)
     update = ops.gathered_window_kv_update if ops is not None else gathered_window_kv_update_reference
     k_all, v_all = update(win_x, lp["kv"], heads, slots, k_cache, v_cache, lp.get("kv_bias"), rotary)
     return k_all, v_all, win_x
@@ -890,9 +897,9 @@ def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
 
 def step_fuses_attention_inputs(cfg: ModelConfig, kv_mode: str, ops) -> bool:
     """Whether a gathered decode step with this KV mode takes its attention inputs from one op
-    (`lazy_attention_inputs`): a pre-norm model, the lazy KV cache, and ops that fuse
-    (`pallas_kernels.fused_step_enabled`; the tensor-parallel ops do not)."""
-    return cfg.pre_norm and kv_mode == "lazy" and fused_step_enabled(ops)
+    (`lazy_attention_inputs`): a pre-norm model without per-head q/k norms (the op has none), the
+    lazy KV cache, and ops that fuse (`pallas_kernels.fused_step_enabled`; the tensor-parallel ops do not)."""
+    return cfg.pre_norm and not cfg.qk_norm and kv_mode == "lazy" and fused_step_enabled(ops)
 
 
 def fuses_attention_inputs(cfg: ModelConfig, layer_cache, sel: Selection | None, ops) -> bool:

@@ -649,9 +649,14 @@ def gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b=Non
 def gathered_window_kv_update_reference(x_win, w_kv, heads, slots, k_cache, v_cache, b=None,
                                         rotary=None):
     """XLA reference: gathered_window_kv_reference, RoPE on the keys, two scatters into the caches."""
-    n_kv, seq_len = k_cache.shape[1], k_cache.shape[2]
     kv_w = gathered_window_kv_reference(x_win, w_kv, heads, b)  # [2, B, Ka, W, Dh]
-    k_w, v_w = kv_w[0], kv_w[1]  # [B, Ka, W, Dh]
+    return scatter_window_kv(kv_w[0], kv_w[1], heads, slots, k_cache, v_cache, rotary)
+
+
+def scatter_window_kv(k_w, v_w, heads, slots, k_cache, v_cache, rotary=None):
+    """Window K/V of some KV heads, k_w / v_w [B, Ka, W, Dh] (keys not yet rotated), written into the
+    caches [B, KV, S, Dh] at (heads [Ka], slots [W]); ids outside the caches are dropped."""
+    n_kv, seq_len = k_cache.shape[1], k_cache.shape[2]
     if rotary is not None:
         cos, sin = rotary  # [B, W, Dh/2]
         k_w = rotate_half_split(k_w, cos[:, None], sin[:, None])

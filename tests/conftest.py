@@ -33,8 +33,13 @@ TINY_CONFIGS = {
     "qwen2-bias": dict(kind="qwen2", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=96,
                        tie_word_embeddings=True),
+    # Qwen3: RMSNorm over every query and key head before RoPE (scales randomised), and heads wider
+    # than hidden_size / num_attention_heads (H * Dh = 64 != 32), as in the real Qwen3 sizes.
+    "qwen3-qknorm": dict(kind="qwen3", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=48, max_position_embeddings=96,
+                         tie_word_embeddings=False),
 }
-PAIR_CONFIGS = [name for name, spec in TINY_CONFIGS.items() if spec["kind"] in ("opt", "llama")]
+PAIR_CONFIGS = [name for name, spec in TINY_CONFIGS.items() if spec["kind"] in ("opt", "llama", "qwen3")]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -60,13 +65,15 @@ def make_hf_model(name: str, seed: int = 0):
         model = transformers.OPTForCausalLM(transformers.OPTConfig(**spec, init_std=0.2, eos_token_id=2,
                                                                    bos_token_id=2, pad_token_id=1))
     else:
-        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
         config = getattr(transformers, prefix + "Config")(**spec, initializer_range=0.2, eos_token_id=2, bos_token_id=1)
         model = getattr(transformers, prefix + "ForCausalLM")(config)
         with torch.no_grad():
             for tensor_name, tensor in model.named_parameters():
                 if tensor_name.endswith(".bias"):
                     tensor.normal_(0.0, 0.2)
+                elif tensor_name.endswith(("q_norm.weight", "k_norm.weight")):
+                    tensor.copy_(1.0 + 0.3 * torch.randn_like(tensor))
     return model.eval()
 
 

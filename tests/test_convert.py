@@ -23,7 +23,7 @@ def _logits(cfg, params, tokens):
 
 @pytest.mark.parametrize("name,safe", [("opt-pre", True), ("opt-post", False), ("llama-gqa", True),
                                        ("llama-mha", False), ("llama-rope3", True), ("mistral-swa", True),
-                                       ("qwen2-bias", False)])
+                                       ("qwen2-bias", False), ("qwen3-qknorm", True)])
 def test_round_trip_safetensors_and_bin(tmp_path, name, safe):
     hf_dir = tmp_path / "hf"
     model = save_hf_dir(hf_dir, name, safe=safe)
@@ -44,6 +44,9 @@ def test_round_trip_safetensors_and_bin(tmp_path, name, safe):
     if name == "qwen2-bias":  # the q/k/v biases arrived; the missing out bias is zeros
         assert np.abs(np.asarray(params["layers"][0]["kv_bias"])).max() > 0.1
         assert not np.asarray(params["layers"][0]["out_bias"]).any()
+    if name == "qwen3-qknorm":  # the per-head q/k norm scales arrived (randomised away from 1)
+        assert cfg.qk_norm and params["layers"][1]["k_norm"]["scale"].shape == (16,)
+        assert np.abs(np.asarray(params["layers"][1]["q_norm"]["scale"]) - 1.0).max() > 0.1
 
 
 def test_random_preset_and_dtype(tmp_path):

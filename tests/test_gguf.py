@@ -45,14 +45,20 @@ def _byte_level_vocab() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0, rope_scaling=None, qwen2=False):
-    """A tiny random transformers Llama (or Qwen2: q/k/v biases, randomised so they matter)."""
-    cfg = (transformers.Qwen2Config if qwen2 else transformers.LlamaConfig)(
+def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0, rope_scaling=None, arch="llama"):
+    """A tiny random transformers Llama, Qwen2 (q/k/v biases) or Qwen3 (per-head q/k norms); biases
+    and norm scales randomised so that they matter."""
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    # Qwen3 keeps its 128-wide heads (H * Dh != D): transformers' GGUF reader takes Dh from the
+    # config class's default, not from the file.
+    head_dim = {"head_dim": 128} if arch == "qwen3" else {}
+    cfg = getattr(transformers, prefix + "Config")(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=tie, bos_token_id=256, eos_token_id=257, pad_token_id=257, rope_scaling=rope_scaling)
+        tie_word_embeddings=tie, bos_token_id=256, eos_token_id=257, pad_token_id=257, rope_scaling=rope_scaling,
+        **head_dim)
     torch.manual_seed(seed)
-    model = (transformers.Qwen2ForCausalLM if qwen2 else transformers.LlamaForCausalLM)(cfg).eval()
+    model = getattr(transformers, prefix + "ForCausalLM")(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a swapped norm would show
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -65,7 +71,7 @@ def tiny_hf_llama(*, heads=4, kv_heads=2, tie=True, vocab=300, seed=0, rope_scal
 def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", tokenizer: bool = True,
                     ffn_override: int | None = None, drop: str | None = None,
                     rope_freqs: np.ndarray | None = None, rope_scaling: tuple | None = None) -> Path:
-    """A llama.cpp-style GGUF of a transformers Llama (Q/K permuted) or Qwen2 model, ne-order shapes.
+    """A llama.cpp-style GGUF of a transformers Llama (Q/K permuted), Qwen2 or Qwen3 model, ne-order shapes.
 
     quant: a GGMLQuantizationType for the 2-D matrices (norms stay F32, as llama.cpp does); None = F32.
     ffn_override: write a wrong feed_forward_length; drop: leave one tensor out (error tests).
@@ -83,7 +89,11 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(c.vocab_size)
     if rope_scaling is not None:
         w.add_rope_scaling_type(rope_scaling[0])
@@ -115,7 +125,8 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
                  "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
                  "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
                  "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.bias": "attn_q.bias",
-                 "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias"}
+                 "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -168,14 +179,15 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 @pytest.mark.parametrize("heads,kv_heads,tie,quant,arch",
                          [(4, 2, True, None, "llama"), (4, 4, False, None, "llama"), (4, 1, True, Q8_0, "llama"),
-                          (4, 2, False, Q4_1, "llama"), (4, 2, True, None, "qwen2")],
-                         ids=["gqa-tied-f32", "mha-untied-f32", "mqa-tied-q8_0", "gqa-untied-q4_1", "qwen2-f32"])
+                          (4, 2, False, Q4_1, "llama"), (4, 2, True, None, "qwen2"), (4, 2, False, None, "qwen3")],
+                         ids=["gqa-tied-f32", "mha-untied-f32", "mqa-tied-q8_0", "gqa-untied-q4_1", "qwen2-f32",
+                              "qwen3-f32"])
 def test_tiny_gguf_matches_transformers(tmp_path, heads, kv_heads, tie, quant, arch):
-    hf = tiny_hf_llama(heads=heads, kv_heads=kv_heads, tie=tie, qwen2=arch == "qwen2")
+    hf = tiny_hf_llama(heads=heads, kv_heads=kv_heads, tie=tie, arch=arch)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", hf, quant=quant, arch=arch)
     cfg, params, tok = load_gguf(path, progress=False)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.tie_embeddings) == (heads, kv_heads, tie)
-    assert cfg.attn_bias == (arch == "qwen2")
+    assert cfg.attn_bias == (arch == "qwen2") and cfg.qk_norm == (arch == "qwen3")
     assert cfg.family == arch and cfg.activation == "swiglu" and cfg.norm == "rmsnorm" and cfg.positions == "rope"
     assert cfg.eos_token_id == 257 and cfg.bos_token_id == 256
     M.check_params(params, cfg)

@@ -31,10 +31,11 @@ def _tiny_configs():
         "opt": ModelConfig(vocab_size=68, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
                            ffn_size=64, max_positions=64, norm="layernorm", activation="relu", positions="learned",
                            position_offset=2, attn_bias=True, mlp_bias=True, family="opt", name="tiny-opt"),
-        # Llama: GQA (8 query heads, 4 KV heads: one KV head and its 2 query heads per shard)
+        # Llama: GQA (8 query heads, 4 KV heads: one KV head and its 2 query heads per shard), with
+        # Qwen3's per-head q/k norms (replicated scales: each shard normalises its own heads)
         "llama": ModelConfig(vocab_size=67, hidden_size=32, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
                              ffn_size=48, max_positions=64, norm="rmsnorm", activation="swiglu", positions="rope",
-                             attn_bias=False, mlp_bias=False, tie_embeddings=False, family="llama",
+                             attn_bias=False, mlp_bias=False, qk_norm=True, tie_embeddings=False, family="llama",
                              name="tiny-llama"),
     }
 
@@ -65,6 +66,9 @@ def _worker(TP: int = TP) -> dict:  # noqa: N803 (the device count reads as the 
         r: dict = {}
         params = M.init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
         params = jax.tree_util.tree_map(lambda a: a * 6.0 if a.ndim >= 2 else a, params)  # visible sparsity effects
+        for i, lp in enumerate(params["layers"]):  # q/k norm scales away from 1, so a misplaced one shows
+            for j, key in enumerate(k for k in ("q_norm", "k_norm") if k in lp):
+                lp[key] = {"scale": 1.0 + 0.3 * jax.random.normal(jax.random.PRNGKey(10 + 2 * i + j), (cfg.head_dim,))}
         sparams = S.shard_params(params, cfg, mesh)
         B, T, n_steps, S_max = 2, 10, 2, 16
         toks = jax.random.randint(jax.random.PRNGKey(1), (B, T + n_steps), 0, cfg.vocab_size)

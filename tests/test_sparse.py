@@ -28,6 +28,7 @@ from dejavu_jax.sparse import (
     predictor_logits,
     predictor_shapes,
     share_first_matmul,
+    step_fuses_attention_inputs,
     topk_mask,
 )
 from pallas_kernels import get_ops
@@ -135,18 +136,29 @@ def test_gathered_decode_equals_mask_decode(tiny):
     assert float(jnp.max(jnp.abs(gathered - dense))) > 1e-2  # the selection really changed something
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_rope_with_qkv_bias_sparse_paths(backend):
+def test_rope_with_qkv_bias_or_norm_sparse_paths(backend, family):
     """Qwen2's layout (RoPE, GQA, q/k/v biases, no out bias): the bias is added before the rotation on
-    every gathered path. All heads and neurons gathered == dense; a partial selection gathered ==
-    masked; lazy KV (window 3, heads idling and returning) == exact, with the fused attention inputs."""
-    cfg = TINY["llama"].replace(attn_bias=True, family="qwen2", name="tiny-qwen2")
-    params = scaled_params(cfg)
+    every gathered path. Qwen3's (per-head q/k RMSNorm, heads wider than D / H): the norm comes
+    before the rotation on every path, the lazy window recompute included. All heads and neurons
+    gathered == dense; a partial selection gathered == masked; lazy KV (window 3, heads idling and
+    returning) == exact, with the fused attention inputs asked for (Qwen3 steps do not fuse)."""
     rng = np.random.default_rng(0)
-    for lp in params["layers"]:  # non-zero q/k/v biases; Qwen2's missing out bias converts to zeros
-        lp["q_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["q_bias"].shape), jnp.float32)
-        lp["kv_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["kv_bias"].shape), jnp.float32)
-        lp["out_bias"] = jnp.zeros_like(lp["out_bias"])
+    if family == "qwen2":
+        cfg = TINY["llama"].replace(attn_bias=True, family="qwen2", name="tiny-qwen2")
+        params = scaled_params(cfg)
+        for lp in params["layers"]:  # non-zero q/k/v biases; Qwen2's missing out bias converts to zeros
+            lp["q_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["q_bias"].shape), jnp.float32)
+            lp["kv_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["kv_bias"].shape), jnp.float32)
+            lp["out_bias"] = jnp.zeros_like(lp["out_bias"])
+    else:
+        cfg = TINY["llama"].replace(qk_norm=True, head_dim=16, family="qwen3", name="tiny-qwen3")
+        params = scaled_params(cfg)
+        for lp in params["layers"]:
+            for name in ("q_norm", "k_norm"):
+                lp[name] = {"scale": jnp.asarray(rng.normal(1.0, 0.3, cfg.head_dim), jnp.float32)}
+        assert not step_fuses_attention_inputs(cfg, "lazy", get_ops(backend, fused_step=True))
     ops = get_ops(backend)
     prompt, _ = tokens_for(cfg, B=1, T=5)
     L, n = cfg.num_layers, 6
