@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from convert.hf import ConversionError, hf_tensors_to_params
+from convert.hf import ConversionError, hf_tensors_to_params, yarn_freq_factors, yarn_mscale
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Params, check_params
 
@@ -86,13 +86,28 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         raise ConversionError(f"partial RoPE ({arch}.rope.dimension_count={rope_dims} < head_dim={head_dim}) "
                               f"is not supported")
     # RoPE scaling as per-frequency divisors (ModelConfig.rope_freq_factors): llama.cpp stores Llama
-    # 3.1-style scaling as a rope_freqs tensor of divisors, linear scaling as a factor in the metadata.
+    # 3.1-style scaling as a rope_freqs tensor of divisors, linear scaling and YaRN in the metadata.
     scaling = get("rope.scaling.type", "none") or "none"
     factor = float(get("rope.scaling.factor", 0.0) or 1.0)
-    if scaling not in ("none", "linear") or (scaling == "none" and factor != 1.0):
-        raise ConversionError(f"RoPE scaling {scaling!r} ({arch}.rope.scaling.*) is not supported (plain, linear "
-                              f"and Llama 3.1-style rope_freqs only)")
-    factors = np.full(head_dim // 2, factor if scaling == "linear" else 1.0)
+    theta = float(get("rope.freq_base", 10000.0))
+    if scaling not in ("none", "linear", "yarn") or (scaling == "none" and factor != 1.0):
+        raise ConversionError(f"RoPE scaling {scaling!r} ({arch}.rope.scaling.*) is not supported (plain, linear, "
+                              f"YaRN and Llama 3.1-style rope_freqs only)")
+    attention_factor = 1.0
+    if scaling == "yarn":
+        # DeepSeek's log multiplier and explicit cos/sin scales change YaRN's scale in ways llama.cpp
+        # handles per architecture; the plain YaRN of Qwen and Llama derives everything from the factor.
+        if float(get("rope.scaling.yarn_log_multiplier", 0.0)) != 0.0 or any(
+                float(get(f"rope.scaling.{k}", 1.0)) != 1.0 for k in ("attn_factor", "yarn_attn_factor")):
+            raise ConversionError(f"YaRN with an explicit cos/sin scale ({arch}.rope.scaling.attn_factor, "
+                                  f"yarn_attn_factor or yarn_log_multiplier) is not supported")
+        original = int(get("rope.scaling.original_context_length"))
+        factors = np.array(yarn_freq_factors(head_dim, theta, factor, original,
+                                             float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                                             float(get("rope.scaling.yarn_beta_slow", 1.0))))
+        attention_factor = yarn_mscale(factor)
+    else:
+        factors = np.full(head_dim // 2, factor if scaling == "linear" else 1.0)
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         if int(np.prod(freqs.shape)) != head_dim // 2:
@@ -115,7 +130,7 @@ def config_from_gguf(reader, name: str = "") -> ModelConfig:
         num_kv_heads=kv_heads, head_dim=head_dim, ffn_size=int(get("feed_forward_length")),
         max_positions=int(get("context_length", 2048)), norm="rmsnorm",
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), activation="swiglu", positions="rope",
-        rope_theta=float(get("rope.freq_base", 10000.0)), rope_freq_factors=rope_freq_factors,
+        rope_theta=theta, rope_freq_factors=rope_freq_factors, rope_attention_factor=attention_factor,
         attn_bias="blk.0.attn_q.bias" in tensor_names, mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         pre_norm=True, final_norm=True, tie_embeddings="output.weight" not in tensor_names,

@@ -59,6 +59,7 @@ def config_from_hf(hf) -> ModelConfig:
         if d.get("partial_rotary_factor", 1.0) != 1.0:
             raise ConversionError(f"partial RoPE (partial_rotary_factor={d['partial_rotary_factor']}) is not supported")
         max_positions = d["max_position_embeddings"]
+        freq_factors, attention_factor = rope_scaling(rope, head_dim, theta, max_positions)
         window = d.get("sliding_window")
         windowed = model_type == "mistral" or d.get("use_sliding_window") or \
             "sliding_attention" in (d.get("layer_types") or ())
@@ -71,7 +72,7 @@ def config_from_hf(hf) -> ModelConfig:
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
             ffn_size=d["intermediate_size"], max_positions=max_positions, norm="rmsnorm",
             norm_eps=d.get("rms_norm_eps", 1e-6), activation="swiglu", positions="rope", rope_theta=theta,
-            rope_freq_factors=rope_freq_factors(rope, head_dim, theta),
+            rope_freq_factors=freq_factors, rope_attention_factor=attention_factor,
             # Qwen2 always has q/k/v biases (and no out bias: the converter fills zeros).
             attn_bias=model_type == "qwen2" or bool(d.get("attention_bias")), mlp_bias=bool(d.get("mlp_bias")),
             qk_norm=model_type == "qwen3",  # Qwen3 normalises every query and key head before RoPE
@@ -86,18 +87,19 @@ def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x
 
 
-ROPE_SCALINGS = ("default", "linear", "llama3")
+ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
 
 
-def rope_freq_factors(rope: dict, head_dim: int, theta: float) -> tuple[float, ...] | None:
-    """A Hugging Face `rope_scaling` / `rope_parameters` dict -> one divisor per rotary frequency
-    (ModelConfig.rope_freq_factors; None for plain RoPE). Both supported kinds leave the attention
-    scale alone (transformers' attention_factor is 1 for them)."""
+def rope_scaling(rope: dict, head_dim: int, theta: float, max_positions: int
+                 ) -> tuple[tuple[float, ...] | None, float]:
+    """A Hugging Face `rope_scaling` / `rope_parameters` dict -> (one divisor per rotary frequency or
+    None for plain RoPE, the cos/sin scale): ModelConfig.rope_freq_factors and .rope_attention_factor.
+    Only YaRN scales cos and sin; transformers' attention_factor is 1 for the other kinds."""
     kind = rope.get("rope_type", rope.get("type")) or "default"
     if kind == "default":
-        return None
+        return None, 1.0
     if kind == "linear":  # positions divided by the factor = every frequency divided by it
-        return (float(rope["factor"]),) * (head_dim // 2)
+        return (float(rope["factor"]),) * (head_dim // 2), 1.0
     if kind == "llama3":
         factor, low, high = (float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
         context = float(rope["original_max_position_embeddings"])
@@ -106,8 +108,44 @@ def rope_freq_factors(rope: dict, head_dim: int, theta: float) -> tuple[float, .
         # context / high are kept, and in between the two blend linearly in context / wavelength.
         blend = np.clip((context * inv_freq / (2 * np.pi) - low) / (high - low), 0.0, 1.0)
         scaled = (1.0 - blend) * inv_freq / factor + blend * inv_freq
-        return tuple(float(f) for f in inv_freq / scaled)
+        return tuple(float(f) for f in inv_freq / scaled), 1.0
+    if kind == "yarn":
+        original = int(rope.get("original_max_position_embeddings") or max_positions)
+        factor = float(rope.get("factor") or max_positions / original)
+        if rope.get("attention_factor") is not None:
+            attention = float(rope["attention_factor"])
+        elif rope.get("mscale") and rope.get("mscale_all_dim"):  # DeepSeek's form
+            attention = yarn_mscale(factor, float(rope["mscale"])) / yarn_mscale(factor, float(rope["mscale_all_dim"]))
+        else:
+            attention = yarn_mscale(factor)
+        divisors = yarn_freq_factors(head_dim, theta, factor, original, float(rope.get("beta_fast") or 32.0),
+                                     float(rope.get("beta_slow") or 1.0), bool(rope.get("truncate", True)))
+        return divisors, attention
     raise ConversionError(f"Llama rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's cos/sin scale for a context stretched `factor` times (the paper's 0.1 ln s + 1)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * float(np.log(factor)) + 1.0
+
+
+def yarn_freq_factors(head_dim: int, theta: float, factor: float, original: int, beta_fast: float = 32.0,
+                      beta_slow: float = 1.0, truncate: bool = True) -> tuple[float, ...]:
+    """YaRN ("NTK-by-parts") as per-frequency divisors. A frequency that turns more than beta_fast
+    times over the original context is kept, one that turns fewer than beta_slow times is divided by
+    `factor`, and the rotary dimensions between the two blend linearly."""
+    def dim_turning(turns: float) -> float:  # the rotary dimension whose frequency turns `turns` times
+        return head_dim * np.log(original / (turns * 2 * np.pi)) / (2 * np.log(theta))
+
+    low, high = dim_turning(beta_fast), dim_turning(beta_slow)
+    if truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
+    if low == high:
+        high += 0.001
+    kept = 1.0 - np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    # inv_freq * (kept + (1 - kept) / factor), as a divisor of inv_freq
+    return tuple(float(f) for f in 1.0 / (kept + (1.0 - kept) / factor))
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class ModelConfig:
     # RoPE scaling as one divisor per rotary frequency ([Dh/2]; None: plain RoPE): Llama 3.1-3.3's
     # "llama3" scaling, "linear" scaling, or a GGUF file's rope_freqs tensor (convert/ computes them).
     rope_freq_factors: tuple[float, ...] | None = None
+    # YaRN's scale of cos and sin (of queries and keys alike, so the logits grow by its square); 1 for
+    # every other kind of RoPE.
+    rope_attention_factor: float = 1.0
     attn_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each query and key head (Dh) before RoPE (Qwen3)
@@ -67,6 +70,9 @@ class ModelConfig:
             if self.positions != "rope" or len(factors) != self.head_dim // 2 or min(factors) <= 0:
                 raise ValueError(f"rope_freq_factors must be {self.head_dim // 2} positive divisors of a RoPE "
                                  f"model's frequencies, got {len(factors)} for positions={self.positions!r}")
+        if self.rope_attention_factor <= 0 or (self.rope_attention_factor != 1.0 and self.positions != "rope"):
+            raise ValueError(f"rope_attention_factor must be positive and needs positions='rope', got "
+                             f"{self.rope_attention_factor} for positions={self.positions!r}")
 
     # Derived sizes -------------------------------------------------------------------------
     @property

@@ -278,6 +278,8 @@ def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax
     if cfg.rope_freq_factors is not None:
         inv_freq = inv_freq / jnp.asarray(cfg.rope_freq_factors, jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    if cfg.rope_attention_factor != 1.0:  # YaRN
+        return jnp.cos(angles) * cfg.rope_attention_factor, jnp.sin(angles) * cfg.rope_attention_factor
     return jnp.cos(angles), jnp.sin(angles)
 
 

@@ -353,8 +353,8 @@ def scores_from_code(p: Params, z: jax.Array) -> jax.Array:
 
 def model_fingerprint(cfg: ModelConfig) -> str:
     """Hash of the architecture (every config field except the free-text name; fields added later are
-    left out at their defaults (no RoPE scaling, no q/k norms), so older fingerprints still match)."""
-    added_later = {"rope_freq_factors": None, "qk_norm": False}
+    left out at their defaults (no RoPE scaling, no q/k norms, no YaRN factor), so older fingerprints still match)."""
+    added_later = {"rope_freq_factors": None, "qk_norm": False, "rope_attention_factor": 1.0}
     d = {k: v for k, v in cfg.to_dict().items()
          if k != "name" and not (k in added_later and v == added_later[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -38,8 +38,14 @@ TINY_CONFIGS = {
     "qwen3-qknorm": dict(kind="qwen3", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, intermediate_size=48, max_position_embeddings=96,
                          tie_word_embeddings=False),
+    # Not in tiny_pair: YaRN (frequencies kept, blended and interpolated 4x over an original context
+    # of 24; cos and sin scaled by 1 + 0.1 ln 4). Converted round trips only.
+    "qwen3-yarn": dict(kind="qwen3", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=48, max_position_embeddings=96,
+                       tie_word_embeddings=False,
+                       rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=24)),
 }
-PAIR_CONFIGS = [name for name, spec in TINY_CONFIGS.items() if spec["kind"] in ("opt", "llama", "qwen3")]
+PAIR_CONFIGS = ["opt-pre", "opt-post", "llama-gqa", "llama-mha", "llama-rope3", "qwen3-qknorm"]
 
 
 @pytest.fixture(autouse=True, scope="session")

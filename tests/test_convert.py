@@ -23,7 +23,7 @@ def _logits(cfg, params, tokens):
 
 @pytest.mark.parametrize("name,safe", [("opt-pre", True), ("opt-post", False), ("llama-gqa", True),
                                        ("llama-mha", False), ("llama-rope3", True), ("mistral-swa", True),
-                                       ("qwen2-bias", False), ("qwen3-qknorm", True)])
+                                       ("qwen2-bias", False), ("qwen3-qknorm", True), ("qwen3-yarn", True)])
 def test_round_trip_safetensors_and_bin(tmp_path, name, safe):
     hf_dir = tmp_path / "hf"
     model = save_hf_dir(hf_dir, name, safe=safe)
@@ -81,43 +81,59 @@ def test_unsupported_model_type(tmp_path):
 
 
 def test_rope_scaling(tmp_path):
-    """Linear and Llama 3.1-style ("llama3") RoPE scaling become per-frequency divisors that the
-    checkpoint's config.json keeps; other kinds are refused by name, and leave nothing behind."""
-    from convert.hf import rope_freq_factors
+    """Linear, Llama 3.1-style ("llama3") and YaRN RoPE scaling become per-frequency divisors (and, for
+    YaRN, a cos/sin scale) that the checkpoint's config.json keeps; other kinds are refused by name,
+    and leave nothing behind."""
+    from convert.hf import rope_scaling
     from dejavu_jax.config import ModelConfig, preset
     from dejavu_jax.sparse import model_fingerprint
 
-    assert rope_freq_factors({"rope_type": "linear", "factor": 2.0}, 8, 1e4) == (2.0,) * 4
-    assert rope_freq_factors({"rope_type": "default"}, 8, 1e4) is None
+    assert rope_scaling({"rope_type": "linear", "factor": 2.0}, 8, 1e4, 96) == ((2.0,) * 4, 1.0)
+    assert rope_scaling({"rope_type": "default"}, 8, 1e4, 96) == (None, 1.0)
     # Llama-3.1-8B's setting at Dh=128 against transformers' own llama3 frequencies: 29 wavelengths
     # kept, 29 slowed 8x, 6 blended between.
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen3Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-    f = np.array(rope_freq_factors(scaling, 128, 5e5))
+    f, attention = rope_scaling(scaling, 128, 5e5, 131072)
+    f = np.array(f)
     hf = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_theta=5e5,
                      rope_scaling=scaling)
     inv_freq = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0].double().numpy()
     np.testing.assert_allclose(1.0 / 5e5 ** (np.arange(0, 128, 2) / 128) / f, inv_freq, rtol=1e-6)
-    assert (f == 1.0).sum() == 29 and (f == 8.0).sum() == 29 and np.all(np.diff(f) >= 0)
+    assert (f == 1.0).sum() == 29 and (f == 8.0).sum() == 29 and np.all(np.diff(f) >= 0) and attention == 1.0
+    # YaRN as Qwen3 documents it for 128k tokens, and DeepSeek's mscale form, against transformers.
+    for yarn in ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+                 {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+                  "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2}):
+        f, attention = rope_scaling(dict(yarn, rope_theta=1e6), 128, 1e6, 131072)
+        hf = Qwen3Config(hidden_size=4096, num_attention_heads=32, head_dim=128, max_position_embeddings=131072,
+                         rope_parameters=dict(yarn, rope_theta=1e6))
+        inv_freq, hf_attention = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+        np.testing.assert_allclose(1.0 / 1e6 ** (np.arange(0, 128, 2) / 128) / np.array(f),
+                                   inv_freq.double().numpy(), rtol=1e-6)
+        assert attention == pytest.approx(hf_attention, rel=1e-12) and attention != 1.0
+        assert f[0] == 1.0 and f[-1] == pytest.approx(yarn["factor"])  # fast kept, slow interpolated
 
     hf_dir = tmp_path / "hf"
     save_hf_dir(hf_dir, "llama-rope3")
     cfg = load_checkpoint(convert(str(hf_dir), tmp_path / "ckpt", progress=False), jnp.float32)[0]
     assert cfg.rope_freq_factors[0] == 1.0 and cfg.rope_freq_factors[2:] == (4.0, 4.0)
     assert 1.0 < cfg.rope_freq_factors[1] < 4.0 and ModelConfig.load(tmp_path / "ckpt" / "config.json") == cfg
-    # Predictors fitted before the field existed still match their model (fingerprints pinned then).
+    # Predictors fitted before the fields existed still match their model (fingerprints pinned then).
     assert model_fingerprint(preset("smollm2-135m")) == "e5fa2aefc55b8d98"
     with pytest.raises(ValueError, match="rope_freq_factors must be 4 positive divisors"):
         cfg.replace(rope_freq_factors=(1.0, 2.0))
+    with pytest.raises(ValueError, match="rope_attention_factor must be positive and needs positions='rope'"):
+        preset("opt-125m").replace(rope_attention_factor=1.1)
 
     config = json.loads((hf_dir / "config.json").read_text())
     config.pop("rope_scaling", None)
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}
     (hf_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConversionError, match="rope scaling 'yarn' is not supported"):
+    with pytest.raises(ConversionError, match="rope scaling 'longrope' is not supported"):
         convert(str(hf_dir), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 

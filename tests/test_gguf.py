@@ -76,7 +76,7 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
     quant: a GGMLQuantizationType for the 2-D matrices (norms stay F32, as llama.cpp does); None = F32.
     ffn_override: write a wrong feed_forward_length; drop: leave one tensor out (error tests).
     rope_freqs: a rope_freqs.weight tensor (Llama 3.1-style scaling); rope_scaling: (RopeScalingType,
-    factor) metadata.
+    factor) or, for YaRN, (RopeScalingType, factor, original context length) metadata.
     """
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -98,6 +98,8 @@ def write_tiny_gguf(path: Path, model, *, quant=None, arch: str = "llama", token
     if rope_scaling is not None:
         w.add_rope_scaling_type(rope_scaling[0])
         w.add_rope_scaling_factor(rope_scaling[1])
+        if len(rope_scaling) > 2:
+            w.add_rope_scaling_orig_ctx_len(rope_scaling[2])
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     if tokenizer:
@@ -240,18 +242,22 @@ def llama_cpp_rope_freqs(scaling: dict, head_dim: int, theta: float) -> np.ndarr
     return np.array(out)
 
 
-@pytest.mark.parametrize("kind", ["llama3", "linear"])
+@pytest.mark.parametrize("kind", ["llama3", "linear", "yarn"])
 def test_rope_scaled_gguf_matches_transformers(tmp_path, kind):
-    """A Llama 3.1-style GGUF (rope_freqs tensor) and a linearly scaled one (metadata) give the logits
-    of the transformers model with the same rope scaling, at positions past the original context."""
+    """A Llama 3.1-style GGUF (rope_freqs tensor), a linearly scaled one and a YaRN one (metadata) give
+    the logits of the transformers model with the same rope scaling, at positions past the original
+    context."""
     if kind == "llama3":
         scaling = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=64)
         extra = dict(rope_freqs=llama_cpp_rope_freqs(scaling, 16, 10000.0))
         assert len(set(extra["rope_freqs"].round(6))) == 4  # kept, two blended, scaled: all three rules
-    else:
+    elif kind == "linear":
         scaling = dict(rope_type="linear", factor=2.0)
         extra = dict(rope_scaling=(gguf.RopeScalingType.LINEAR, 2.0))
+    else:
+        scaling = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
+        extra = dict(rope_scaling=(gguf.RopeScalingType.YARN, 4.0, 32))
     hf = tiny_hf_llama(rope_scaling=scaling)
     cfg, params, _ = load_gguf(write_tiny_gguf(tmp_path / "r.gguf", hf, tokenizer=False, **extra), progress=False,
                                tokenizer=False)
@@ -259,14 +265,19 @@ def test_rope_scaled_gguf_matches_transformers(tmp_path, kind):
     ids = np.random.default_rng(2).integers(0, hf.config.vocab_size, size=(1, 100))
     ref = torch_logits(hf, ids)
     assert np.abs(jax_logits(cfg, params, ids) - ref).max() <= 1e-4
-    plain = cfg.replace(rope_freq_factors=None)
+    assert (cfg.rope_attention_factor != 1.0) == (kind == "yarn")
+    plain = cfg.replace(rope_freq_factors=None, rope_attention_factor=1.0)
     assert np.abs(jax_logits(plain, params, ids) - ref).max() > 1e-3  # 40x the tolerance: the scaling matters
 
 
 def test_unsupported_rope_scaling_is_named(tmp_path):
     path = write_tiny_gguf(tmp_path / "y.gguf", tiny_hf_llama(), tokenizer=False,
+                           rope_scaling=(gguf.RopeScalingType.LONGROPE, 4.0))
+    with pytest.raises(ConversionError, match="RoPE scaling 'longrope'"):
+        load_gguf(path, progress=False)
+    path = write_tiny_gguf(tmp_path / "n.gguf", tiny_hf_llama(), tokenizer=False,
                            rope_scaling=(gguf.RopeScalingType.YARN, 4.0))
-    with pytest.raises(ConversionError, match="RoPE scaling 'yarn'"):
+    with pytest.raises(ConversionError, match="no 'llama.rope.scaling.original_context_length'"):
         load_gguf(path, progress=False)
 
 

@@ -139,14 +139,18 @@ def test_gathered_decode_equals_mask_decode(tiny):
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_rope_with_qkv_bias_or_norm_sparse_paths(backend, family):
-    """Qwen2's layout (RoPE, GQA, q/k/v biases, no out bias): the bias is added before the rotation on
-    every gathered path. Qwen3's (per-head q/k RMSNorm, heads wider than D / H): the norm comes
+    """Qwen2's layout (RoPE, GQA, q/k/v biases, no out bias), here with YaRN's scaled cos and sin: the
+    bias is added before the rotation on every gathered path. Qwen3's (per-head q/k RMSNorm, heads wider than D / H): the norm comes
     before the rotation on every path, the lazy window recompute included. All heads and neurons
     gathered == dense; a partial selection gathered == masked; lazy KV (window 3, heads idling and
     returning) == exact, with the fused attention inputs asked for (Qwen3 steps do not fuse)."""
     rng = np.random.default_rng(0)
     if family == "qwen2":
-        cfg = TINY["llama"].replace(attn_bias=True, family="qwen2", name="tiny-qwen2")
+        from convert.hf import yarn_freq_factors, yarn_mscale
+
+        D = TINY["llama"].head_dim
+        cfg = TINY["llama"].replace(attn_bias=True, family="qwen2", name="tiny-qwen2",
+                                    rope_freq_factors=yarn_freq_factors(D, 1e4, 4.0, 8), rope_attention_factor=yarn_mscale(4.0))
         params = scaled_params(cfg)
         for lp in params["layers"]:  # non-zero q/k/v biases; Qwen2's missing out bias converts to zeros
             lp["q_bias"] = jnp.asarray(rng.normal(0, 1.0, lp["q_bias"].shape), jnp.float32)
