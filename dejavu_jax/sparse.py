@@ -61,7 +61,7 @@ import numpy as np
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import KVCache, Params, SelectContext, Selection
 from pallas_kernels import fused_step_enabled, gathered_window_kv_update_reference, topk_rows_reference
-from pallas_kernels.gather_attention import first_occurrences, gathered_window_kv_reference, scatter_window_kv
+from pallas_kernels.gather_attention import first_occurrences
 from pallas_kernels.select_topk import MAX_CODE_BLOCK, order_key
 
 MODES = ("dense", "oracle", "predictor", "threshold")
@@ -847,7 +847,7 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     every step of the layer is gathered (as PredictorSelector and FixedSelector do): a mask step
     or a new multi-token chunk in between writes all heads at its own slots only, not the refresh.
     """
-    from dejavu_jax.model import head_norm, kv_project
+    from dejavu_jax.model import kv_project
 
     k_cache, v_cache, index, win_x, win_pos = layer_cache
     T = x.shape[1]
@@ -867,14 +867,10 @@ def lazy_kv_update(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Ar
     # XLA reference computes them, then scatters. RoPE (as kv_project) rotates the keys at each
     # window token's position; the angles are the same in every layer.
     rotary = _window_rotary(cfg, win_pos)
-    if "k_norm" in lp:
-        # The window ops rotate the keys as they store them, and Qwen3 normalises each key head before
-        # its rotation: those models take XLA's projection, then the norm, the rotation and the scatter.
-        kv_w = gathered_window_kv_reference(win_x, lp["kv"], heads, lp.get("kv_bias"))  # [2, B, Ka, W, Dh]
-        k_w = head_norm(lp["k_norm"], kv_w[0], cfg)
-        return (*scatter_window_kv(k_w, kv_w[1], heads, slots, k_cache, v_cache, rotary), win_x)
+    # Qwen3 normalises every key head before its rotation.
+    k_norm = dict(k_norm=lp["k_norm"]["scale"], norm_eps=cfg.norm_eps) if "k_norm" in lp else {}
     update = ops.gathered_window_kv_update if ops is not None else gathered_window_kv_update_reference
-    k_all, v_all = update(win_x, lp["kv"], heads, slots, k_cache, v_cache, lp.get("kv_bias"), rotary)
+    k_all, v_all = update(win_x, lp["kv"], heads, slots, k_cache, v_cache, lp.get("kv_bias"), rotary, **k_norm)
     return k_all, v_all, win_x
 
 

@@ -617,7 +617,7 @@ def _check_window_update(x_win, w_kv, slots, k_cache, v_cache, rotary) -> None:
 
 
 def gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b=None, rotary=None, *,
-                              interpret=False, **blocks):
+                              k_norm=None, norm_eps: float = 1e-6, interpret=False, **blocks):
     """`gathered_window_kv`'s K/V written straight into the caches: the lazy KV mode's update.
 
     x_win [B, W, D]; w_kv [2, KV, Dh, D]; heads [Ka] int32 KV-head ids (repeats allowed: equal
@@ -625,17 +625,25 @@ def gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b=Non
     slots [W] int32, the cache slot of each window token (an entry outside [0, S) is dropped; live
     entries distinct); k_cache, v_cache [B, KV, S, Dh]; b [2, KV, Dh] or None; rotary None or
     (cos, sin), each [B, W, Dh/2] float32: RoPE's angles at the window tokens' positions, applied to
-    the keys after the window's rounding (`rotate_half_split`). Returns (k_cache, v_cache) with
-    cache[b, heads[a], slots[t]] = the window K/V of `gathered_window_kv` (keys rotated), cast to
-    the cache dtype, and every other entry unchanged.
+    the keys after the window's rounding (`rotate_half_split`); k_norm None or [Dh]: the scale of an
+    RMSNorm (eps norm_eps) over every key head, before the rotation (Qwen3). Returns (k_cache,
+    v_cache) with cache[b, heads[a], slots[t]] = the window K/V of `gathered_window_kv` (keys
+    normed, then rotated), cast to the cache dtype, and every other entry unchanged.
 
     Program (c, a, n, m) computes gathered_window_kv's [BM, BN] tile (with RoPE: rows n and
     n + Dh/2, which the rotation pairs) and stores it at the cache rows (b, heads[a], slots[t]) of
     cache c. The caches are aliased to the outputs: in place under a jit that donates them (as the
     decode step does), no intermediate [2, B, Ka, W, Dh] array, no XLA scatter.
+    With k_norm, a program would need all Dh rows of its head for the norm's statistics: 2 * Ka
+    programs (18 for a GQA model with 8 KV heads) streaming a whole head each. Instead
+    `gathered_window_kv` computes the window K/V over its usual ~128 programs and XLA normalises,
+    rotates and scatters them (the `*_reference`'s last steps); the weight rows are still read once.
     """
     check_block_keys(blocks, WINDOW_KV_BLOCK_KEYS, "gathered_window_kv_update")
     _check_window_update(x_win, w_kv, slots, k_cache, v_cache, rotary)
+    if k_norm is not None:
+        kv_w = gathered_window_kv(x_win, w_kv, heads, b, interpret=interpret, **blocks)  # [2, B, Ka, W, Dh]
+        return scatter_window_kv(kv_w[0], kv_w[1], heads, slots, k_cache, v_cache, rotary, k_norm, norm_eps)
     batch, window, d_model = x_win.shape
     parts = 1 if rotary is None else 2
     cfg = dataclasses.replace(
@@ -645,18 +653,23 @@ def gathered_window_kv_update(x_win, w_kv, heads, slots, k_cache, v_cache, b=Non
                                       blocks=cfg, interpret=interpret)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("norm_eps",))
 def gathered_window_kv_update_reference(x_win, w_kv, heads, slots, k_cache, v_cache, b=None,
-                                        rotary=None):
-    """XLA reference: gathered_window_kv_reference, RoPE on the keys, two scatters into the caches."""
+                                        rotary=None, *, k_norm=None, norm_eps: float = 1e-6):
+    """XLA reference: gathered_window_kv_reference, the key norm and RoPE on the keys, two scatters
+    into the caches."""
     kv_w = gathered_window_kv_reference(x_win, w_kv, heads, b)  # [2, B, Ka, W, Dh]
-    return scatter_window_kv(kv_w[0], kv_w[1], heads, slots, k_cache, v_cache, rotary)
+    return scatter_window_kv(kv_w[0], kv_w[1], heads, slots, k_cache, v_cache, rotary, k_norm, norm_eps)
 
 
-def scatter_window_kv(k_w, v_w, heads, slots, k_cache, v_cache, rotary=None):
-    """Window K/V of some KV heads, k_w / v_w [B, Ka, W, Dh] (keys not yet rotated), written into the
-    caches [B, KV, S, Dh] at (heads [Ka], slots [W]); ids outside the caches are dropped."""
+@functools.partial(jax.jit, static_argnames=("norm_eps",))
+def scatter_window_kv(k_w, v_w, heads, slots, k_cache, v_cache, rotary=None, k_norm=None, norm_eps=1e-6):
+    """Window K/V of some KV heads, k_w / v_w [B, Ka, W, Dh] (keys not yet normed or rotated), written
+    into the caches [B, KV, S, Dh] at (heads [Ka], slots [W]); ids outside the caches are dropped.
+    k_norm None or [Dh]: an RMSNorm over every key head first (Qwen3)."""
     n_kv, seq_len = k_cache.shape[1], k_cache.shape[2]
+    if k_norm is not None:
+        k_w = apply_norm(k_w, k_norm, kind="rmsnorm", eps=norm_eps)
     if rotary is not None:
         cos, sin = rotary  # [B, W, Dh/2]
         k_w = rotate_half_split(k_w, cos[:, None], sin[:, None])

@@ -433,6 +433,30 @@ def test_gathered_window_kv_update_reads_only_the_named_heads():
     assert rel_err(k_out, k_ref) < TOL[jnp.float32] and rel_err(v_out, v_ref) < TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gathered_window_kv_update_with_key_norm(dtype):
+    """Qwen3's per-head key RMSNorm, before the rotation: the kernel path (window op, then XLA's norm,
+    rotation and scatter) and the reference against float64, heads repeated and skipped, a slot
+    dropped; values untouched by the norm."""
+    B, W, D, KV, Dh, S = 2, 5, 72, 4, 16, 9
+    args = _window_update_inputs(B, W, D, KV, Dh, S, [2, 0, 2, 7], [4, 5, 6, 7, 9], True, True, dtype, dtype)
+    x, w, heads, slots, k, v, b, rot = args
+    scale = jnp.asarray(keys(7, 1)[0].normal(1.0, 0.3, Dh), jnp.float32)
+    out = ga.gathered_window_kv_update(*args, k_norm=scale, norm_eps=1e-6, interpret=INTERPRET)
+    ref = ga.gathered_window_kv_update_reference(*args, k_norm=scale, norm_eps=1e-6)
+    kv_w = np.einsum("BTD,CKHD->CBKTH", f64(x), f64(w)[:, [2, 0]]) + f64(b)[:, [2, 0]][:, None, :, None, :]
+    kn = kv_w[0] / np.sqrt(np.mean(kv_w[0] ** 2, axis=-1, keepdims=True) + 1e-6) * f64(scale)
+    cos, sin = (f64(r)[:, None] for r in rot)  # [B, 1, W, Dh/2]
+    k1, k2 = np.split(kn, 2, axis=-1)
+    want_k, want_v = f64(k).copy(), f64(v).copy()
+    want_k[:, [2, 0], 4:8] = np.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)[:, :, :4]
+    want_v[:, [2, 0], 4:8] = kv_w[1][:, :, :4]
+    for got in (out, ref):
+        assert rel_err(got[0], want_k) < TOL[dtype] and rel_err(got[1], want_v) < TOL[dtype]
+    plain = ga.gathered_window_kv_update_reference(*args)
+    assert rel_err(plain[0], want_k) > 10 * TOL[dtype]  # the norm changed the keys
+
+
 QKV_UPDATE_CASES = [
     # B, W, D, H, KV, Dh, S, q_idx, refresh, cur, bias, rotary, norm, blocks
     (1, 5, 100, 4, 4, 24, 9, [3, 0], [0, 4], 2, True, False, "layernorm", {}),  # MHA, odd D and Dh; a
