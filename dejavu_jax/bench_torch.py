@@ -17,7 +17,7 @@ import time
 
 def hf_config_for(cfg):
     """Our ModelConfig -> a transformers config of the same shape."""
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig, Qwen3Config
 
     if cfg.family == "opt":
         return OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
@@ -25,11 +25,12 @@ def hf_config_for(cfg):
                          max_position_embeddings=cfg.max_positions, do_layer_norm_before=cfg.pre_norm,
                          word_embed_proj_dim=cfg.embed_dim, eos_token_id=cfg.eos_token_id,
                          bos_token_id=cfg.bos_token_id, pad_token_id=cfg.pad_token_id)
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                       head_dim=cfg.head_dim, intermediate_size=cfg.ffn_size,
-                       max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
-                       rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings)
+    # Qwen3 is Llama with per-head q/k norms; Qwen2's q/k/v biases are Llama's attention_bias.
+    return (Qwen3Config if cfg.qk_norm else LlamaConfig)(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        intermediate_size=cfg.ffn_size, max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attn_bias)
 
 
 def time_generate(model, input_ids, new_tokens: int, reps: int, sync) -> dict:

@@ -167,6 +167,21 @@ PRESETS: dict[str, ModelConfig] = {
         final_norm=True, tie_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         family="llama", name="smollm2-135m",
     ),
+    # Llama-family shapes for timing on random weights (bench --preset); real checkpoints convert
+    # with their own configs.
+    "llama-2-7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+        ffn_size=11008, max_positions=4096, norm="rmsnorm", norm_eps=1e-5, activation="swiglu",
+        positions="rope", rope_theta=10000.0, pre_norm=True, final_norm=True, tie_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None, family="llama", name="llama-2-7b",
+    ),
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        ffn_size=12288, max_positions=40960, norm="rmsnorm", norm_eps=1e-6, activation="swiglu",
+        positions="rope", rope_theta=1000000.0, qk_norm=True, pre_norm=True, final_norm=True,
+        tie_embeddings=False, bos_token_id=None, eos_token_id=151645, pad_token_id=151643, family="qwen3",
+        name="qwen3-8b",
+    ),
 }
 
 
