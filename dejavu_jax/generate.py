@@ -432,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exact: every head's K/V written at each token; lazy (Deja Vu's scheme): a sparse step "
                          "computes K/V only for its selected heads' KV groups, over a window of the last "
                          f"{LAZY_WINDOW} inputs, and so reads fewer weights (same tokens; pays off with the Pallas "
-                         "kernels)")
+                         "kernels on multi-head models: at Llama-2-7B's shape 2.50 against 2.74 ms/token on an H100, "
+                         "while grouped-query models such as Qwen3-8B read nearly every K/V group either way and "
+                         "run faster exact)")
     return p
 
 
