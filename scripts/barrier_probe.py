@@ -47,6 +47,15 @@ D, F, K = 4096, 16384, 4096
 COPIES = 4
 # A spin that has not seen every program after this many polls gives up (the output is then wrong and
 # the check says so) rather than hanging the device: programs that are not co-resident never arrive.
+# (programs per SM, rows per step, warps, stages (None: Triton's default), prefetch). Run 1 (session
+# 22, results/barrier-probe-h100/run1.md) swept 1-2 per SM, 1-2 rows, 4-8 warps, with and without
+# the prefetch: best 21.2 us per phase (2 per SM, 2 rows, 8 warps) against 14.0 for the launches.
+# Run 2 asks whether more rows in flight per SM close that.
+CONFIGS = (
+    (2, 2, 8, None, True), (2, 4, 8, None, True), (2, 8, 8, None, True), (2, 4, 16, None, True),
+    (3, 2, 8, None, True), (3, 4, 8, None, True), (4, 2, 8, None, True), (4, 4, 8, None, True),
+    (2, 4, 8, 1, True), (2, 4, 8, 4, True), (2, 4, 8, None, False), (4, 2, 4, None, True),
+)
 MAX_POLLS = 1 << 16  # ~50 ms; a real wait is a few us
 
 
@@ -114,9 +123,9 @@ def _persistent_kernel(x_ref, idx_ref, *refs, n_programs, block_e, prefetch, wor
 
 
 @functools.partial(jax.jit, static_argnames=("n_programs", "block_e", "prefetch", "work", "num_warps",
-                                             "interpret"))
+                                             "num_stages", "interpret"))
 def persistent_chain(x, weights, idx, *, n_programs, block_e=1, prefetch=False, work=True, num_warps=4,
-                     interpret=False):
+                     num_stages=None, interpret=False):
     """x [1, D]; weights: COPIES x [F, D]; idx [N, K] with K == D. Returns phase N-1's output [1, K]."""
     n_phases, n_rows = idx.shape
     assert n_rows == x.shape[1], "each phase's output is the next one's input: K == D"
@@ -127,7 +136,7 @@ def persistent_chain(x, weights, idx, *, n_programs, block_e=1, prefetch=False, 
         kernel, grid=(n_programs,),
         out_shape=(jax.ShapeDtypeStruct((n_phases + 1, n_rows), x.dtype), jax.ShapeDtypeStruct((1,), jnp.int32)),
         input_output_aliases={2 + COPIES: 1},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret, name="persistent_phases")(x, idx, *weights, count)
     return y[n_phases][None]
 
@@ -201,15 +210,14 @@ def main() -> None:
     rows.append(per_phase(timed_case(label, "launches (gathered_up)",
                                      lambda: lambda x, layer: launch_chain(x, list(layer[0]), layer[1]), xs, layers,
                                      ref, floor_us)))
-    for programs in (sms, 2 * sms):
-        for block_e in (1, 2):
-            for warps in (4, 8):
-                for prefetch in (False, True):
-                    cfg = dict(n_programs=programs, block_e=block_e, prefetch=prefetch, num_warps=warps)
-                    rows.append(per_phase(timed_case(
-                        label, f"persistent P={programs} BE={block_e} warps={warps}" + (", prefetch" if prefetch else ""),
-                        lambda cfg=cfg: lambda x, layer: persistent_chain(x, layer[0], layer[1], **cfg),
-                        xs, layers, ref, floor_us)))
+    for per_sm, block_e, warps, stages, prefetch in CONFIGS:
+        programs = per_sm * sms
+        cfg = dict(n_programs=programs, block_e=block_e, prefetch=prefetch, num_warps=warps, num_stages=stages)
+        rows.append(per_phase(timed_case(
+            label, f"persistent P={programs} BE={block_e} warps={warps} stages={stages}"
+            + (", prefetch" if prefetch else ""),
+            lambda cfg=cfg: lambda x, layer: persistent_chain(x, layer[0], layer[1], **cfg),
+            xs, layers, ref, floor_us)))
     rows.append(per_phase(timed_case(
         f"{n} phases, no rows (max_err: not a result)", f"barriers only P={sms}",
         lambda: lambda x, layer: persistent_chain(x, layer[0], layer[1], n_programs=sms, work=False), xs, layers,
