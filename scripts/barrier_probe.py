@@ -14,7 +14,7 @@ measures both on a stand-in that has the step's shape:
 Cases (time per phase, GPU span):
 
 * "launches": the production `gathered_up` once per phase, in one jit (XLA's CUDA graph);
-* "persistent": one launch of P programs (one per SM), each owning row blocks p, p + P, ... of every
+* "persistent": one launch of P programs (1-4 per SM, CONFIGS), each owning row blocks p, p + P, ... of every
   phase, with a grid barrier (an atomic arrive on a counter, then a spin on it) between phases;
 * "persistent, prefetch": the same, with each program's first weight tile of phase k + 1 requested
   before it arrives at phase k's barrier (the indices are known ahead, the weights never depend on
@@ -45,8 +45,6 @@ from pallas_kernels._common import cdiv  # noqa: E402
 
 D, F, K = 4096, 16384, 4096
 COPIES = 4
-# A spin that has not seen every program after this many polls gives up (the output is then wrong and
-# the check says so) rather than hanging the device: programs that are not co-resident never arrive.
 # (programs per SM, rows per step, warps, stages (None: Triton's default), prefetch). Run 1 (session
 # 22, results/barrier-probe-h100/run1.md) swept 1-2 per SM, 1-2 rows, 4-8 warps, with and without
 # the prefetch: best 21.2 us per phase (2 per SM, 2 rows, 8 warps) against 14.0 for the launches.
@@ -56,6 +54,8 @@ CONFIGS = (
     (3, 2, 8, None, True), (3, 4, 8, None, True), (4, 2, 8, None, True), (4, 4, 8, None, True),
     (2, 4, 8, 1, True), (2, 4, 8, 4, True), (2, 4, 8, None, False), (4, 2, 4, None, True),
 )
+# A spin that has not seen every program after this many polls gives up (the output is then wrong and
+# max_err says so) rather than hanging the device: programs that are not co-resident never arrive.
 MAX_POLLS = 1 << 16  # ~50 ms; a real wait is a few us
 
 
@@ -201,7 +201,8 @@ def main() -> None:
     label = f"{n} phases, K {K} of {F} rows x D {D}"
     rows = []
 
-    def per_phase(row):
+    def per_phase(row):  # timed_case printed the row per call of n phases; the table keeps times per
+        # phase (its `kernels` column stays per call)
         for key in ("time_us", "kernel_us", "wall_us"):
             if key in row:
                 row[key] = round(row[key] / n, 2)
