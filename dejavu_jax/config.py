@@ -175,6 +175,12 @@ PRESETS: dict[str, ModelConfig] = {
         positions="rope", rope_theta=10000.0, pre_norm=True, final_norm=True, tie_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=None, family="llama", name="llama-2-7b",
     ),
+    "llama-3-8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        ffn_size=14336, max_positions=8192, norm="rmsnorm", norm_eps=1e-5, activation="swiglu",
+        positions="rope", rope_theta=500000.0, pre_norm=True, final_norm=True, tie_embeddings=False,
+        bos_token_id=128000, eos_token_id=128001, pad_token_id=None, family="llama", name="llama-3-8b",
+    ),
     "qwen3-8b": ModelConfig(
         vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
         ffn_size=12288, max_positions=40960, norm="rmsnorm", norm_eps=1e-6, activation="swiglu",

@@ -191,6 +191,7 @@ class GenerationResult:
     prefill_s: float  # time to first token, compile excluded
     decode_s: float
     new_tokens: int  # total over rows
+    kv_mode: str = "exact"  # the decode cache's KV mode (`dejavu_jax.sparse`)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -264,7 +265,8 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *, max_
     decode_s = time.perf_counter() - t0
     lengths = np.asarray(lengths)
     rows = [out[i, : lengths[i]].tolist() for i in range(B)]
-    return GenerationResult(rows, [len(p) for p in prompts], compile_s, prefill_s, decode_s, int(lengths.sum()))
+    return GenerationResult(rows, [len(p) for p in prompts], compile_s, prefill_s, decode_s, int(lengths.sum()),
+                            kv_mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +327,11 @@ def resolve_kernels(kernels: str) -> str:
 def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_new_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig(), dtype=None, chat: bool | None = None,
                   selector_args: dict | None = None, kernels: str = "auto", batch_select: str = "per-row",
-                  kv_mode: str = "exact", stream=None) -> tuple[list[str], GenerationResult]:
+                  kv_mode: str = "auto", stream=None) -> tuple[list[str], GenerationResult]:
     """Load a checkpoint (default: the embedded SmolLM2-135M-Instruct), tokenize, generate, decode.
 
+    kv_mode: "exact", "lazy" or "auto" (`sparse.choose_kv_mode`: lazy where the gathered Pallas step of a
+    multi-head model reads fewer weights with it, exact otherwise; the tokens are the same either way).
     stream: a text file (e.g. sys.stdout) to write the text to as it is generated; one prompt only."""
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
@@ -345,8 +349,15 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    from dejavu_jax.sparse import choose_kv_mode
+
     selector, ops = None, None
-    if selector_args and selector_args.get("mode", "dense") != "dense":
+    mode = (selector_args or {}).get("mode", "dense")
+    backend = resolve_kernels(kernels)
+    # Index sets (the gathered step) come from predictors, one per step: a single prompt, or the union.
+    gathered = mode == "predictor" and (len(ids) == 1 or batch_select == "union")
+    kv_mode = choose_kv_mode(kv_mode, cfg, gathered=gathered, kernels=backend)
+    if mode != "dense":
         from dejavu_jax.sparse import build_selector, default_predictors
         from pallas_kernels import get_ops
 
@@ -356,7 +367,7 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
             from dejavu_jax.batching import wrap_selector
 
             selector = wrap_selector(selector, batch_select="union")
-        ops = get_ops(resolve_kernels(kernels))
+        ops = get_ops(backend)
     streamer = TextStream(tokenizer, stream) if stream is not None else None
     result = generate(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling, selector=selector, ops=ops,
                       kv_mode=kv_mode, on_token=streamer)
@@ -428,13 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-select", choices=["per-row", "union"], default="per-row",
                     help="several prompts: per-row keep-masks (exact per row, dense compute) or one union index "
                          "set per step (top-K of the rows' summed predictor probabilities; gathered kernels)")
-    sp.add_argument("--kv-mode", choices=KV_MODES, default="exact",
+    sp.add_argument("--kv-mode", choices=("auto",) + KV_MODES, default="auto",
                     help="exact: every head's K/V written at each token; lazy (Deja Vu's scheme): a sparse step "
                          "computes K/V only for its selected heads' KV groups, over a window of the last "
-                         f"{LAZY_WINDOW} inputs, and so reads fewer weights (same tokens; pays off with the Pallas "
-                         "kernels on multi-head models: at Llama-2-7B's shape 2.50 against 2.74 ms/token on an H100, "
-                         "while grouped-query models such as Qwen3-8B read nearly every K/V group either way and "
-                         "run faster exact)")
+                         f"{LAZY_WINDOW} inputs, and so reads fewer weights. The tokens are the same. auto: lazy "
+                         "for predictor decoding of a multi-head model with the Pallas kernels (Llama-2-7B's shape "
+                         "on an H100: 2.50 against 2.74 ms/token), exact otherwise (grouped-query models such as "
+                         "Qwen3-8B read nearly every K/V group either way and run faster exact: 3.07 against 3.61)")
     return p
 
 
@@ -461,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = {"prompt_tokens": result.prompt_lengths, "new_tokens": result.new_tokens,
              "compile_s": round(result.compile_s, 3), "time_to_first_token_s": round(result.prefill_s, 4),
              "decode_s": round(result.decode_s, 4), "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
-             "backend": jax.default_backend()}
+             "backend": jax.default_backend(), "kv_mode": result.kv_mode}
     if args.json:
         print(json.dumps({"texts": texts, **stats}))
     else:
@@ -472,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(text)
         print(f"\n[{result.new_tokens} new tokens | time to first token {result.prefill_s * 1e3:.1f} ms | "
               f"decode {result.decode_tokens_per_s:.1f} tokens/s | compile {result.compile_s:.1f} s | "
-              f"{jax.default_backend()}]", file=sys.stderr)
+              f"{jax.default_backend()}{' | kv ' + result.kv_mode if args.mode != 'dense' else ''}]", file=sys.stderr)
     return 0
 
 

@@ -891,6 +891,24 @@ def _window_rotary(cfg: ModelConfig, win_pos: jax.Array):
     return rope_cos_sin(win_pos, cfg) if cfg.positions == "rope" else None
 
 
+def choose_kv_mode(kv_mode: str, cfg: ModelConfig, *, gathered: bool, kernels: str) -> str:
+    """--kv-mode auto -> the KV mode that decodes faster; "exact" and "lazy" as given.
+
+    gathered: whether the decode steps read gathered rows (predictor mode, one index set per step);
+    kernels: the resolved backend ("xla" or "pallas"). Lazy only pays where the step reads fewer
+    weights through the Pallas kernels: multi-head models, where the selected heads' K/V groups are
+    the selected heads (Llama-2-7B shape on an H100, session 22: 2.50 against 2.74 ms/token). With
+    grouped-query attention the selected heads cover nearly every K/V group at head density 0.5, so
+    lazy reads about as much and adds the window's recompute (Qwen3-8B: exact 3.07 against 3.61).
+    Both modes produce the same tokens, so the choice is about speed only."""
+    if kv_mode != "auto":
+        if kv_mode not in KV_MODES:
+            raise SparsityError(f"unknown kv_mode {kv_mode!r}; choose one of auto, {', '.join(KV_MODES)}")
+        return kv_mode
+    mha = cfg.num_kv_heads == cfg.num_heads
+    return "lazy" if gathered and kernels == "pallas" and mha else "exact"
+
+
 def step_fuses_attention_inputs(cfg: ModelConfig, kv_mode: str, ops) -> bool:
     """Whether a gathered decode step with this KV mode takes its attention inputs from one op
     (`lazy_attention_inputs`): a pre-norm model without per-head q/k norms (the op has none), the

@@ -73,11 +73,11 @@ def test_greedy_generation_token_identical(tiny_pair):
 
 
 def test_param_shapes_for_every_preset():
-    """Every public OPT size (and SmolLM2, Llama-2-7B, Qwen3-8B) has a consistent config; counts match
+    """Every public OPT size (and SmolLM2, Llama-2-7B, Llama-3-8B, Qwen3-8B) has a consistent config; counts match
     the published sizes."""
     expected_billions = {"opt-125m": 0.125, "opt-350m": 0.331, "opt-1.3b": 1.3, "opt-2.7b": 2.7, "opt-6.7b": 6.7,
                          "opt-13b": 13.0, "opt-30b": 30.0, "opt-66b": 66.0, "opt-175b": 175.0,
-                         "smollm2-135m": 0.135, "llama-2-7b": 6.74, "qwen3-8b": 8.19}
+                         "smollm2-135m": 0.135, "llama-2-7b": 6.74, "llama-3-8b": 8.03, "qwen3-8b": 8.19}
     for name, billions in expected_billions.items():
         cfg = preset(name)
         n = cfg.num_params() / 1e9

@@ -15,6 +15,7 @@ from dejavu_jax import model as M
 from dejavu_jax.config import ModelConfig
 from dejavu_jax.model import Selection
 from dejavu_jax.sparse import (
+    KV_MODES,
     FixedSelector,
     OracleSelector,
     PredictorSelector,
@@ -22,6 +23,7 @@ from dejavu_jax.sparse import (
     SparsityConfig,
     SparsityError,
     build_selector,
+    choose_kv_mode,
     init_sparse_cache,
     input_source,
     model_fingerprint,
@@ -655,6 +657,24 @@ def test_sparsity_config_json_roundtrip_and_schedules():
     assert sp.head_schedule(cfg) == (4, 2, 4)
     explicit = SparsityConfig(mode="oracle", mlp_k=[8, 16, 32], head_k=[1, 2, 3])
     assert SparsityConfig.from_dict(explicit.to_dict()).mlp_schedule(cfg) == (8, 16, 32)
+
+
+def test_choose_kv_mode_lazy_only_for_gathered_multi_head_pallas_steps():
+    """auto picks lazy where the Pallas step of a multi-head model reads fewer weights with it (the
+    speed measured in README "Session 22"), exact for grouped-query models, masks and XLA; explicit
+    modes pass through, unknown ones are refused."""
+    from dejavu_jax.config import PRESETS
+
+    mha, gqa = PRESETS["llama-2-7b"], PRESETS["qwen3-8b"]
+    assert choose_kv_mode("auto", mha, gathered=True, kernels="pallas") == "lazy"
+    assert choose_kv_mode("auto", PRESETS["opt-6.7b"], gathered=True, kernels="pallas") == "lazy"
+    assert choose_kv_mode("auto", gqa, gathered=True, kernels="pallas") == "exact"
+    assert choose_kv_mode("auto", mha, gathered=False, kernels="pallas") == "exact"
+    assert choose_kv_mode("auto", mha, gathered=True, kernels="xla") == "exact"
+    for explicit in KV_MODES:
+        assert choose_kv_mode(explicit, gqa, gathered=False, kernels="xla") == explicit
+    with pytest.raises(SparsityError, match="unknown kv_mode 'paged'; choose one of auto, exact, lazy"):
+        choose_kv_mode("paged", mha, gathered=True, kernels="pallas")
 
 
 @pytest.mark.parametrize("kwargs, match", [
