@@ -214,11 +214,13 @@ def test_cli_predictor_mode_reads_the_models_predictors(tiny_opt_ckpt, tmp_path,
         generate_main(argv + ["--mlp-topk-block", "24"])
     assert "does not divide the 64 MLP neurons" in capsys.readouterr().err
     # --kv-mode lazy (K/V of the selected heads' groups only, over the window): the same text as exact.
-    # auto (the default) keeps exact with XLA's take + dot, which the CPU runs (`sparse.choose_kv_mode`).
+    # auto (the default, `sparse.choose_kv_mode`): this tiny OPT is multi-head, so lazy where --kernels auto
+    # picks the Pallas kernels (a GPU), exact with XLA's take + dot (a CPU).
+    auto = "lazy" if jax.default_backend() == "gpu" else "exact"
     texts = {}
     for kv_mode in ("exact", "lazy", "auto"):
         assert generate_main(argv + ["--max-new-tokens", "8", "--kv-mode", kv_mode, "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        assert out["kv_mode"] == (kv_mode if kv_mode != "auto" else "exact")
+        assert out["kv_mode"] == (kv_mode if kv_mode != "auto" else auto)
         texts[kv_mode] = out["texts"]
     assert texts["lazy"] == texts["exact"] == texts["auto"]
