@@ -899,7 +899,8 @@ def choose_kv_mode(kv_mode: str, cfg: ModelConfig, *, gathered: bool, kernels: s
     weights through the Pallas kernels: multi-head models, where the selected heads' K/V groups are
     the selected heads (Llama-2-7B shape on an H100, session 22: 2.50 against 2.74 ms/token). With
     grouped-query attention the selected heads cover nearly every K/V group at head density 0.5, so
-    lazy reads about as much and adds the window's recompute (Qwen3-8B: exact 3.07 against 3.61).
+    lazy reads about as much and adds the window's recompute: a tie without q/k norms (Llama-3-8B,
+    session 23: 2.80 against 2.79), a loss with them (Qwen3-8B: 3.61 against 3.07), so exact there.
     Both modes produce the same tokens, so the choice is about speed only."""
     if kv_mode != "auto":
         if kv_mode not in KV_MODES:
