@@ -259,6 +259,115 @@ def sparse_decode_attention_reference(q, k, v, valid, head_idx, *, scale, num_he
 
 
 # --------------------------------------------------------------------------------------------------
+# Decode attention and the out projection of the selected heads in one launch.
+# --------------------------------------------------------------------------------------------------
+
+ATTN_OUT_BLOCK_KEYS = ("rows", "cols", "block_s", "num_warps")
+# Past this many cache slots the two-launch path runs instead: every program of a head re-reads the
+# head's K from L2, a cost that grows with S while the launches it saves do not.
+ATTN_OUT_MAX_SEQ = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnOutBlocks:
+    rows: int  # rows of a head's Dh per program (its slice of V and of W_out)
+    cols: int  # columns of D per program
+    block_s: int = 64  # cache slots per loop step
+    num_warps: int = 4
+
+
+def default_attn_out_blocks(head_dim: int, d_model: int) -> AttnOutBlocks:
+    return AttnOutBlocks(rows=min(32, pow2_ceil(head_dim)), cols=min(512, pow2_ceil(d_model)))
+
+
+def _attn_out_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, w_ref, out_ref, *, scale, group, seq_len,
+                     head_dim, d_model, block_dh, rows, cols, block_s, steps):
+    # q_ref [B, Kh, Dh]; idx_ref [Kh]; k_ref, v_ref [B, KV, S, Dh]; valid_ref [B, S] int8;
+    # w_ref [H * Dh, D]; out_ref [B, Kh * NR, D] fp32, NR = cdiv(Dh, rows): one partial sum per program
+    b, i, r, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    head = idx_ref[i]
+    kv_head = head // group
+    dr = r * rows + jnp.arange(rows, dtype=jnp.int32)  # the program's rows of the head
+    dr_ok = dr < head_dim
+    c = j * cols + jnp.arange(cols, dtype=jnp.int32)
+    c_ok = c < d_model
+    # The weight tile is requested before the attention: it does not depend on it.
+    w = plgpu.load(w_ref.at[head * head_dim + dr[:, None], c[None, :]], mask=dr_ok[:, None] & c_ok[None, :],
+                   other=0.0)  # [R, C]
+    d = jnp.arange(block_dh, dtype=jnp.int32)
+    d_ok = d < head_dim
+    q = plgpu.load(q_ref.at[b, i, d], mask=d_ok, other=0.0).astype(jnp.float32) * scale  # [Dhp]
+
+    def step(t, carry):
+        o, m, l = carry  # [R], [], []
+        s = t * block_s + jnp.arange(block_s, dtype=jnp.int32)  # [BS]
+        ok = plgpu.load(valid_ref.at[b, s], mask=s < seq_len, other=0) != 0
+        k = plgpu.load(k_ref.at[b, kv_head, s[:, None], d[None, :]], mask=ok[:, None] & d_ok[None, :],
+                       other=0.0).astype(jnp.float32)  # [BS, Dhp]: scores need every column
+        scores = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)
+        m_new = jnp.maximum(m, jnp.max(scores))
+        correction = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)
+        v = plgpu.load(v_ref.at[b, kv_head, s[:, None], dr[None, :]], mask=ok[:, None] & dr_ok[None, :],
+                       other=0.0).astype(jnp.float32)  # [BS, R]: the output only its rows
+        return o * correction + jnp.sum(p[:, None] * v, axis=0), m_new, l * correction + jnp.sum(p)
+
+    init = (jnp.zeros((rows,), jnp.float32), jnp.float32(_NEG), jnp.float32(0.0))
+    o, _, l = jax.lax.fori_loop(0, steps, step, init)
+    part = jnp.sum(_normalised(o, l)[:, None] * w.astype(jnp.float32), axis=0)  # [C]
+    plgpu.store(out_ref.at[b, i * cdiv(head_dim, rows) + r, c], part, mask=c_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "group", "blocks", "interpret"))
+def _attention_out_proj(q, k, v, valid, head_idx, w_out, *, scale: float, group: int, blocks: AttnOutBlocks,
+                        interpret: bool):
+    batch, n_sel, head_dim = q.shape
+    n_heads, _, d_model = w_out.shape
+    seq_len = k.shape[2]
+    check_pow2(rows=blocks.rows, cols=blocks.cols, block_s=blocks.block_s)
+    n_rows = cdiv(head_dim, blocks.rows)
+    kernel = functools.partial(
+        _attn_out_kernel, scale=scale, group=group, seq_len=seq_len, head_dim=head_dim, d_model=d_model,
+        block_dh=pow2_ceil(head_dim), rows=blocks.rows, cols=blocks.cols, block_s=blocks.block_s,
+        steps=cdiv(seq_len, blocks.block_s))
+    parts = pl.pallas_call(
+        kernel,
+        grid=(batch, n_sel, n_rows, cdiv(d_model, blocks.cols)),
+        out_shape=jax.ShapeDtypeStruct((batch, n_sel * n_rows, d_model), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps),
+        interpret=interpret,
+        name="attention_out_proj",
+    )(q, head_idx.astype(jnp.int32), k, v, valid.astype(jnp.int8), w_out.reshape(n_heads * head_dim, d_model))
+    return parts.sum(axis=1).astype(q.dtype)
+
+
+def attention_out_proj(q, k, v, valid, head_idx, w_out, *, scale, num_heads=None, interpret=False, **blocks):
+    """Decode attention of the selected heads and their out projection, in one launch.
+
+    q [B, Kh, Dh]; k, v [B, KV, S, Dh]; valid [B, S]; head_idx [Kh]; w_out [H, Dh, D]; num_heads as
+    sparse_decode_attention. Returns [B, D] in q.dtype: gathered_out_proj(sparse_decode_attention(...)).
+    Program (b, i, r, j) attends head head_idx[i] over the whole cache and multiplies its rows r of the
+    output into columns j of W_out; XLA adds the fp32 partial sums (as it does the out projection's).
+    So there is no sequence-split merge and no separate out-projection launch. Every program of a head
+    re-reads its K from L2, so past ATTN_OUT_MAX_SEQ slots the two launches run instead.
+    """
+    check_block_keys(blocks, ATTN_OUT_BLOCK_KEYS, "attention_out_proj")
+    group = _group(num_heads, k.shape[1])
+    if k.shape[2] > ATTN_OUT_MAX_SEQ and not blocks:
+        o = sparse_decode_attention(q, k, v, valid, head_idx, scale=scale, num_heads=num_heads, interpret=interpret)
+        return gathered_out_proj(o, w_out, head_idx, interpret=interpret)
+    cfg = dataclasses.replace(default_attn_out_blocks(q.shape[2], w_out.shape[2]), **blocks)
+    return _attention_out_proj(q, k, v, valid, head_idx, w_out, scale=float(scale), group=group, blocks=cfg,
+                               interpret=interpret)
+
+
+def attention_out_proj_reference(q, k, v, valid, head_idx, w_out, *, scale, num_heads=None):
+    """XLA reference: the two references, attention then out projection."""
+    o = sparse_decode_attention_reference(q, k, v, valid, head_idx, scale=scale, num_heads=num_heads)
+    return gathered_out_proj_reference(o, w_out, head_idx)
+
+
+# --------------------------------------------------------------------------------------------------
 # K/V of selected heads over a window of tokens (the lazy KV mode's recompute).
 # --------------------------------------------------------------------------------------------------
 

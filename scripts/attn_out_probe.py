@@ -7,11 +7,12 @@ feeds its own Dh rows of W_out, so the chain needs no grid-wide sync: one progra
 head over the whole cache and multiply the result straight into its tile of W_out. The price is
 that every program of a head re-reads that head's K (and its slice of V) from L2.
 
-Program (i, r, j) of the fused kernel: selected head idx[i], rows r * R .. r * R + R - 1 of the
-head's Dh, columns j * C .. j * C + C - 1 of D. It requests its [R, C] tile of W_out first (the
-weights never depend on the attention), attends over all S slots (scores need all Dh columns of K,
-the output only its R columns of V), and writes o[rows] @ W_out[rows, cols] as fp32 partial sums
-[Kh * Dh / R, D] that XLA adds up (as it already adds up the out projection's split-K sums).
+The fused kernel is `pallas_kernels.gather_attention.attention_out_proj`: program (b, i, r, j) takes
+selected head idx[i], rows r * R .. r * R + R - 1 of the head's Dh and columns j * C .. j * C + C - 1
+of D. It requests its [R, C] tile of W_out first (the weights never depend on the attention), attends
+over all S slots (scores need all Dh columns of K, the output only its R columns of V), and writes
+o[rows] @ W_out[rows, cols] as fp32 partial sums that XLA adds up (as it already adds up the out
+projection's split-K sums). This probe times it at each tile of CONFIGS.
 
 Cases, per application (GPU span, profiler events; 4 weight/cache copies in rotation):
 * "attention + merge + out proj": the production ops as the sparse step calls them;
@@ -24,7 +25,6 @@ python scripts/attn_out_probe.py --check       (CPU, interpret mode, against the
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -34,74 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
-from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from pallas_kernels import gather_attention as ga  # noqa: E402
-from pallas_kernels._common import cdiv  # noqa: E402
 
 H, DH, D = 32, 128, 4096  # OPT-6.7B
 COPIES = 4
 # (rows R, columns C, warps, block_s)
 CONFIGS = (
-    (128, 256, 8, 64), (128, 512, 8, 64), (128, 128, 4, 64), (128, 256, 4, 64),
-    (64, 512, 8, 64), (32, 1024, 8, 64), (32, 512, 4, 64), (16, 2048, 8, 64), (16, 1024, 4, 64),
-    (128, 256, 8, 128), (32, 512, 4, 128),
+    (128, 256, 8, 64), (128, 512, 8, 64), (64, 512, 8, 64), (32, 512, 4, 64), (32, 1024, 8, 64),
+    (16, 1024, 4, 64), (16, 2048, 8, 64), (32, 512, 4, 128),
 )
 
 
-def _fused_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, w_ref, out_ref, *, scale, group, seq_len,
-                  head_dim, rows, cols, block_s, steps):
-    # q_ref [1, Kh, Dh]; k_ref, v_ref [1, KV, S, Dh]; valid_ref [1, S] int8; w_ref [H * Dh, D];
-    # out_ref [Kh * Dh / R, D] fp32
-    i, r, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    head = idx_ref[i]
-    kv_head = head // group
-    dr = r * rows + jnp.arange(rows, dtype=jnp.int32)  # this program's rows of the head
-    c = j * cols + jnp.arange(cols, dtype=jnp.int32)
-    w = plgpu.load(w_ref.at[head * head_dim + dr[:, None], c[None, :]])  # [R, C], requested first
-    d = jnp.arange(head_dim, dtype=jnp.int32)
-    q = plgpu.load(q_ref.at[0, i, d]).astype(jnp.float32) * scale  # [Dh]
-
-    def step(t, carry):
-        o, m, l = carry  # [R], [], []
-        s = t * block_s + jnp.arange(block_s, dtype=jnp.int32)
-        ok = plgpu.load(valid_ref.at[0, s], mask=s < seq_len, other=0) != 0
-        k = plgpu.load(k_ref.at[0, kv_head, s[:, None], d[None, :]], mask=ok[:, None],
-                       other=0.0).astype(jnp.float32)  # [BS, Dh]
-        scores = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), ga._NEG)
-        m_new = jnp.maximum(m, jnp.max(scores))
-        correction = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)
-        v = plgpu.load(v_ref.at[0, kv_head, s[:, None], dr[None, :]], mask=ok[:, None],
-                       other=0.0).astype(jnp.float32)  # [BS, R]
-        return o * correction + jnp.sum(p[:, None] * v, axis=0), m_new, l * correction + jnp.sum(p)
-
-    init = (jnp.zeros((rows,), jnp.float32), jnp.float32(ga._NEG), jnp.float32(0.0))
-    o, _, l = jax.lax.fori_loop(0, steps, step, init)
-    o = ga._normalised(o, l)
-    part = jnp.sum(o[:, None] * w.astype(jnp.float32), axis=0)  # [C]
-    plgpu.store(out_ref.at[i * (head_dim // rows) + r, c], part)
-
-
-@functools.partial(jax.jit, static_argnames=("scale", "rows", "cols", "num_warps", "block_s", "interpret"))
 def fused_attention_out(q, k, v, valid, idx, w_out, *, scale, rows, cols, num_warps=4, block_s=64,
                         interpret=False):
-    """q [1, Kh, Dh]; k, v [1, KV, S, Dh]; valid [1, S]; idx [Kh]; w_out [H, Dh, D] -> [1, D] in q.dtype."""
-    _, n_sel, head_dim = q.shape
-    n_heads, _, d_model = w_out.shape
-    seq_len = k.shape[2]
-    assert head_dim % rows == 0 and d_model % cols == 0, (head_dim, rows, d_model, cols)
-    kernel = functools.partial(_fused_kernel, scale=scale, group=n_heads // k.shape[1], seq_len=seq_len,
-                               head_dim=head_dim, rows=rows, cols=cols, block_s=block_s,
-                               steps=cdiv(seq_len, block_s))
-    parts = pl.pallas_call(
-        kernel, grid=(n_sel, head_dim // rows, d_model // cols),
-        out_shape=jax.ShapeDtypeStruct((n_sel * (head_dim // rows), d_model), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=interpret,
-        name="fused_attention_out",
-    )(q, idx.astype(jnp.int32), k, v, valid.astype(jnp.int8), w_out.reshape(n_heads * head_dim, d_model))
-    return parts.sum(0, keepdims=True).astype(q.dtype)
+    """The production op at a given tile (any cache length: the tile bypasses its two-launch fallback)."""
+    return ga.attention_out_proj(q, k, v, valid, idx, w_out, scale=scale, num_heads=w_out.shape[0], rows=rows,
+                                 cols=cols, num_warps=num_warps, block_s=block_s, interpret=interpret)
 
 
 def production(q, k, v, valid, idx, w_out, *, scale, interpret=False):
