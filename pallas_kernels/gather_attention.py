@@ -349,7 +349,8 @@ def attention_out_proj(q, k, v, valid, head_idx, w_out, *, scale, num_heads=None
     Program (b, i, r, j) attends head head_idx[i] over the whole cache and multiplies its rows r of the
     output into columns j of W_out; XLA adds the fp32 partial sums (as it does the out projection's).
     So there is no sequence-split merge and no separate out-projection launch. Every program of a head
-    re-reads its K from L2, so past ATTN_OUT_MAX_SEQ slots the two launches run instead.
+    re-reads its K from L2, so past ATTN_OUT_MAX_SEQ slots the two launches run instead (unless blocks
+    are given: a tile always runs the one launch, which is how scripts/attn_out_probe.py times it).
     """
     check_block_keys(blocks, ATTN_OUT_BLOCK_KEYS, "attention_out_proj")
     group = _group(num_heads, k.shape[1])
