@@ -336,6 +336,7 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
     from dejavu_jax.checkpoint import load_checkpoint, load_tokenizer
 
     from dejavu_jax.default_model import model_dir_or_default
+    from dejavu_jax.sparse import choose_kv_mode
 
     if stream is not None and len(prompts) != 1:
         raise ValueError(f"streaming writes one prompt's text as it is generated; got {len(prompts)} prompts")
@@ -349,8 +350,6 @@ def generate_text(model_dir: str | Path | None, prompts: Sequence[str], *, max_n
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    from dejavu_jax.sparse import choose_kv_mode
-
     selector, ops = None, None
     mode = (selector_args or {}).get("mode", "dense")
     backend = resolve_kernels(kernels)

@@ -120,14 +120,15 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
                    code_topk_pair_reference, gathered_window_kv_update_reference,
                    gathered_window_qkv_update_reference, fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     if backend == "pallas":
+        def kernel(f):  # interpreted where JAX runs on CPU
+            return functools.partial(f, interpret=True) if on_cpu() else f
+
         fns = (gathered_up, gathered_down, gathered_head_proj, gathered_out_proj,
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
-               gathered_window_qkv_update, attention_out_proj)
-        if on_cpu():
-            fns = tuple(functools.partial(f, interpret=True) for f in fns)
+               gathered_window_qkv_update)
         fused_step = True if fused_step is None else bool(fused_step)
-        return Ops(backend, *fns[:-1], fused_step, topk_pair, mlp_norm_in_up, fused_norm,
-                   fns[-1] if attention_out else None)
+        return Ops(backend, *map(kernel, fns), fused_step, topk_pair, mlp_norm_in_up, fused_norm,
+                   kernel(attention_out_proj) if attention_out else None)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 

@@ -138,6 +138,29 @@ def _normalised(out, total):
     return jnp.where(total > 0, out / jnp.maximum(total, 1e-30), 0.0)
 
 
+def _attend(q, k_ref, v_ref, valid_ref, b, kv_head, d, d_ok, v_cols, v_ok, *, first, steps, block_s, seq_len):
+    """Online-softmax attention of one query (q [Dhp], scaled, fp32; d / d_ok its columns) over cache slots
+    first .. first + steps * block_s - 1 of kv_head in batch row b, masked by valid_ref. Returns the
+    unnormalised output at V's columns v_cols (v_ok marks real ones), the running max and the softmax sum."""
+
+    def step(t, carry):
+        o, m, l = carry  # [len(v_cols)], [], []
+        s = first + t * block_s + jnp.arange(block_s, dtype=jnp.int32)  # [BS]
+        ok = plgpu.load(valid_ref.at[b, s], mask=s < seq_len, other=0) != 0
+        k = plgpu.load(k_ref.at[b, kv_head, s[:, None], d[None, :]], mask=ok[:, None] & d_ok[None, :],
+                       other=0.0).astype(jnp.float32)  # [BS, Dhp]: scores need every column
+        scores = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)  # [BS]
+        m_new = jnp.maximum(m, jnp.max(scores))
+        correction = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)  # [BS]
+        v = plgpu.load(v_ref.at[b, kv_head, s[:, None], v_cols[None, :]], mask=ok[:, None] & v_ok[None, :],
+                       other=0.0).astype(jnp.float32)  # [BS, len(v_cols)]
+        return o * correction + jnp.sum(p[:, None] * v, axis=0), m_new, l * correction + jnp.sum(p)
+
+    init = (jnp.zeros(v_cols.shape, jnp.float32), jnp.float32(_NEG), jnp.float32(0.0))
+    return jax.lax.fori_loop(0, steps, step, init)
+
+
 def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, *out_refs, scale, group, seq_len,
                  head_dim, block_s, block_dh, steps_per_split, normalise):
     # q_ref [B, Kh, Dh]; idx_ref [Kh]; k_ref, v_ref [B, KV, S, Dh]; valid_ref [B, S] int8
@@ -148,26 +171,9 @@ def _attn_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, *out_refs, scale, grou
     d = jnp.arange(block_dh, dtype=jnp.int32)
     d_ok = d < head_dim
     q = plgpu.load(q_ref.at[b, i, d], mask=d_ok, other=0.0).astype(jnp.float32) * scale  # [Dhp]
-    first = split * steps_per_split * block_s
-
-    def step(t, carry):
-        o, m, l = carry  # [Dhp], [], []
-        s = first + t * block_s + jnp.arange(block_s, dtype=jnp.int32)  # [BS]
-        ok = plgpu.load(valid_ref.at[b, s], mask=s < seq_len, other=0) != 0
-        tile_ok = ok[:, None] & d_ok[None, :]
-        k = plgpu.load(k_ref.at[b, kv_head, s[:, None], d[None, :]], mask=tile_ok,
-                       other=0.0).astype(jnp.float32)  # [BS, Dhp]
-        scores = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)  # [BS]
-        m_new = jnp.maximum(m, jnp.max(scores))
-        correction = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)  # [BS]
-        v = plgpu.load(v_ref.at[b, kv_head, s[:, None], d[None, :]], mask=tile_ok,
-                       other=0.0).astype(jnp.float32)  # [BS, Dhp]
-        o = o * correction + jnp.sum(p[:, None] * v, axis=0)
-        return o, m_new, l * correction + jnp.sum(p)
-
-    init = (jnp.zeros((block_dh,), jnp.float32), jnp.float32(_NEG), jnp.float32(0.0))
-    o, m, l = jax.lax.fori_loop(0, steps_per_split, step, init)
+    o, m, l = _attend(q, k_ref, v_ref, valid_ref, b, kv_head, d, d_ok, d, d_ok,
+                      first=split * steps_per_split * block_s, steps=steps_per_split, block_s=block_s,
+                      seq_len=seq_len)
     if normalise:  # what the merge below does with one split: o / l, zeros for a row with no valid slot
         (o_ref,) = out_refs
         plgpu.store(o_ref.at[b, i, d], _normalised(o, l).astype(o_ref.dtype))
@@ -297,23 +303,9 @@ def _attn_out_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, w_ref, out_ref, *,
     d = jnp.arange(block_dh, dtype=jnp.int32)
     d_ok = d < head_dim
     q = plgpu.load(q_ref.at[b, i, d], mask=d_ok, other=0.0).astype(jnp.float32) * scale  # [Dhp]
-
-    def step(t, carry):
-        o, m, l = carry  # [R], [], []
-        s = t * block_s + jnp.arange(block_s, dtype=jnp.int32)  # [BS]
-        ok = plgpu.load(valid_ref.at[b, s], mask=s < seq_len, other=0) != 0
-        k = plgpu.load(k_ref.at[b, kv_head, s[:, None], d[None, :]], mask=ok[:, None] & d_ok[None, :],
-                       other=0.0).astype(jnp.float32)  # [BS, Dhp]: scores need every column
-        scores = jnp.where(ok, jnp.sum(k * q[None, :], axis=1), _NEG)
-        m_new = jnp.maximum(m, jnp.max(scores))
-        correction = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(scores - m_new), 0.0)
-        v = plgpu.load(v_ref.at[b, kv_head, s[:, None], dr[None, :]], mask=ok[:, None] & dr_ok[None, :],
-                       other=0.0).astype(jnp.float32)  # [BS, R]: the output only its rows
-        return o * correction + jnp.sum(p[:, None] * v, axis=0), m_new, l * correction + jnp.sum(p)
-
-    init = (jnp.zeros((rows,), jnp.float32), jnp.float32(_NEG), jnp.float32(0.0))
-    o, _, l = jax.lax.fori_loop(0, steps, step, init)
+    # The whole cache; V only at this program's rows of the head's output.
+    o, _, l = _attend(q, k_ref, v_ref, valid_ref, b, kv_head, d, d_ok, dr, dr_ok, first=0, steps=steps,
+                      block_s=block_s, seq_len=seq_len)
     part = jnp.sum(_normalised(o, l)[:, None] * w.astype(jnp.float32), axis=0)  # [C]
     plgpu.store(out_ref.at[b, i * cdiv(head_dim, rows) + r, c], part, mask=c_ok)
 
