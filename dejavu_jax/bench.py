@@ -324,8 +324,6 @@ HOST_LOOP = "decode loop on the host (not captured in the CUDA graph)"
 DECODE_OPTION_EXTRAS = {HOST_LOOP: HOST_LOOP_OPTIONS, SERIAL_SCHEDULING: {}}
 FUSED_STEP_CHOICES = {"auto": None, "on": True, "off": False}  # --fused-step -> pallas_kernels.Ops.fused_step
 FUSED_NORM_CHOICES = {"on": True, "off": False}  # --fused-norm -> pallas_kernels.Ops.fused_norm
-ATTENTION_OUT_CHOICES = {"on": True, "off": False}  # --attention-out -> pallas_kernels.get_ops(attention_out=)
-ONE_ATTENTION_LAUNCH = "attention and out projection in one launch"  # a row label's mark of --attention-out on
 
 
 def _step_label(fused: bool, norm_inside: bool) -> str:
@@ -351,7 +349,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                 kv_modes: list[str], prompt_len: int, new_tokens: int, reps: int, bw: float,
                 extras: bool = True, batch: int = 1, mesh=None, batch_select: str = "union",
                 mlp_topk_block: int = 0, fused_step: bool | None = None,
-                fused_norm: bool = False, attention_out: bool = False) -> list[dict]:
+                fused_norm: bool = False) -> list[dict]:
     """End-to-end sparse decode (random predictors with lookahead in the loop) at each density point.
 
     mlp_topk_block: the predictors rank the MLP neurons per block of this many (0: one top-K per
@@ -359,8 +357,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     the batch-1 lazy-KV step's attention inputs from one launch (`pallas_kernels.Ops.fused_step`;
     None: the backend's default) and fused_norm whether that launch normalises too
     (`pallas_kernels.Ops.fused_norm`); extras time the other settings too (all three steps).
-    attention_out: the Pallas step's attention and out projection in one launch
-    (`pallas_kernels.Ops.attention_out_proj`); extras time the other setting.
 
     batch > 1 uses `batch_select` (union: one index set per step; per-row: masks); a mesh runs
     tensor-parallel (per-shard top-K, shard_map'ed gathers, sharded KV cache; see dejavu_jax.sharding).
@@ -378,7 +374,7 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
     for i, (mlp_d, head_d) in enumerate(densities):
         combos = [(b, kv) for b in kernels for kv in kv_modes] if i == 0 else [(kernels[0], kv_modes[0])]
         for j, (backend, kv_mode) in enumerate(combos):
-            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm, attention_out=attention_out)
+            ops = get_ops(backend, fused_step=fused_step, fused_norm=fused_norm)
             wbytes = decode_weight_bytes(cfg, itemsize, mlp_d, head_d, kv_exact=kv_mode == "exact")
             if batch > 1 and batch_select == "per-row":  # masks over dense activations read every weight
                 wbytes = decode_weight_bytes(cfg, itemsize)
@@ -387,8 +383,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
             fused = step_fuses_attention_inputs(cfg, kv_mode, ops)
             norm_inside = fused_norm_enabled(ops)
             main = base + (f", {_step_label(True, norm_inside)}" if fused else "")
-            if backend == "pallas" and attention_out:
-                main += f", {ONE_ATTENTION_LAUNCH}"
             variants = [_Variant(main, mlp_topk_block=block)]
             if extras and i == 0 and j == 0:
                 if block:
@@ -414,12 +408,6 @@ def sparse_rows(cfg: ModelConfig, params, *, densities: list[tuple[float, float]
                                                      ops_changes={"fused_step": f, "fused_norm": n}))
                         variants.append(_Variant(f"{main}, MLP norm inside the up kernel", mlp_topk_block=block,
                                                  ops_changes={"mlp_norm_in_up": True}))
-                    if backend == "pallas":  # Ops.attention_out_proj the other way
-                        other = get_ops(backend, attention_out=not attention_out).attention_out_proj
-                        label = (main.replace(f", {ONE_ATTENTION_LAUNCH}", "") if attention_out
-                                 else f"{main}, {ONE_ATTENTION_LAUNCH}")
-                        variants.append(_Variant(label, mlp_topk_block=block,
-                                                 ops_changes={"attention_out_proj": other}))
                     if block and backend == "pallas":  # Ops.topk_pair off: heads and MLP ranked apart
                         variants.append(_Variant(f"{main}, top-K of heads and MLP in two launches",
                                                  mlp_topk_block=block, ops_changes={"topk_pair": False}))
@@ -774,10 +762,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="that kernel also computes the attention norm and writes the window ring (on), or XLA "
                          "does both first and the kernel only reads the ring (off, default: faster on an H200 "
                          "at every OPT width measured)")
-    sp.add_argument("--attention-out", choices=ATTENTION_OUT_CHOICES, default="off",
-                    help="the Pallas step attends the selected heads and multiplies their outputs into W_out in one "
-                         "kernel (on) or runs attention, the split merge and the out projection apart (off, "
-                         "default until the one kernel is timed on a GPU); the extras also time the other setting")
     sp.add_argument("--no-extras", action="store_true",
                     help="skip the extra variants (no lookahead, no predictor, other kernel and layout settings "
                          "at the first density point; on a GPU, dense and sparse under XLA's default graph "
@@ -928,8 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              extras=not args.no_extras, batch=args.batch, mesh=mesh, batch_select=args.batch_select,
                              mlp_topk_block=args.mlp_topk_block,
                              fused_step=FUSED_STEP_CHOICES[args.fused_step],
-                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm],
-                             attention_out=ATTENTION_OUT_CHOICES[args.attention_out])
+                             fused_norm=FUSED_NORM_CHOICES[args.fused_norm])
     result = {**info, "batch": args.batch, "floor_ms_per_token": floor_ms, "rows": rows + sparse}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -399,13 +399,9 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, positions: jax.Array, 
             if cfg.positions == "rope":
                 q = rope(q[:, None], positions, cfg)[:, 0]
         valid = key_valid & (key_slot[None, :] <= query_slot[0])
-        attention_out_proj = getattr(ops, "attention_out_proj", None)
-        if attention_out_proj is not None:  # one launch for both (pallas_kernels.Ops)
-            out = attention_out_proj(q, k_all, v_all, valid, sel.idx, lp["out"], scale=scale, num_heads=H)[:, None]
-        else:
-            o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
-                                            num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
-            out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
+        o = ops.sparse_decode_attention(q, k_all, v_all, valid, sel.idx, scale=scale,
+                                        num_heads=H)  # [B, K, Dh]; GQA: head h reads kv head h // G
+        out = ops.gathered_out_proj(o, lp["out"], sel.idx)[:, None]  # [B, 1, D]
     else:
         q = head_norm(lp.get("q_norm"), _project_heads(x, lp["q"], lp.get("q_bias")), cfg)  # [B, T, H, Dh]
         if cfg.positions == "rope":

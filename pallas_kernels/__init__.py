@@ -2,7 +2,7 @@
 
 `get_ops("xla")` returns the references (jnp.take + dot, lax.top_k), `get_ops("pallas")` the
 kernels; both expose the same ten functions with the same signatures, so the model code picks a
-backend once (the Pallas ops add an eleventh, attention and out projection in one launch).
+backend once.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from typing import Callable
 
 from pallas_kernels._common import on_cpu
 from pallas_kernels.gather_attention import (
-    attention_out_proj,
-    attention_out_proj_reference,
     gathered_head_proj,
     gathered_head_proj_reference,
     gathered_out_proj,
@@ -71,11 +69,6 @@ class Ops:
     topk_pair: a layer's heads and MLP blocks are ranked in one launch (code_topk_pair) where both
     fit its programs. On by default: in the H200 profile of session 7 the pair took 4.7 us per layer
     against 2.0 + 4.6 for the two launches it replaces (bench extras time it off).
-    attention_out_proj: the decode step's attention and out projection of the selected heads in one
-    launch (gather_attention.attention_out_proj), or None (the default) for the two ops above and
-    XLA's merge between them. `get_ops("pallas", attention_out=True)` sets it. Off until it is timed
-    on a GPU (pallas_kernels/NOTES.md, session 23): `python -m dejavu_jax.bench --attention-out on`
-    and `scripts/attn_out_probe.py` compare the two. The XLA references always keep None.
     """
 
     backend: str
@@ -93,7 +86,6 @@ class Ops:
     topk_pair: bool = True
     mlp_norm_in_up: bool = False
     fused_norm: bool = False
-    attention_out_proj: Callable | None = None
 
 
 def fused_step_enabled(ops) -> bool:
@@ -107,7 +99,7 @@ def fused_norm_enabled(ops) -> bool:
 
 
 def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = True,
-            mlp_norm_in_up: bool = False, fused_norm: bool = False, attention_out: bool = False) -> Ops:
+            mlp_norm_in_up: bool = False, fused_norm: bool = False) -> Ops:
     """Ops for backend "xla" (references) or "pallas" (kernels; interpreted when JAX runs on CPU).
 
     fused_step None: the backend's default, on for the Pallas kernels, off for the XLA references
@@ -127,14 +119,12 @@ def get_ops(backend: str, *, fused_step: bool | None = None, topk_pair: bool = T
                sparse_decode_attention, topk_rows, code_topk_rows, code_topk_pair, gathered_window_kv_update,
                gathered_window_qkv_update)
         fused_step = True if fused_step is None else bool(fused_step)
-        return Ops(backend, *map(kernel, fns), fused_step, topk_pair, mlp_norm_in_up, fused_norm,
-                   kernel(attention_out_proj) if attention_out else None)
+        return Ops(backend, *map(kernel, fns), fused_step, topk_pair, mlp_norm_in_up, fused_norm)
     raise ValueError(f"unknown backend {backend!r}; valid backends are {BACKENDS}")
 
 
 __all__ = [
     "BACKENDS", "Ops", "fused_norm_enabled", "fused_step_enabled", "get_ops",
-    "attention_out_proj", "attention_out_proj_reference",
     "gathered_up", "gathered_up_reference", "gathered_down", "gathered_down_reference",
     "gathered_head_proj", "gathered_head_proj_reference", "gathered_out_proj",
     "gathered_out_proj_reference", "gathered_window_kv", "gathered_window_kv_reference",

@@ -7,12 +7,14 @@ feeds its own Dh rows of W_out, so the chain needs no grid-wide sync: one progra
 head over the whole cache and multiply the result straight into its tile of W_out. The price is
 that every program of a head re-reads that head's K (and its slice of V) from L2.
 
-The fused kernel is `pallas_kernels.gather_attention.attention_out_proj`: program (b, i, r, j) takes
-selected head idx[i], rows r * R .. r * R + R - 1 of the head's Dh and columns j * C .. j * C + C - 1
-of D. It requests its [R, C] tile of W_out first (the weights never depend on the attention), attends
-over all S slots (scores need all Dh columns of K, the output only its R columns of V), and writes
-o[rows] @ W_out[rows, cols] as fp32 partial sums that XLA adds up (as it already adds up the out
-projection's split-K sums). This probe times it at each tile of CONFIGS.
+The fused kernel (`fused_attention_out` below; it was `gather_attention.attention_out_proj` in
+7d1c3e8 until this probe measured it, see pallas_kernels/NOTES.md, session 24): program (b, i, r, j)
+takes selected head idx[i], rows r * R .. r * R + R - 1 of the head's Dh and columns
+j * C .. j * C + C - 1 of D. It requests its [R, C] tile of W_out first (the weights never depend on
+the attention), attends over all S slots with the attention kernel's online-softmax loop
+(`gather_attention._attend`: scores need all Dh columns of K, the output only its R columns of V),
+and writes o[rows] @ W_out[rows, cols] as fp32 partial sums that XLA adds up (as it already adds up
+the out projection's split-K sums). This probe times it at each tile of CONFIGS.
 
 Cases, per application (GPU span, profiler events; 4 weight/cache copies in rotation):
 * "attention + merge + out proj": the production ops as the sparse step calls them;
@@ -25,6 +27,7 @@ python scripts/attn_out_probe.py --check       (CPU, interpret mode, against the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -34,8 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from pallas_kernels import gather_attention as ga  # noqa: E402
+from pallas_kernels._common import cdiv, check_pow2, pow2_ceil  # noqa: E402
 
 H, DH, D = 32, 128, 4096  # OPT-6.7B
 COPIES = 4
@@ -46,11 +52,50 @@ CONFIGS = (
 )
 
 
+def _fused_kernel(q_ref, idx_ref, k_ref, v_ref, valid_ref, w_ref, out_ref, *, scale, group, seq_len,
+                  head_dim, d_model, block_dh, rows, cols, block_s, steps):
+    # q_ref [B, Kh, Dh]; idx_ref [Kh]; k_ref, v_ref [B, KV, S, Dh]; valid_ref [B, S] int8;
+    # w_ref [H * Dh, D]; out_ref [B, Kh * NR, D] fp32, NR = cdiv(Dh, rows): one partial sum per program
+    b, i, r, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    head = idx_ref[i]
+    dr = r * rows + jnp.arange(rows, dtype=jnp.int32)  # the program's rows of the head
+    dr_ok = dr < head_dim
+    c = j * cols + jnp.arange(cols, dtype=jnp.int32)
+    c_ok = c < d_model
+    # The weight tile is requested before the attention: it does not depend on it.
+    w = plgpu.load(w_ref.at[head * head_dim + dr[:, None], c[None, :]], mask=dr_ok[:, None] & c_ok[None, :],
+                   other=0.0)  # [R, C]
+    d = jnp.arange(block_dh, dtype=jnp.int32)
+    d_ok = d < head_dim
+    q = plgpu.load(q_ref.at[b, i, d], mask=d_ok, other=0.0).astype(jnp.float32) * scale  # [Dhp]
+    o, _, l = ga._attend(q, k_ref, v_ref, valid_ref, b, head // group, d, d_ok, dr, dr_ok, first=0, steps=steps,
+                         block_s=block_s, seq_len=seq_len)
+    part = jnp.sum(ga._normalised(o, l)[:, None] * w.astype(jnp.float32), axis=0)  # [C]
+    plgpu.store(out_ref.at[b, i * cdiv(head_dim, rows) + r, c], part, mask=c_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "rows", "cols", "num_warps", "block_s", "interpret"))
 def fused_attention_out(q, k, v, valid, idx, w_out, *, scale, rows, cols, num_warps=4, block_s=64,
                         interpret=False):
-    """The production op at a given tile (any cache length: the tile bypasses its two-launch fallback)."""
-    return ga.attention_out_proj(q, k, v, valid, idx, w_out, scale=scale, num_heads=w_out.shape[0], rows=rows,
-                                 cols=cols, num_warps=num_warps, block_s=block_s, interpret=interpret)
+    """q [B, Kh, Dh]; k, v [B, KV, S, Dh]; valid [B, S]; idx [Kh]; w_out [H, Dh, D] -> [B, D] in q.dtype."""
+    batch, n_sel, head_dim = q.shape
+    n_heads, _, d_model = w_out.shape
+    seq_len = k.shape[2]
+    check_pow2(rows=rows, cols=cols, block_s=block_s)
+    n_rows = cdiv(head_dim, rows)
+    kernel = functools.partial(
+        _fused_kernel, scale=scale, group=n_heads // k.shape[1], seq_len=seq_len, head_dim=head_dim,
+        d_model=d_model, block_dh=pow2_ceil(head_dim), rows=rows, cols=cols, block_s=block_s,
+        steps=cdiv(seq_len, block_s))
+    parts = pl.pallas_call(
+        kernel,
+        grid=(batch, n_sel, n_rows, cdiv(d_model, cols)),
+        out_shape=jax.ShapeDtypeStruct((batch, n_sel * n_rows, d_model), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        interpret=interpret,
+        name="attention_out_proj",
+    )(q, idx.astype(jnp.int32), k, v, valid.astype(jnp.int8), w_out.reshape(n_heads * head_dim, d_model))
+    return parts.sum(axis=1).astype(q.dtype)
 
 
 def production(q, k, v, valid, idx, w_out, *, scale, interpret=False):

@@ -82,19 +82,14 @@ def test_cli_per_block_mlp_topk(tiny_opt_ckpt, tmp_path):
     assert not by_variant[f"{main}, MLP norm inside the up kernel"]["main"]
     # Ops.topk_pair off (heads and MLP blocks ranked in separate launches), beside the default.
     assert not by_variant[f"{main}, top-K of heads and MLP in two launches"]["main"]
-    # The selected heads' attention and out projection in one launch (Ops.attention_out_proj), beside it.
-    assert not by_variant[f"{main}, attention and out projection in one launch"]["main"]
-    # --fused-step off: the unfused step is the main row and the fused one the extra; --attention-out on
-    # marks the main row.
+    # --fused-step off: the unfused step is the main row and the fused one the extra.
     out_off = tmp_path / "bench-off"
     assert bench_main(["--model", str(tiny_opt_ckpt), "--dtype", "fp32", "--prompt-len", "8", "--new-tokens", "2",
                        "--reps", "1", "--baselines", "none", "--sparse", "0.5:0.5", "--kernels", "pallas",
                        "--kv-modes", "lazy", "--mlp-topk-block", "16", "--fused-step", "off", "--no-extras",
-                       "--attention-out", "on", "--out", str(out_off)]) == 0
+                       "--out", str(out_off)]) == 0
     rows_off = [r for r in json.loads((out_off / "bench.json").read_text())["rows"] if "mlp_density" in r]
-    assert [r["variant"] for r in rows_off] == [
-        "predictor+lookahead, MLP top-K per 16 rows, attention and out projection in one launch"]
-    assert "error" not in rows_off[0]
+    assert [r["variant"] for r in rows_off] == ["predictor+lookahead, MLP top-K per 16 rows"]
 
 
 def test_cli_rejects_bad_flags(tiny_opt_ckpt, tmp_path, capsys):

@@ -254,58 +254,20 @@ ATTN_CASES = [
 ]
 
 
-def decode_attention_inputs(ks, B, H, KV, Dh, S, Kh, dtype):
-    """q [B, Kh, Dh], k and v [B, KV, S, Dh], valid [B, S] (~60% of slots, slot 0 always), Kh head ids."""
+@pytest.mark.parametrize("B,H,KV,Dh,S,Kh,blocks,dtype", with_dtypes(ATTN_CASES, (1,)))
+def test_sparse_decode_attention_matches_reference(B, H, KV, Dh, S, Kh, blocks, dtype):
+    ks = keys(S * 10 + Kh, 5)
     q = normal(ks[0], (B, Kh, Dh), dtype)
     k, v = normal(ks[1], (B, KV, S, Dh), dtype), normal(ks[2], (B, KV, S, Dh), dtype)
     valid = ks[3].random((B, S)) < 0.6
     valid[:, 0] = True
-    return q, k, v, jnp.asarray(valid), pick(ks[4], H, Kh)
-
-
-@pytest.mark.parametrize("B,H,KV,Dh,S,Kh,blocks,dtype", with_dtypes(ATTN_CASES, (1,)))
-def test_sparse_decode_attention_matches_reference(B, H, KV, Dh, S, Kh, blocks, dtype):
-    q, k, v, valid, idx = decode_attention_inputs(keys(S * 10 + Kh, 5), B, H, KV, Dh, S, Kh, dtype)
+    valid = jnp.asarray(valid)
+    idx = pick(ks[4], H, Kh)
     kw = dict(scale=Dh ** -0.5, num_heads=H)
     out = ga.sparse_decode_attention(q, k, v, valid, idx, interpret=INTERPRET, **kw, **blocks)
     ref = ga.sparse_decode_attention_reference(q, k, v, valid, idx, **kw)
     assert out.shape == (B, Kh, Dh) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
-
-
-ATTN_OUT_CASES = [  # B, H, KV, Dh, S, D, Kh, blocks
-    (1, 4, 4, 64, 40, 96, 2, dict(rows=16, cols=32)),  # MHA; D not a multiple of cols
-    (2, 9, 3, 64, 37, 576, 5, {}),  # GQA (SmolLM2 heads), defaults, batch 2
-    (1, 6, 2, 48, 100, 80, 6, dict(rows=32, cols=64, block_s=16)),  # odd Dh (rows padded), all heads
-    (1, 8, 8, 32, 16, 64, 1, dict(rows=32, cols=64, block_s=32, num_warps=8)),  # one head, one row block
-]
-
-
-@pytest.mark.parametrize("B,H,KV,Dh,S,D,Kh,blocks,dtype", with_dtypes(ATTN_OUT_CASES, (1,)))
-def test_attention_out_proj_matches_reference(B, H, KV, Dh, S, D, Kh, blocks, dtype):
-    ks = keys(S * 10 + D, 6)
-    q, k, v, valid, idx = decode_attention_inputs(ks, B, H, KV, Dh, S, Kh, dtype)
-    w = normal(ks[5], (H, Dh, D), dtype, scale=(Kh * Dh) ** -0.5)
-    kw = dict(scale=Dh ** -0.5, num_heads=H)
-    out = ga.attention_out_proj(q, k, v, valid, idx, w, interpret=INTERPRET, **kw, **blocks)
-    ref = ga.attention_out_proj_reference(q, k, v, valid, idx, w, **kw)
-    assert out.shape == (B, D) and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
-
-
-def test_attention_out_proj_past_its_cache_limit_runs_the_two_launches(monkeypatch):
-    """Past ATTN_OUT_MAX_SEQ slots the op is sparse_decode_attention + gathered_out_proj (same values)."""
-    ks = keys(29, 5)
-    q = normal(ks[0], (1, 2, 16), jnp.float32)
-    k, v = normal(ks[1], (1, 4, 24, 16), jnp.float32), normal(ks[2], (1, 4, 24, 16), jnp.float32)
-    valid, idx = jnp.ones((1, 24), bool), jnp.array([0, 3], jnp.int32)
-    w = normal(ks[4], (4, 16, 32), jnp.float32)
-    ref = ga.attention_out_proj_reference(q, k, v, valid, idx, w, scale=0.25)
-    calls = []
-    monkeypatch.setattr(ga, "ATTN_OUT_MAX_SEQ", 16)
-    monkeypatch.setattr(ga, "_attention_out_proj", lambda *a, **kw: calls.append("fused"))
-    out = ga.attention_out_proj(q, k, v, valid, idx, w, scale=0.25, interpret=INTERPRET)
-    assert not calls and rel_err(out, ref) < TOL[jnp.float32]
 
 
 def test_sparse_decode_attention_is_dense_softmax_attention():
@@ -790,8 +752,6 @@ def test_kernels_lower_to_triton_for_odd_shapes():
     kv = spec(1, 3, 70, 64)
     attn = functools.partial(ga.sparse_decode_attention, scale=0.125, num_heads=9)
     assert _lowers_to_triton(attn, spec(1, 5, 64), kv, kv, spec(1, 70, dtype=jnp.bool_), heads)
-    attn_out = functools.partial(ga.attention_out_proj, scale=0.125, num_heads=9)
-    assert _lowers_to_triton(attn_out, spec(1, 5, 64), kv, kv, spec(1, 70, dtype=jnp.bool_), heads, w_q)
     window_kv = spec(2, 3, 64, 576)  # SmolLM2's 3 KV heads, a 5-token window, bias
     assert _lowers_to_triton(ga.gathered_window_kv, spec(1, 5, 576), window_kv, heads, spec(2, 3, 64))
     cache, slots = spec(1, 3, 70, 64), spec(5, dtype=jnp.int32)
@@ -849,22 +809,6 @@ def test_gpu_mlp_model_size(density, U, activation):
     norm = (kind, 1e-5, normal(ks[0], (D,), jnp.float16), normal(ks[1], (D,), jnp.float16) if U == 1 else None)
     a = gm.gathered_up(h, w_up, idx, b_up, activation=activation, norm=norm)
     assert rel_err(a, gm.gathered_up_reference(h, w_up, idx, b_up, activation=activation, norm=norm)) < 2e-3
-
-
-@gpu
-@requires_gpu
-@pytest.mark.parametrize("H,KV,S,Kh,blocks", [(32, 32, 256, 16, {}), (32, 8, 1000, 16, dict(rows=128, cols=256)),
-                                               (32, 32, 2048, 16, {})])  # 2048: past the limit, two launches
-def test_gpu_attention_out_proj_model_size(H, KV, S, Kh, blocks):
-    Dh, D = 128, 4096
-    ks = keys(61, 6)
-    q = normal(ks[0], (1, Kh, Dh), jnp.float16)
-    k, v = normal(ks[1], (1, KV, S, Dh), jnp.float16), normal(ks[2], (1, KV, S, Dh), jnp.float16)
-    valid = jnp.asarray(np.arange(S)[None] < S - 5)
-    idx, w = pick(ks[4], H, Kh), normal(ks[5], (H, Dh, D), jnp.float16, (Kh * Dh) ** -0.5)
-    kw = dict(scale=Dh ** -0.5, num_heads=H)
-    out = ga.attention_out_proj(q, k, v, valid, idx, w, **kw, **blocks)
-    assert rel_err(out, ga.attention_out_proj_reference(q, k, v, valid, idx, w, **kw)) < 2e-3
 
 
 @gpu

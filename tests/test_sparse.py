@@ -430,29 +430,6 @@ def test_lazy_kv_equals_exact(tiny, backend):
     np.testing.assert_allclose(lazy, exact, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv_mode", ["exact", "lazy"])
-def test_attention_out_proj_op_decodes_like_the_two_ops(tiny, kv_mode):
-    """With `get_ops("pallas", attention_out=True)` the gathered step takes the selected heads' attention
-    and out projection from one op and must not call the two it replaces; both decode alike."""
-    cfg, params = tiny
-    prompt, _ = tokens_for(cfg, B=1, T=5)
-    L, n = cfg.num_layers, 4
-    sel = PredictorSelector(random_predictors(cfg, seed=6), (cfg.ffn_size // 2,) * L, (2,) * L, cfg.ffn_size,
-                            cfg.num_heads, True, True)
-
-    def unused(*args, **kwargs):
-        raise AssertionError("the one-launch attention step called a separate op")
-
-    two = get_ops("pallas")
-    assert two.attention_out_proj is None  # off by default
-    one = dataclasses.replace(get_ops("pallas", attention_out=True), sparse_decode_attention=unused,
-                              gathered_out_proj=unused)
-    cache = lambda: init_sparse_cache(cfg, 1, 5 + n + 1, jnp.float32, kv_mode=kv_mode)  # noqa: E731
-    got = decode_steps(params, cfg, prompt, n, selector=sel, ops=one, cache=cache())
-    want = decode_steps(params, cfg, prompt, n, selector=sel, ops=two, cache=cache())
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-
-
 @pytest.mark.parametrize("backend,mlp_norm_in_up,fused_norm", [
     ("xla", False, True), ("pallas", False, True), ("pallas", True, True), ("xla", False, False),
     ("pallas", False, False)])
