@@ -98,9 +98,9 @@ def fused_attention_out(q, k, v, valid, idx, w_out, *, scale, rows, cols, num_wa
     return parts.sum(axis=1).astype(q.dtype)
 
 
-def production(q, k, v, valid, idx, w_out, *, scale, interpret=False):
-    o = ga.sparse_decode_attention(q, k, v, valid, idx, scale=scale, num_heads=w_out.shape[0], interpret=interpret)
-    return ga.gathered_out_proj(o, w_out, idx, interpret=interpret)
+def production(q, k, v, valid, idx, w_out, *, scale):
+    o = ga.sparse_decode_attention(q, k, v, valid, idx, scale=scale, num_heads=w_out.shape[0])
+    return ga.gathered_out_proj(o, w_out, idx)
 
 
 def reference(q, k, v, valid, idx, w_out, *, scale):
